@@ -1,0 +1,37 @@
+"""Kernel dispatch: Triton on CUDA when importable, the PyTorch reference everywhere else."""
+from __future__ import annotations
+
+import os
+
+from .reference import conv_gradient_energies, gradient_energies
+
+__all__ = ["conv_gradient_energies", "gradient_energies", "resolve_backend", "triton_available"]
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device) -> str:
+    """"auto" -> "triton" on CUDA when Triton imports, else "torch". "triton" off CUDA needs
+    TRITON_INTERPRET=1 (the CPU interpreter, for tests) and is an error otherwise."""
+    import torch
+
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    is_cuda = torch.device(device).type == "cuda"
+    if backend == "auto":
+        return "triton" if is_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+        if not is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for the CPU "
+                "interpreter in tests); use backend='torch' or 'auto' on CPU"
+            )
+    return backend
