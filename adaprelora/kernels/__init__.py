@@ -5,7 +5,14 @@ import os
 
 from .reference import conv_gradient_energies, gradient_energies
 
-__all__ = ["conv_gradient_energies", "gradient_energies", "resolve_backend", "triton_available"]
+__all__ = [
+    "conv_gradient_energies",
+    "conv_gradient_energies_for",
+    "gradient_energies",
+    "gradient_energies_for",
+    "resolve_backend",
+    "triton_available",
+]
 
 
 def triton_available() -> bool:
@@ -35,3 +42,26 @@ def resolve_backend(backend: str, device) -> str:
                 "interpreter in tests); use backend='torch' or 'auto' on CPU"
             )
     return backend
+
+
+def gradient_energies_for(backend: str):
+    """The energy function `(x, delta) -> (row, col)` for a *resolved* backend ("torch" or
+    "triton", as returned by `resolve_backend`). Triton is imported only when asked for."""
+    if backend == "triton":
+        from .energies import gradient_energies_triton
+
+        return gradient_energies_triton
+    if backend == "torch":
+        return gradient_energies
+    raise ValueError(f"resolve the backend first (resolve_backend); got {backend!r}")
+
+
+def conv_gradient_energies_for(backend: str):
+    """The conv energy function `(x, delta, conv) -> (row, col)` for a resolved backend."""
+    if backend == "triton":
+        from .energies import conv_gradient_energies_triton
+
+        return conv_gradient_energies_triton
+    if backend == "torch":
+        return conv_gradient_energies
+    raise ValueError(f"resolve the backend first (resolve_backend); got {backend!r}")
