@@ -1,0 +1,181 @@
+r"""Pure maths of AdaPreLoRA and the baselines, batched over a bucket of k pairs of equal shape.
+
+Every function takes stacked tensors (A: (k, r, n), B: (k, m, r), gradients alike, p: (k, m),
+q: (k, n)) in the compute dtype (float32 or better) and returns new tensors; none of them sees
+parameters, param groups or optimizer state dicts. `docs/algorithm.md` and
+`../shared/spec/adaprelora.md` give the derivations; the tests check each function against
+explicit float64 matrices.
+"""
+from __future__ import annotations
+
+import torch
+
+TINY = torch.finfo(torch.float32).tiny  # smallest normal float32: keeps B = 0 solvable
+
+
+def _eye_like(M: torch.Tensor) -> torch.Tensor:
+    return torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+
+
+def add_ridge(M: torch.Tensor, damping: float) -> torch.Tensor:
+    """M + (damping * trace(M) / r + tiny) I for a batch of r x r PSD matrices (project choice)."""
+    r = M.shape[-1]
+    ridge = damping * torch.diagonal(M, dim1=-2, dim2=-1).sum(-1) / r + TINY
+    return M + ridge[..., None, None] * _eye_like(M)
+
+
+def cholesky(M: torch.Tensor) -> torch.Tensor:
+    """Batched Cholesky factor; a factor that fails (only for non-finite or wildly scaled input)
+    is retried with a larger jitter rather than raising mid-training."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if bool((info != 0).any()):
+        scale = torch.diagonal(M, dim1=-2, dim2=-1).abs().amax(-1).clamp_min(TINY)
+        L, _ = torch.linalg.cholesky_ex(M + (1e-6 * scale)[..., None, None] * _eye_like(M))
+    return L
+
+
+def adafactor_accumulators(R, C, row, col, step, decay_rate: float = -0.8, eps_factored: float = 1e-30):
+    r"""Adafactor's factored second moment (spec 3.2).
+
+    .. math::
+        \beta_{2,t} = 1 - t^{c},\quad R \leftarrow \beta_{2,t} R + (1-\beta_{2,t})(\mathrm{row}/n + \epsilon),
+        \quad C \leftarrow \beta_{2,t} C + (1-\beta_{2,t})(\mathrm{col}/m + \epsilon)
+
+    Args: R (k, m), C (k, n), row (k, m), col (k, n) gradient energies, step (k,) the new step t >= 1.
+    Returns: (R, C, p, q) with p = sqrt(R / mean(R)), q = sqrt(C), so p_i q_j = sqrt(V_hat_ij).
+    """
+    m, n = R.shape[-1], C.shape[-1]
+    beta2 = (1.0 - step.to(R.dtype) ** decay_rate)[:, None]
+    R = beta2 * R + (1 - beta2) * (row / n + eps_factored)
+    C = beta2 * C + (1 - beta2) * (col / m + eps_factored)
+    p = torch.sqrt(R / R.mean(-1, keepdim=True))
+    q = torch.sqrt(C)
+    return R, C, p, q
+
+
+def balanced_solve(A, B, gA, gB, p, q, damping: float = 0.1):
+    r"""AdaPreLoRA's closed-form balanced factor step (spec 3.3).
+
+    .. math::
+        M_B = B^\top P B + \lambda_B I,\quad M_A = A Q A^\top + \lambda_A I,\quad K = g_A A^\top \\
+        dA = M_B^{-1}\big(g_A Q^{-1} - \tfrac12 K M_A^{-1} A\big),\quad
+        dB = \big(P^{-1} g_B - \tfrac12 B M_B^{-1} K\big) M_A^{-1}
+
+    Delta = B dA + dB A solves the normal equations B^T P Delta Q = gA, P Delta Q A^T = gB (as the
+    ridge goes to 0) and is the element of the solution family with the least H-weighted imbalance.
+    gA, gB are the gradients with respect to W_eff's factors *without* the LoRA scale s.
+    """
+    PB = B * p[..., :, None]
+    MB = add_ridge(B.mT @ PB, damping)
+    MA = add_ridge((A * q[..., None, :]) @ A.mT, damping)
+    K = gA @ A.mT
+    LB, LA = cholesky(MB), cholesky(MA)
+    MA_inv_A = torch.cholesky_solve(A, LA)
+    dA = torch.cholesky_solve(gA / q[..., None, :] - 0.5 * (K @ MA_inv_A), LB)
+    MB_inv_K = torch.cholesky_solve(K, LB)
+    rhs_B = gB / p[..., :, None] - 0.5 * (B @ MB_inv_K)
+    dB = torch.cholesky_solve(rhs_B.mT, LA).mT  # (.) M_A^{-1}, M_A symmetric
+    return dA, dB
+
+
+def tangent_factors(A, B, gA, gB, damping: float = 0.1):
+    r"""G_T = P_B G + G P_A - P_B G P_A (Frobenius projection of G on the tangent space at (B, A))
+    written as U V^T with U = [B, gB (AA^T)^{-1}] (m x 2r) and V = [W^T, A^T] (n x 2r), where
+    W = (B^T B)^{-1} (gA - K (AA^T)^{-1} A). Only gA = B^T G and gB = G A^T are needed."""
+    LB = cholesky(add_ridge(B.mT @ B, damping))
+    LA = cholesky(add_ridge(A @ A.mT, damping))
+    K = gA @ A.mT
+    W = torch.cholesky_solve(gA - K @ torch.cholesky_solve(A, LA), LB)  # (k, r, n)
+    U = torch.cat([B, torch.cholesky_solve(gB.mT, LA).mT], dim=-1)  # (k, m, 2r)
+    V = torch.cat([W.mT, A.mT], dim=-1)  # (k, n, 2r)
+    return U, V
+
+
+def tangent_energies(A, B, gA, gB, damping: float = 0.1):
+    """Row (k, m) and column (k, n) energies of the tangent projection G_T, in O((m+n) r^2)
+    without forming G_T (spec 3.1, `stats="tangent"`)."""
+    U, V = tangent_factors(A, B, gA, gB, damping)
+    row = ((U @ (V.mT @ V)) * U).sum(-1)
+    col = ((V @ (U.mT @ U)) * V).sum(-1)
+    return row.clamp_min(0), col.clamp_min(0)
+
+
+def delta_sq_norm(A, B, dA, dB):
+    """||B dA + dB A||_F^2 per pair from r x r products only (spec 3.4)."""
+    t1 = ((B.mT @ B) * (dA @ dA.mT)).sum((-2, -1))
+    t2 = ((B.mT @ dB) * (dA @ A.mT)).sum((-2, -1))
+    t3 = ((dB.mT @ dB) * (A @ A.mT)).sum((-2, -1))
+    return (t1 + 2 * t2 + t3).clamp_min(0)
+
+
+def clip_factor(A, B, dA, dB, clip_threshold):
+    """Adafactor's update clipping: a (k,) factor min(1, clip / RMS(Delta)); ones when disabled."""
+    k, m, n = A.shape[0], B.shape[-2], A.shape[-1]
+    if clip_threshold is None:
+        return torch.ones(k, dtype=A.dtype, device=A.device)
+    rms = torch.sqrt(delta_sq_norm(A, B, dA, dB) / (m * n))
+    return clip_threshold / torch.clamp(rms, min=clip_threshold)
+
+
+def scaled_gradients(A, B, gradA, gradB, reg: float):
+    r"""Riemannian preconditioned LoRA (Zhang and Pilanci 2024):
+    gA <- (B^T B + reg I)^{-1} gA,  gB <- gB (A A^T + reg I)^{-1}."""
+    eye = _eye_like(B.mT @ B)
+    LB = cholesky(B.mT @ B + reg * eye)
+    LA = cholesky(A @ A.mT + reg * eye)
+    return torch.cholesky_solve(gradA, LB), torch.cholesky_solve(gradB.mT, LA).mT
+
+
+def sym_sylvester(S1, S2, rhs, reg: float = 0.0):
+    r"""Solve S1 X + X S2 = rhs for symmetric PSD S1, S2 (batched) with real eigendecompositions:
+    X = U1 [(U1^T rhs U2) / (l1_i + l2_j)] U2^T. No complex eig, no Kronecker system."""
+    l1, U1 = torch.linalg.eigh(S1)
+    l2, U2 = torch.linalg.eigh(S2)
+    denom = (l1[..., :, None] + l2[..., None, :]).clamp_min(0) + reg + TINY
+    return U1 @ ((U1.mT @ rhs @ U2) / denom) @ U2.mT
+
+
+def lora_pro_gradients(A, B, gradA, gradB, s, reg: float = 1e-6):
+    r"""LoRA-Pro (Wang et al. 2025), efficient mode: the factor gradients whose equivalent
+    gradient s (B gA + gB A) is the Frobenius projection of the full gradient G,
+
+    .. math::
+        g_A = s^{-2} (B^\top B)^{-1} \nabla_A + X A,\quad
+        g_B = s^{-2} (I - B (B^\top B)^{-1} B^\top) \nabla_B (A A^\top)^{-1} - B X,
+
+    with X the minimiser of the distance to the plain LoRA gradients, the solution of the
+    Sylvester equation B^T B X + X A A^T = -s^{-2} (B^T B)^{-1} \nabla_A A^T. `s` is (k, 1, 1).
+    """
+    eye = _eye_like(B.mT @ B)
+    BtB = B.mT @ B
+    AAt = A @ A.mT
+    LB = cholesky(BtB + reg * eye)
+    LA = cholesky(AAt + reg * eye)
+    inv_s2 = 1.0 / (s * s)
+    gA_base = inv_s2 * torch.cholesky_solve(gradA, LB)
+    proj = gradB - B @ torch.cholesky_solve(B.mT @ gradB, LB)
+    gB_base = inv_s2 * torch.cholesky_solve(proj.mT, LA).mT
+    X = sym_sylvester(BtB, AAt, -inv_s2 * torch.cholesky_solve(gradA @ A.mT, LB), reg)
+    return gA_base + X @ A, gB_base - B @ X
+
+
+def adamw_update(param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW step on stacked tensors, torch.optim.AdamW's formula. `step` is (k,) (already
+    incremented) so pairs may have different counts; returns the new (param, exp_avg, exp_avg_sq)."""
+    shape = (-1,) + (1,) * (param.dim() - 1)
+    t = step.to(param.dtype).reshape(shape)
+    exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    bc1 = 1 - beta1 ** t
+    bc2 = 1 - beta2 ** t
+    denom = torch.sqrt(exp_avg_sq) / torch.sqrt(bc2) + eps
+    param = param * (1 - lr * weight_decay) - (lr / bc1) * exp_avg / denom
+    return param, exp_avg, exp_avg_sq
+
+
+def rebalance(A, B):
+    """c = sqrt(||A|| / ||B||) per pair (ones where either is zero): B c, A / c leave B A unchanged."""
+    na = torch.linalg.vector_norm(A.flatten(1), dim=1)
+    nb = torch.linalg.vector_norm(B.flatten(1), dim=1)
+    ok = (na > 0) & (nb > 0)
+    return torch.where(ok, torch.sqrt(na / torch.where(ok, nb, torch.ones_like(nb))), torch.ones_like(na))

@@ -1,0 +1,174 @@
+"""The AdaPreLoRA optimizer: Adafactor-preconditioned, balanced LoRA factor steps."""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .base import LoRAPairOptimizer, StepContext
+from .kernels import resolve_backend
+
+
+class AdaPreLoRA(LoRAPairOptimizer):
+    r"""AdaPreLoRA: *Adafactor Preconditioned Low-Rank Adaptation* (Liu, Bian and Cai 2026,
+    https://huggingface.co/papers/2605.08734).
+
+    For each LoRA pair (W_eff = W0 + s B A) it keeps Adafactor's row and column accumulators
+    of the full weight gradient G (R in R^m, C in R^n) and takes the factor step whose weight step
+    is the closest LoRA step to Adafactor's, in Adafactor's own metric H = diag(p) (x) diag(q):
+
+    .. math::
+        M_B = B^\top P B + \lambda_B I,\; M_A = A Q A^\top + \lambda_A I,\; K = g_A A^\top \\
+        dA = M_B^{-1}(g_A Q^{-1} - \tfrac12 K M_A^{-1} A),\;
+        dB = (P^{-1} g_B - \tfrac12 B M_B^{-1} K) M_A^{-1}
+
+    then clips RMS(B dA + dB A) at `clip_threshold` and feeds (dA, dB) to AdamW
+    (`variant="adamw"`) or steps A -= (lr/s) dA, B -= (lr/s) dB and rebalances (`variant="sgd"`).
+    Trainable tensors outside LoRA pairs get plain AdamW with the same lr and betas.
+    `docs/algorithm.md` has the full rule; optimizer state is AdamW's plus m + n floats per pair.
+
+    Args:
+        params (nn.Module or iterable): a model (pairs found by `find_lora_pairs`, all trainable
+            tensors optimized) or parameters / param groups together with `pairs`.
+        lr (float): learning rate; factor-space like AdamW's for "adamw", a W-space step size
+            for "sgd" (default: 1e-3)
+        variant (str): "adamw" or "sgd" (default: "adamw")
+        stats (str, optional): gradient energies, "exact" (backward hooks; needs a model) or
+            "tangent" (from .grad alone). Default: "exact" with a model, else "tangent".
+        betas (Tuple[float, float]): AdamW's (default: (0.9, 0.999))
+        eps (float): AdamW's (default: 1e-8)
+        weight_decay (float): decoupled weight decay (default: 0)
+        momentum (float): heavy-ball momentum of the sgd variant (default: 0)
+        decay_rate (float): Adafactor's beta2_t = 1 - t ** decay_rate (default: -0.8)
+        eps_factored (float): Adafactor's epsilon on the energies (default: 1e-30)
+        clip_threshold (float, optional): update clipping on RMS(Delta); None disables (default: 1.0)
+        damping (float): ridge as a fraction of the Gram matrices' mean eigenvalue (default: 0.1)
+        nonfinite (str): "skip" (leave the pair untouched, warn once) or "raise" (default: "skip")
+        backend (str): "auto", "torch" or "triton" (default: "auto": Triton on CUDA if importable)
+        pairs (list, optional): [(A, B, scale), ...] when params are bare tensors
+    """
+
+    _rebalance_sgd = True
+
+    def __init__(self, params: Union[nn.Module, Iterable], lr: float = 1e-3, *, variant: str = "adamw",
+                 stats: Optional[str] = None, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0, decay_rate: float = -0.8,
+                 eps_factored: float = 1e-30, clip_threshold: Optional[float] = 1.0, damping: float = 0.1,
+                 nonfinite: str = "skip", backend: str = "auto", pairs=None):
+        has_model = isinstance(params, nn.Module)
+        if stats is None:
+            stats = "exact" if has_model and pairs is None else "tangent"
+        if stats not in ("exact", "tangent"):
+            raise ValueError(f"stats must be 'exact' or 'tangent', got {stats!r}")
+        if stats == "exact" and not has_model:
+            raise ValueError(
+                "stats='exact' reads each layer's input and output gradient with hooks, so it needs "
+                "the model: pass AdaPreLoRA(model, ...), or use stats='tangent' with bare parameters"
+            )
+        if not decay_rate < 0:
+            raise ValueError(f"Invalid decay_rate: {decay_rate} (must be negative, e.g. -0.8)")
+        if clip_threshold is not None and not clip_threshold > 0:
+            raise ValueError(f"Invalid clip_threshold: {clip_threshold} (positive, or None to disable)")
+        if not damping >= 0:
+            raise ValueError(f"Invalid damping: {damping}")
+        if momentum and variant != "sgd":
+            raise ValueError("momentum applies to variant='sgd' only (the adamw variant has betas)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
+                        decay_rate=decay_rate, eps_factored=eps_factored, clip_threshold=clip_threshold,
+                        damping=damping)
+        super().__init__(params, defaults, variant=variant, pairs=pairs, nonfinite=nonfinite)
+        self.stats = stats
+        self.backend = resolve_backend(backend, self.pairs[0].A.device)
+        self._collector = None
+        if stats == "exact":
+            from .stats import ExactEnergyCollector
+
+            energy_fn, conv_fn = self._energy_functions()
+            self._collector = ExactEnergyCollector(self.pairs, energy_fn, conv_fn)
+
+    def _energy_functions(self):
+        if self.backend == "triton":
+            from . import kernels
+
+            getter = getattr(kernels, "triton_energy_functions", None)
+            if getter is not None:
+                return getter()
+        return None, None
+
+    # -- public extras ----------------------------------------------------------------------
+    def set_grad_scaler(self, scaler) -> None:
+        """Under fp16 loss scaling (torch.amp.GradScaler, accelerate's `accelerator.scaler`), tell
+        the optimizer the scaler so the exact energies, read during the scaled backward, are
+        divided by the scale like the gradients are."""
+        if self._collector is not None:
+            self._collector.set_grad_scaler(scaler)
+
+    def remove_hooks(self) -> None:
+        """Remove the backward hooks of `stats="exact"` (the optimizer then falls back to tangent
+        energies, with a warning, if stepped again)."""
+        if self._collector is not None:
+            self._collector.remove()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        if self._collector is not None:
+            self._collector.reset()
+
+    # -- the rule ---------------------------------------------------------------------------
+    def _extra_pair_state(self, m: int, n: int, r: int) -> dict:
+        return {"adafactor_row": (m,), "adafactor_col": (n,)}
+
+    def _sgd_scale(self, s: torch.Tensor) -> torch.Tensor:
+        return 1.0 / s  # the weight moves by lr * Delta, whatever alpha and r
+
+    def _before_pairs(self) -> None:
+        if self._collector is not None:
+            self._collector.synchronize()
+
+    def _after_pairs(self) -> None:
+        if self._collector is not None:
+            self._collector.reset()
+
+    def _energies(self, ctx: StepContext, gA, gB, damping: float):
+        if self._collector is None:
+            return F.tangent_energies(ctx.A, ctx.B, gA, gB, damping)
+        rows, cols = self._collector.take(ctx.bucket.pair_ids)
+        if all(r is not None for r in rows):
+            return torch.stack(rows).to(ctx.A.dtype), torch.stack(cols).to(ctx.A.dtype)
+        self._warn_once("no-energies", "stats='exact': some LoRA layers had gradients but no hooked backward "
+                        "(hooks removed, or run outside the model): using tangent energies for them")
+        t_row, t_col = F.tangent_energies(ctx.A, ctx.B, gA, gB, damping)
+        row = torch.stack([t_row[j] if r is None else r.to(ctx.A.dtype) for j, r in enumerate(rows)])
+        col = torch.stack([t_col[j] if c is None else c.to(ctx.A.dtype) for j, c in enumerate(cols)])
+        return row, col
+
+    def _directions(self, ctx: StepContext):
+        g, st = ctx.bucket.group, ctx.bucket.state
+        gA, gB = ctx.gradA / ctx.s, ctx.gradB / ctx.s
+        row, col = self._energies(ctx, gA, gB, g["damping"])
+        finite = torch.isfinite(row).all(1) & torch.isfinite(col).all(1)
+        if not bool(finite[ctx.ok].all()):
+            self._check_nonfinite(finite & ctx.ok, ctx.ok.clone(), [self.pairs[i] for i in ctx.bucket.pair_ids])
+            ctx.ok = ctx.ok & finite
+            if not bool(ctx.ok.any()):
+                return None
+            ctx.step = st["step"] + ctx.ok.to(st["step"].dtype)
+        if not bool(ctx.ok.all()):
+            zero = torch.zeros((), dtype=row.dtype, device=row.device)
+            row = torch.where(ctx.ok[:, None], row, zero)
+            col = torch.where(ctx.ok[:, None], col, zero)
+        step = torch.clamp(ctx.step, min=1)
+        R, C, p, q = F.adafactor_accumulators(st["adafactor_row"], st["adafactor_col"], row, col, step,
+                                              g["decay_rate"], g["eps_factored"])
+        self._pending_adafactor = (R, C)
+        dA, dB = F.balanced_solve(ctx.A, ctx.B, gA, gB, p, q, g["damping"])
+        c = F.clip_factor(ctx.A, ctx.B, dA, dB, g["clip_threshold"])[:, None, None]
+        return dA * c, dB * c
+
+    def _apply(self, bucket, A, B, dA, dB, s, step) -> dict:
+        out = super()._apply(bucket, A, B, dA, dB, s, step)
+        R, C = self._pending_adafactor
+        out.update(adafactor_row=R, adafactor_col=C)
+        return out
