@@ -12,6 +12,7 @@ __all__ = [
     "gradient_energies_for",
     "resolve_backend",
     "triton_available",
+    "triton_energy_functions",
 ]
 
 
@@ -65,3 +66,9 @@ def conv_gradient_energies_for(backend: str):
     if backend == "torch":
         return conv_gradient_energies
     raise ValueError(f"resolve the backend first (resolve_backend); got {backend!r}")
+
+
+def triton_energy_functions():
+    """(linear, conv) Triton energy functions: what `AdaPreLoRA._energy_functions` asks for when
+    its backend resolved to "triton" (it hands them to `stats.ExactEnergyCollector`)."""
+    return gradient_energies_for("triton"), conv_gradient_energies_for("triton")
