@@ -67,7 +67,7 @@ class ExactEnergyCollector:
             row, col = self.energy_fn(x, grad)
         s = pair.scaling()
         inv_s2 = 1.0 / (s * s) if s != 0 else 1.0  # the hook sees s * Delta; G = Delta^T X
-        row, col = row.float() * inv_s2, col.float() * inv_s2
+        row, col = row * inv_s2, col * inv_s2
         if self.rows[i] is None:
             self.rows[i], self.cols[i] = row, col
         else:
