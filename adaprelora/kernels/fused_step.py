@@ -104,7 +104,7 @@ def _bucket_grams_kernel(
             r_new = tl.where(mask_m, beta2 * r_old + (1 - beta2) * (energy / N + eps_factored), 0.0)
             tl.store(R_new_ptr + pid * M + offs_m, r_new, mask=mask_m)
             sr = tl.sqrt(r_new)
-            inv_sr = tl.where(mask_m, 1.0 / sr, 0.0)
+            inv_sr = tl.where(mask_m, 1.0 / tl.where(mask_m, sr, 1.0), 0.0)
             gbs = gb * inv_sr[:, None]
             acc0 = tl.dot(tl.trans(b * sr[:, None]), b, acc0, input_precision="ieee")  # B^T S B
             acc1 = tl.dot(tl.trans(b), b, acc1, input_precision="ieee")  # B^T B
@@ -134,7 +134,7 @@ def _bucket_grams_kernel(
             c_new = tl.where(mask_n, beta2 * c_old + (1 - beta2) * (energy / M + eps_factored), 0.0)
             tl.store(C_new_ptr + pid * N + offs_n, c_new, mask=mask_n)
             q = tl.sqrt(c_new)
-            gaq = ga * tl.where(mask_n, 1.0 / q, 0.0)[None, :]
+            gaq = ga * tl.where(mask_n, 1.0 / tl.where(mask_n, q, 1.0), 0.0)[None, :]
             acc0 = tl.dot(a * q[None, :], tl.trans(a), acc0, input_precision="ieee")  # A Q A^T
             acc1 = tl.dot(a, tl.trans(a), acc1, input_precision="ieee")  # A A^T
             acc2 = tl.dot(ga, tl.trans(a), acc2, input_precision="ieee")  # K = gA A^T
