@@ -246,12 +246,13 @@ class AppHandlers:
         validation_prompt: Optional[str] = None,
         validation_steps: float = 100,
         seed: float = 0,
+        num_samples: float = 2,
         progress=gr.Progress(),
     ):
         """Train a DreamBooth LoRA on the uploaded images; streams progress, returns when done."""
         config, paths, captions_by_path = self._checked_config(
             images, instance_prompt, max_train_steps, learning_rate, rank, optimizer, resolution, captions,
-            class_prompt, train_text_encoder, validation_prompt, validation_steps, seed,
+            class_prompt, train_text_encoder, validation_prompt, validation_steps, seed, num_samples,
         )
         problem = self.base.problem(timeout=0)
         if problem:
@@ -285,7 +286,7 @@ class AppHandlers:
 
     def _checked_config(self, images, instance_prompt, max_train_steps, learning_rate, rank, optimizer,
                         resolution, captions, class_prompt, train_text_encoder, validation_prompt,
-                        validation_steps, seed):
+                        validation_steps, seed, num_samples):
         from adaprelora import available_optimizers
         from adaprelora.training.config import TrainConfig
 
@@ -305,9 +306,10 @@ class AppHandlers:
         optimizers = available_optimizers()
         if optimizer not in optimizers:
             raise gr.Error(f"Unknown optimizer {optimizer!r}; choose one of: {', '.join(optimizers)}.")
-        val_prompt = (validation_prompt or "").strip()
+        val_prompt = (validation_prompt or "").strip() or prompt
         val_steps = _in_range(_int(validation_steps, "Sample interval"), 1, 100_000, "Sample interval")
         seed_ = _int(seed, "Seed")
+        n_samples = _in_range(_int(num_samples, "Sample images each time"), 0, 8, "Sample images each time")
         class_prompt = (class_prompt or "").strip()
         captions_by_path = _captions_by_image(paths, captions)
         device, _ = default_device()
@@ -322,9 +324,9 @@ class AppHandlers:
             rank=rank_,
             optimizer=optimizer,
             train_text_encoder=bool(train_text_encoder),
-            validation_prompt=val_prompt or None,
+            validation_prompt=val_prompt if n_samples else None,
             validation_steps=min(val_steps, steps),
-            num_validation_images=2,
+            num_validation_images=n_samples,
             seed=seed_,
             train_batch_size=1,
             checkpointing_steps=min(500, steps),
@@ -384,6 +386,8 @@ class AppHandlers:
                     samples.append((path, f"step {step}"))
                 if new_samples:
                     self._record_samples(info, new_samples, step)
+                for warning in _pick(event, "warnings") or []:
+                    gr.Warning(str(warning))
                 text = self._progress_text(info.name, event, step, max_steps)
                 if max_steps:
                     progress((step, max_steps), desc=text.replace("**", ""), unit="steps")
@@ -391,7 +395,7 @@ class AppHandlers:
                     break
                 yield (text, _loss_frame(history), samples[-24:] if new_samples else gr.skip(),
                        gr.skip(), gr.skip(), gr.skip(), gr.skip())
-            status = STOPPED if job.stop_event.is_set() else DONE
+            status = STOPPED if (last is not None and _pick(last, "stopped")) else DONE
         except GeneratorExit:  # the page went away: stop cleanly, keep what was trained
             job.stop_event.set()
             for event in events:

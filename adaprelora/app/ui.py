@@ -4,7 +4,7 @@ Named endpoints, for `gradio_client`:
 
     /train(images, instance_prompt, max_train_steps, learning_rate, rank, optimizer, resolution,
            lora_name, captions, class_prompt, train_text_encoder, validation_prompt,
-           validation_steps, seed)                        streams progress, returns when training ends
+           validation_steps, seed, num_samples)           streams progress, returns when training ends
     /stop()                                               stops this session's training
     /loras() -> list[str]                                 trained LoRAs usable for generation
     /generate(prompt, lora, num_inference_steps, seed, negative_prompt, guidance_scale,
@@ -92,6 +92,7 @@ def build_demo(
                             with gr.Row():
                                 validation_steps = gr.Number(100, label="Sample every N steps", precision=0,
                                                              elem_id="validation-steps")
+                                num_samples = gr.Number(2, label="Sample images each time", precision=0)
                                 seed = gr.Number(0, label="Seed", precision=0)
                         with gr.Row():
                             train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
@@ -160,7 +161,7 @@ def build_demo(
         train_event = train_btn.click(
             h.train,
             inputs=[images, instance_prompt, steps, lr, rank, optimizer, resolution, lora_name, captions,
-                    class_prompt, train_text_encoder, validation_prompt, validation_steps, seed],
+                    class_prompt, train_text_encoder, validation_prompt, validation_steps, seed, num_samples],
             outputs=[status, loss_plot, samples, dl_diffusers, dl_kohya, summary, job],
             api_name="train", concurrency_limit=1, concurrency_id=GPU_QUEUE,
         )

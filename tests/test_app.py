@@ -1,0 +1,240 @@
+"""The app over HTTP: the real Gradio server launched on 127.0.0.1, driven with gradio_client.
+
+One tiny Stable Diffusion pipeline (built in code) and one server for the module: train 3 steps at
+32 px, list, generate, stop a run, the bad-input cases, restart persistence, path safety.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from adaprelora.app import build_demo, parse_auth  # noqa: E402
+from adaprelora.app.store import LoraStore, StoreError  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(base_model: str, output_root: str):
+    demo = build_demo(base_model, output_root, check_base_model_in_background=False)
+    port = _free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from adaprelora.testing.tiny_sd import tiny_sd_pipeline_dir
+
+    return tiny_sd_pipeline_dir()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        path = folder / f"photo{i}.png"
+        Image.fromarray((rng.random((40, 48, 3)) * 255).astype("uint8")).save(path)
+        paths.append(str(path))
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "fake.png").write_text("text pretending to be a PNG")
+    (folder / "truncated.png").write_bytes(open(paths[0], "rb").read()[:120])
+    return {"good": paths, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("output-root"))
+    demo, url = _launch(tiny_model, root)
+    try:
+        yield {"demo": demo, "url": url, "root": root, "client": Client(url, verbose=False)}
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def trained(app, images):
+    """One 3-step run through /train; its final outputs."""
+    client = app["client"]
+    job = client.submit(
+        [handle_file(p) for p in images["good"]], "a photo of sks dog", 3, 1e-4, 4, "adaprelora", 32,
+        lora_name="my dog", validation_steps=2, num_samples=1, api_name="/train",
+    )
+    updates = list(job)
+    result = job.result()
+    return {"updates": updates, "result": result}
+
+
+def _lora_folders(root: str) -> set[str]:
+    return set(os.listdir(os.path.join(root, "loras")))
+
+
+def test_api_has_the_named_endpoints_with_their_parameter_names(app):
+    api = app["client"].view_api(print_info=False, return_format="dict")["named_endpoints"]
+    train = [p["parameter_name"] for p in api["/train"]["parameters"]]
+    assert train[:7] == ["images", "instance_prompt", "max_train_steps", "learning_rate", "rank", "optimizer",
+                         "resolution"], train
+    assert all(p["parameter_has_default"] for p in api["/train"]["parameters"][2:]), "extras need defaults"
+    generate = [p["parameter_name"] for p in api["/generate"]["parameters"]]
+    assert generate[:4] == ["prompt", "lora", "num_inference_steps", "seed"], generate
+    assert all(p["parameter_has_default"] for p in api["/generate"]["parameters"][1:])
+    assert api["/loras"]["parameters"] == []
+
+
+def test_train_streams_progress_and_returns_the_lora_files(trained, app):
+    status, loss_plot, samples, dl_diffusers, dl_kohya, summary = trained["result"]
+    assert summary["lora"] == "my-dog" and summary["status"] == "done" and summary["steps"] == 3, summary
+    assert "finished at step 3" in status
+    assert [row[0] for row in loss_plot["data"] if row[2] == "loss"] == [1, 2, 3], "one loss point per step"
+    assert samples and all(os.path.isfile(s["image"]) for s in samples), "sample images come back"
+    assert os.path.basename(dl_diffusers["value"]) == "pytorch_lora_weights.safetensors"
+    assert dl_kohya["value"].endswith(".safetensors") and dl_kohya["visible"]
+    steps_seen = [u[0] for u in trained["updates"] if isinstance(u, tuple) and "step 2/3" in str(u[0])]
+    assert steps_seen and "steps/s" in steps_seen[0] and "left" in steps_seen[0], "live step, speed and ETA"
+    folder = os.path.join(app["root"], "loras", "my-dog")
+    assert os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors"))
+    assert len(os.listdir(os.path.join(folder, "instance_images"))) == 3, "uploads copied into the LoRA folder"
+
+
+def test_loras_lists_the_trained_lora_and_generate_uses_it(trained, app):
+    client = app["client"]
+    assert client.predict(api_name="/loras") == ["my-dog"]
+    images = client.predict("a photo of sks dog", "my-dog", 2, 7, num_images=2, api_name="/generate")
+    assert len(images) == 2 and all(os.path.isfile(i["image"]) for i in images)
+    plain = client.predict("a photo of sks dog", "(none)", 2, 7, api_name="/generate")
+    assert len(plain) == 1
+    written = os.listdir(os.path.join(app["root"], "generated"))
+    assert written, "generated images are saved under the output root"
+
+
+def test_a_new_app_over_the_same_output_root_lists_the_lora(trained, app, tiny_model):
+    demo, url = _launch(tiny_model, app["root"])
+    try:
+        client = Client(url, verbose=False)
+        assert client.predict(api_name="/loras") == ["my-dog"]
+        details = client.predict("my-dog", api_name="/lora_details")
+        assert details[0]["optimizer"] == "adaprelora" and details[0]["rank"] == 4
+    finally:
+        demo.close()
+
+
+def test_stop_ends_training_cleanly_and_keeps_the_lora(app, images, trained):
+    client = Client(app["url"], verbose=False)  # its own session: /stop reaches this session's run
+    job = client.submit([handle_file(images["good"][0])], "a photo of sks cat", 10_000, 1e-4, 4, "adamw", 32,
+                        lora_name="stopped cat", validation_steps=10_000, num_samples=0, api_name="/train")
+    for update in job:
+        if isinstance(update, tuple) and "step 1/" in str(update[0]):
+            break
+    client.predict(api_name="/stop")
+    summary = job.result()[5]
+    assert summary["status"] == "stopped" and 1 <= summary["steps"] < 10_000, summary
+    assert os.path.isfile(summary["diffusers"]) and os.path.isfile(summary["kohya"])
+    assert "stopped-cat" in client.predict(api_name="/loras")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(images=[]), "Upload at least one image"),
+        (dict(instance_prompt="   "), "instance prompt"),
+        (dict(max_train_steps=0), "Training steps must be between 1"),
+        (dict(learning_rate=0), "Learning rate must be above 0"),
+        (dict(learning_rate=-1e-4), "Learning rate must be above 0"),
+        (dict(rank=0), "LoRA rank must be between 1"),
+        (dict(resolution=30), "Resolution"),
+        (dict(optimizer="sgd9000"), "sgd9000 is not in the list of choices"),
+        (dict(images=["fake.png"]), "fake.png` cannot be used: it is not an image"),
+        (dict(images=["truncated.png"]), "truncated.png` could not be read as an image"),
+        (dict(images=["notes.txt"]), "Invalid file type"),
+    ],
+)
+def test_bad_training_input_is_refused_with_a_clear_message(app, images, kwargs, message):
+    args = dict(images=images["good"][:1], instance_prompt="a photo of sks dog", max_train_steps=2,
+                learning_rate=1e-4, rank=4, optimizer="adaprelora", resolution=32)
+    args.update(kwargs)
+    args["images"] = [handle_file(p if os.path.isabs(p) else str(images["folder"] / p)) for p in args["images"]]
+    before = _lora_folders(app["root"])
+    with pytest.raises(AppError, match=message.replace(".", r"\.")):
+        app["client"].predict(**args, api_name="/train")
+    assert _lora_folders(app["root"]) == before, "a refused run leaves nothing behind"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt=""), "Write a prompt"),
+        (dict(lora="no-such-lora"), "no trained LoRA named 'no-such-lora'"),
+        (dict(lora="../../etc"), "invalid LoRA name"),
+        (dict(num_inference_steps=0), "Steps must be between 1"),
+    ],
+)
+def test_bad_generation_input_is_refused_with_a_clear_message(app, kwargs, message):
+    args = dict(prompt="a photo of sks dog", lora="(none)", num_inference_steps=2, seed=0)
+    args.update(kwargs)
+    with pytest.raises(AppError, match=message):
+        app["client"].predict(**args, api_name="/generate")
+
+
+def test_delete_refuses_paths_outside_the_store(app):
+    with pytest.raises(AppError, match="invalid LoRA name"):
+        app["client"].predict("../output-root", api_name="/delete_lora")
+
+
+def test_an_unloadable_base_model_still_opens_the_page_and_says_what_to_do(tmp_path):
+    demo, url = _launch(str(tmp_path / "no-such-model"), str(tmp_path / "out"))
+    try:
+        client = Client(url, verbose=False)
+        banner = client.predict(api_name="/base_model_status")
+        assert "cannot be loaded" in banner and "--base-model" in banner, banner
+        with pytest.raises(AppError, match="--base-model"):
+            client.predict("a photo", api_name="/generate")
+    finally:
+        demo.close()
+
+
+def test_store_names_are_slugs_inside_the_output_root(tmp_path):
+    store = LoraStore(str(tmp_path))
+    for bad in ("../x", "a/b", ".hidden", "", "x" * 81):
+        with pytest.raises(StoreError):
+            store.path_for(bad)
+    first = store.create("My Dog!", {})
+    second = store.create("My Dog!", {})
+    assert (first.name, second.name) == ("my-dog", "my-dog-2")
+    with pytest.raises(StoreError, match="still training"):
+        store.delete("my-dog")
+    store.finish(first, "failed")
+    store.delete("my-dog")
+    assert [i.name for i in store.list()] == ["my-dog-2"]
+    assert store.names() == [], "a run without weights is not offered for generation"
+    assert LoraStore(str(tmp_path)).get("my-dog-2").status == "interrupted", "a dead run is marked on restart"
+
+
+def test_auth_and_cli_arguments(tmp_path):
+    assert parse_auth("me:secret:x") == ("me", "secret:x")
+    for bad in ("nopass", ":pw", "user:"):
+        with pytest.raises(ValueError, match="user:password"):
+            parse_auth(bad)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("app_cli", os.path.join(os.path.dirname(__file__), "..", "app.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--output-root", str(tmp_path), "--auth", "a:b"])
+    assert (args.host, args.port, args.auth, args.share) == ("127.0.0.1", 7860, ("a", "b"), False)
+    assert args.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    with pytest.raises(SystemExit):
+        module.parse_args(["--auth", "nocolon"])
