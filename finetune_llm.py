@@ -62,6 +62,8 @@ def parse_args(input_args=None) -> FinetuneConfig:
     p.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help="'latest', a checkpoint-<step> name in --output_dir, or a path.")
     p.add_argument("--cpu", action="store_true", help="Train on CPU even when a GPU is present.")
+    p.add_argument("--gguf_file", type=str, default=None,
+                   help="Load this GGUF file inside --model_name_or_path (dequantized to fp32).")
     args = p.parse_args(input_args)
 
     if args.bf16:

@@ -155,6 +155,7 @@ class FinetuneConfig:
     checkpoints_total_limit: Optional[int] = None
     resume_from_checkpoint: Optional[str] = None  # "latest", a checkpoint name or a path
     cpu: bool = False
+    gguf_file: Optional[str] = None  # a GGUF checkpoint inside model_name_or_path (dequantized to fp32)
 
     def validate(self) -> TaskSpec:
         """Check cross-field rules (errors name the flags) and return the task."""
@@ -374,11 +375,15 @@ class CausalLMCollator:
 # Model
 
 
-def load_tokenizer(path: str):
+def _gguf_kwargs(gguf_file: Optional[str]) -> dict:
+    return {"gguf_file": gguf_file} if gguf_file else {}
+
+
+def load_tokenizer(path: str, gguf_file: Optional[str] = None):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **_gguf_kwargs(gguf_file))
     except Exception as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"--model_name_or_path: could not load a tokenizer from {path!r}: {first}") from None
@@ -402,9 +407,10 @@ def build_lora_model(config: FinetuneConfig, spec: TaskSpec, tokenizer):
                 config.model_name_or_path,
                 num_labels=spec.num_labels,
                 problem_type="regression" if spec.is_regression else "single_label_classification",
+                **_gguf_kwargs(config.gguf_file),
             )
         else:
-            model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, **_gguf_kwargs(config.gguf_file))
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"--model_name_or_path: could not load {config.model_name_or_path!r}: {first}") from None
@@ -567,7 +573,6 @@ def _register_checkpoint_hooks(accelerator) -> None:
 def finetune(config: FinetuneConfig) -> dict:
     """Run one fine-tuning job end to end; returns what it writes to `output_dir/metrics.json`."""
     from accelerate.utils import set_seed
-    from peft import get_peft_model_state_dict  # noqa: F401  (checks peft early)
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import DataCollatorWithPadding, get_scheduler
@@ -581,7 +586,7 @@ def finetune(config: FinetuneConfig) -> dict:
     # Data and tokenizer
     with accelerator.main_process_first():
         splits = load_task_splits(config, spec)
-        tokenizer = load_tokenizer(config.model_name_or_path)
+        tokenizer = load_tokenizer(config.model_name_or_path, config.gguf_file)
         if spec.family == "glue":
             train_data = tokenize_glue(splits[spec.train_split], tokenizer, spec, config.max_seq_length)
             eval_data = {s: tokenize_glue(splits[s], tokenizer, spec, config.max_seq_length)
@@ -742,7 +747,23 @@ def finetune(config: FinetuneConfig) -> dict:
         accelerator.print(json.dumps(_json_safe({k: summary[k] for k in results}), indent=None))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    _release_accelerator_state(accelerator)
     return summary
+
+
+def _release_accelerator_state(accelerator) -> None:
+    """Let a later `finetune` call in this process choose another precision or accumulation.
+
+    accelerate keeps one process-wide state and refuses a second `Accelerator(mixed_precision=...)`
+    that differs; a benchmark runs several configurations in one process. Only the single-process
+    case is reset: a distributed launch runs one job per process anyway.
+    """
+    if accelerator.num_processes != 1:
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 def _save_checkpoint(accelerator, config: FinetuneConfig, step: int) -> None:
