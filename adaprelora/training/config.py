@@ -1,0 +1,241 @@
+"""`TrainConfig`: every setting of a DreamBooth LoRA run, named after diffusers' flags.
+
+`train_dreambooth.py` builds one from its command line (`TrainConfig.from_namespace`) and the app
+builds one from its form (`TrainConfig(...)`). `validate()` runs the checks that involve several
+fields; each problem is a `UserError` whose message names the flags involved.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from .common import UserError
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+PRIOR_GENERATION_PRECISION = ("no", "fp32", "fp16", "bf16")
+REPORT_TO = ("tensorboard", "wandb", "none")
+INTERPOLATION_MODES = ("lanczos", "bicubic", "bilinear", "nearest", "box", "hamming")
+
+
+def default_report_to() -> str:
+    """"tensorboard" when it is installed (diffusers' default), else "none"."""
+    return "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one DreamBooth LoRA run. Field names are the CLI flags without `--`.
+
+    Images come from `instance_data_dir` (a folder), or from `instance_images` (a list of file
+    paths, as the app passes uploads) with optional `instance_captions` {path: caption}. A caption
+    found for an image (in `instance_captions` or in a sidecar `<image>.txt`) replaces
+    `instance_prompt` for that image.
+    """
+
+    # Model
+    pretrained_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    # Data
+    instance_data_dir: Optional[str] = None
+    instance_images: Optional[list[str]] = None
+    instance_captions: Optional[dict[str, str]] = None
+    instance_prompt: Optional[str] = None
+    class_data_dir: Optional[str] = None
+    class_prompt: Optional[str] = None
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    sample_batch_size: int = 4
+    prior_generation_precision: Optional[str] = None
+    resolution: int = 512
+    center_crop: bool = False
+    image_interpolation_mode: str = "lanczos"
+    dataloader_num_workers: int = 0
+    # Output
+    output_dir: str = "lora-dreambooth-model"
+    output_name: Optional[str] = None
+    logging_dir: str = "logs"
+    report_to: str = field(default_factory=default_report_to)
+    seed: Optional[int] = None
+    # LoRA
+    rank: int = 4
+    lora_alpha: Optional[float] = None
+    lora_dropout: float = 0.0
+    train_text_encoder: bool = False
+    # Optimisation
+    optimizer: str = "adaprelora"
+    optimizer_args: dict = field(default_factory=dict)
+    learning_rate: float = 5e-4
+    scale_lr: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 500
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    max_grad_norm: float = 1.0
+    train_batch_size: int = 4
+    num_train_epochs: int = 1
+    max_train_steps: Optional[int] = None
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: Optional[str] = None
+    allow_tf32: bool = False
+    enable_xformers_memory_efficient_attention: bool = False
+    snr_gamma: Optional[float] = None
+    noise_offset: float = 0.0
+    # Checkpoints
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: Optional[int] = None
+    resume_from_checkpoint: Optional[str] = None
+    # Validation
+    validation_prompt: Optional[Union[str, list[str]]] = None
+    num_validation_images: int = 4
+    validation_steps: Optional[int] = 100
+    validation_inference_steps: int = 25
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "TrainConfig":
+        """Build a config from `parse_args()`'s result; unknown attributes are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # Derived values -------------------------------------------------------------------------
+    @property
+    def validation_prompts(self) -> list[str]:
+        """`validation_prompt` as a list (one or several prompts; empty when not set)."""
+        if not self.validation_prompt:
+            return []
+        if isinstance(self.validation_prompt, str):
+            return [self.validation_prompt]
+        return [p for p in self.validation_prompt if p]
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        """`--lora_alpha`, or `--rank` when not given (scaling 1, diffusers' behaviour)."""
+        return float(self.rank if self.lora_alpha is None else self.lora_alpha)
+
+    @property
+    def effective_output_name(self) -> str:
+        """Stem of the kohya file: `--output_name`, else the output folder's name."""
+        if self.output_name:
+            return self.output_name
+        name = os.path.basename(os.path.normpath(os.path.abspath(self.output_dir)))
+        return name or "lora"
+
+    # Checks ---------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Check values and combinations of fields; raise `UserError` naming the flags.
+
+        Harmless misuse only warns (`warnings.warn`), as diffusers does. Returns self.
+        The images themselves are checked when the dataset is built.
+        """
+        from adaprelora import available_optimizers
+
+        def need(cond: bool, message: str) -> None:
+            if not cond:
+                raise UserError(message)
+
+        need(bool(self.pretrained_model_name_or_path), "--pretrained_model_name_or_path is required")
+        need(
+            bool(self.instance_data_dir) or bool(self.instance_images),
+            "--instance_data_dir is required (a folder of PNG/JPEG/WebP images)",
+        )
+        if self.instance_data_dir and not os.path.isdir(self.instance_data_dir):
+            raise UserError(f"--instance_data_dir: folder {self.instance_data_dir!r} does not exist")
+        need(self.resolution > 0 and self.resolution % 8 == 0,
+             f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        need(self.rank >= 1, f"--rank must be at least 1, got {self.rank}")
+        need(self.lora_alpha is None or self.lora_alpha > 0, f"--lora_alpha must be positive, got {self.lora_alpha}")
+        need(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}")
+        need(self.train_batch_size >= 1, f"--train_batch_size must be at least 1, got {self.train_batch_size}")
+        need(self.sample_batch_size >= 1, f"--sample_batch_size must be at least 1, got {self.sample_batch_size}")
+        need(self.gradient_accumulation_steps >= 1,
+             f"--gradient_accumulation_steps must be at least 1, got {self.gradient_accumulation_steps}")
+        need(self.max_train_steps is None or self.max_train_steps >= 1,
+             f"--max_train_steps must be at least 1, got {self.max_train_steps}")
+        need(self.num_train_epochs >= 1, f"--num_train_epochs must be at least 1, got {self.num_train_epochs}")
+        need(self.checkpointing_steps >= 1, f"--checkpointing_steps must be at least 1, got {self.checkpointing_steps}")
+        need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+             f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
+        need(self.validation_steps is None or self.validation_steps >= 1,
+             f"--validation_steps must be at least 1, got {self.validation_steps}")
+        need(self.num_validation_images >= 0,
+             f"--num_validation_images must be 0 or more, got {self.num_validation_images}")
+        need(self.validation_inference_steps >= 1,
+             f"--validation_inference_steps must be at least 1, got {self.validation_inference_steps}")
+        need(self.snr_gamma is None or self.snr_gamma > 0, f"--snr_gamma must be positive, got {self.snr_gamma}")
+        need(self.noise_offset >= 0, f"--noise_offset must be 0 or more, got {self.noise_offset}")
+        need(self.max_grad_norm >= 0, f"--max_grad_norm must be 0 (off) or more, got {self.max_grad_norm}")
+        need(self.prior_loss_weight >= 0, f"--prior_loss_weight must be 0 or more, got {self.prior_loss_weight}")
+        need(self.lr_scheduler in LR_SCHEDULERS,
+             f"--lr_scheduler {self.lr_scheduler!r} is not one of: {', '.join(LR_SCHEDULERS)}")
+        need(self.mixed_precision in (None,) + MIXED_PRECISION,
+             f"--mixed_precision {self.mixed_precision!r} is not one of: {', '.join(MIXED_PRECISION)}")
+        need(self.image_interpolation_mode in INTERPOLATION_MODES,
+             f"--image_interpolation_mode {self.image_interpolation_mode!r} is not one of: "
+             f"{', '.join(INTERPOLATION_MODES)}")
+        need(self.report_to in REPORT_TO, f"--report_to {self.report_to!r} is not one of: {', '.join(REPORT_TO)}")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise UserError("--report_to tensorboard needs tensorboard: `pip install tensorboard` (or --report_to none)")
+        if self.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise UserError("--report_to wandb needs wandb: `pip install wandb` (or --report_to none)")
+        if self.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+            raise UserError(
+                "--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers` "
+                "(PyTorch's scaled-dot-product attention is used without the flag)"
+            )
+
+        key = str(self.optimizer).strip().lower().replace("_", "-")
+        if key not in available_optimizers():
+            raise UserError(f"--optimizer: unknown optimizer {self.optimizer!r}; choose one of: "
+                            f"{', '.join(available_optimizers())}")
+        if not isinstance(self.optimizer_args, dict):
+            raise UserError("--optimizer_args must be key=value pairs")
+
+        if self.output_name is not None:
+            need(bool(self.output_name.strip()) and os.sep not in self.output_name and "/" not in self.output_name,
+                 f"--output_name must be a file name without folders, got {self.output_name!r}")
+            need(self.output_name.removesuffix(".safetensors") != "pytorch_lora_weights",
+                 "--output_name pytorch_lora_weights would overwrite the diffusers file; choose another name")
+            self.output_name = self.output_name.removesuffix(".safetensors")
+
+        if self.with_prior_preservation:
+            need(bool(self.class_data_dir), "--with_prior_preservation needs --class_data_dir (a folder for class images)")
+            need(bool(self.class_prompt), "--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog')")
+            need(self.num_class_images >= 1,
+                 f"--num_class_images must be at least 1, got {self.num_class_images}")
+            if os.path.exists(self.class_data_dir) and not os.path.isdir(self.class_data_dir):
+                raise UserError(f"--class_data_dir: {self.class_data_dir!r} is a file, not a folder")
+        else:
+            if self.class_data_dir:
+                warnings.warn("You need not use --class_data_dir without --with_prior_preservation.")
+            if self.class_prompt:
+                warnings.warn("You need not use --class_prompt without --with_prior_preservation.")
+
+        if self.instance_captions:
+            unknown = set(self.instance_captions) - set(self.instance_images or [])
+            need(not unknown, f"instance_captions names images not in instance_images: {sorted(unknown)[:3]}")
+        if self.validation_prompts and self.num_validation_images == 0:
+            warnings.warn("--validation_prompt is ignored with --num_validation_images 0.")
+        return self
+
+
+class UserErrorArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are `UserError`s, so `run_cli` prints them as one line."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+__all__ = ["TrainConfig", "UserErrorArgumentParser", "LR_SCHEDULERS", "MIXED_PRECISION", "REPORT_TO",
+           "INTERPOLATION_MODES", "PRIOR_GENERATION_PRECISION", "default_report_to"]

@@ -1,0 +1,241 @@
+"""DreamBooth images: finding them, captions, preprocessing with PIL/numpy, the dataset and collate.
+
+- Images are PNG, JPEG or WebP files of any size. EXIF orientation is applied; transparent images
+  are flattened on white; everything becomes RGB.
+- A caption file next to an image (`photo.txt`, or `photo.png.txt`) replaces the instance prompt
+  for that image; otherwise `--instance_prompt` is used.
+- Files that cannot be decoded are skipped with a warning that names each one; a folder with no
+  usable image is a `UserError` naming the folder.
+- Resize (shorter side to `resolution`), crop (center or random) and scale to [-1, 1] use PIL and
+  numpy only (no torchvision).
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .common import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+CAPTION_EXTENSION = ".txt"
+
+_RESAMPLING = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One training image: its path and its own caption (None: use the run's prompt)."""
+
+    path: str
+    caption: Optional[str] = None
+
+
+def is_image_file(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image fully decoded, EXIF orientation applied, alpha flattened on white, as RGB.
+
+    Raises OSError (or another PIL error) when the file cannot be decoded.
+    """
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def read_caption(image_path: str) -> Optional[str]:
+    """The caption in `<stem>.txt` or `<image file name>.txt` next to the image, if non-empty."""
+    stem, _ = os.path.splitext(image_path)
+    for candidate in (stem + CAPTION_EXTENSION, image_path + CAPTION_EXTENSION):
+        if os.path.isfile(candidate):
+            with open(candidate, encoding="utf-8", errors="replace") as fh:
+                text = " ".join(fh.read().split())
+            if text:
+                return text
+    return None
+
+
+def _check_readable(paths: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Split `paths` into decodable images and warnings (one per unreadable file, naming it)."""
+    good, warnings = [], []
+    for path in paths:
+        try:
+            load_rgb(path)
+        except Exception as err:  # PIL raises many types for broken files
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            warnings.append(f"skipping unreadable image {path}: {reason}")
+            continue
+        good.append(path)
+    return good, warnings
+
+
+def list_image_files(folder: str) -> list[str]:
+    """Image files (by extension) directly in `folder`, sorted; hidden files are ignored."""
+    names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    return [os.path.join(folder, n) for n in names if is_image_file(n) and os.path.isfile(os.path.join(folder, n))]
+
+
+def scan_instance_images(
+    folder: Optional[str] = None,
+    files: Optional[Sequence[str]] = None,
+    captions: Optional[dict] = None,
+    flag: str = "--instance_data_dir",
+) -> tuple[list[ImageRecord], list[str]]:
+    """Find the usable images of a run and their captions.
+
+    Either `folder` (every PNG/JPEG/WebP in it) or `files` (explicit paths) and optional
+    `captions` {path: caption}. Returns (records, warnings). Raises `UserError` naming the folder
+    when it is missing or empty, or when no image can be decoded.
+    """
+    captions = captions or {}
+    if files:
+        where = "the given image files"
+        missing = [f for f in files if not os.path.isfile(f)]
+        candidates = [f for f in files if os.path.isfile(f)]
+        pre_warnings = [f"skipping missing image file {f}" for f in missing]
+    else:
+        if not folder:
+            raise UserError(f"{flag} is required (a folder of PNG/JPEG/WebP images)")
+        where = f"folder {folder!r}"
+        if not os.path.isdir(folder):
+            raise UserError(f"{flag}: folder {folder!r} does not exist")
+        candidates = list_image_files(folder)
+        pre_warnings = []
+        if not candidates:
+            raise UserError(f"{flag}: no PNG, JPEG or WebP image in folder {folder!r}")
+    good, warnings = _check_readable(candidates)
+    warnings = pre_warnings + warnings
+    if not good:
+        raise UserError(f"{flag}: no usable image in {where} ({len(warnings)} unreadable or missing)")
+    records = []
+    for path in good:
+        caption = captions.get(path)
+        caption = " ".join(caption.split()) if caption else None
+        records.append(ImageRecord(path, caption or read_caption(path)))
+    return records, warnings
+
+
+def scan_class_images(folder: str) -> tuple[list[ImageRecord], list[str]]:
+    """Usable images already in the class folder (may be none); caption files are ignored."""
+    if not os.path.isdir(folder):
+        return [], []
+    good, warnings = _check_readable(list_image_files(folder))
+    return [ImageRecord(p) for p in good], warnings
+
+
+def preprocess(
+    img: Image.Image,
+    resolution: int,
+    center_crop: bool = False,
+    interpolation: str = "lanczos",
+    rng: Optional[random.Random] = None,
+) -> torch.Tensor:
+    """Resize the shorter side to `resolution`, crop a square, scale to [-1, 1]: float32 (3, H, W)."""
+    width, height = img.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), resample=_RESAMPLING[interpolation])
+    if center_crop:
+        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    else:
+        rng = rng or random
+        left, top = rng.randint(0, new_w - resolution), rng.randint(0, new_h - resolution)
+    img = img.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Instance images with their prompts and, with prior preservation, class images.
+
+    Its length is the larger of the two counts (diffusers' convention); item `i` pairs instance
+    image `i % n_instance` with class image `i % n_class`. With `seed`, random crops depend only on
+    (seed, epoch, index), so a resumed run crops exactly as an uninterrupted one; call
+    `set_epoch` at the start of each epoch.
+    """
+
+    def __init__(
+        self,
+        instance_records: Sequence[ImageRecord],
+        instance_prompt: Optional[str],
+        resolution: int,
+        center_crop: bool = False,
+        interpolation: str = "lanczos",
+        class_records: Optional[Sequence[ImageRecord]] = None,
+        class_prompt: Optional[str] = None,
+        seed: Optional[int] = None,
+    ):
+        if not instance_records:
+            raise ValueError("no instance images")
+        self.instance_records = list(instance_records)
+        self.instance_prompt = instance_prompt
+        self.class_records = list(class_records or [])
+        self.class_prompt = class_prompt
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.interpolation = interpolation
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def prompt_for(self, record: ImageRecord) -> str:
+        return record.caption or self.instance_prompt or ""
+
+    def __len__(self) -> int:
+        return max(len(self.instance_records), len(self.class_records))
+
+    def _pixels(self, record: ImageRecord, rng) -> torch.Tensor:
+        return preprocess(load_rgb(record.path), self.resolution, self.center_crop, self.interpolation, rng)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = random.Random(f"{self.seed}-{self.epoch}-{index}") if self.seed is not None else None
+        record = self.instance_records[index % len(self.instance_records)]
+        example = {"instance_pixel_values": self._pixels(record, rng), "instance_prompt": self.prompt_for(record)}
+        if self.class_records:
+            class_record = self.class_records[index % len(self.class_records)]
+            example["class_pixel_values"] = self._pixels(class_record, rng)
+            example["class_prompt"] = self.class_prompt or ""
+        return example
+
+
+def collate_fn(examples: list[dict], with_prior_preservation: bool = False) -> dict:
+    """Stack a batch: {"pixel_values": (B, 3, H, W), "prompts": [str] * B}.
+
+    With prior preservation the class examples follow the instance ones (batch of 2B), so the loss
+    can split the prediction in two halves.
+    """
+    pixels = [e["instance_pixel_values"] for e in examples]
+    prompts = [e["instance_prompt"] for e in examples]
+    if with_prior_preservation:
+        pixels += [e["class_pixel_values"] for e in examples]
+        prompts += [e["class_prompt"] for e in examples]
+    return {"pixel_values": torch.stack(pixels).contiguous().float(), "prompts": prompts}
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "ImageRecord", "DreamBoothDataset", "collate_fn", "is_image_file", "list_image_files",
+    "load_rgb", "preprocess", "read_caption", "scan_class_images", "scan_instance_images",
+]

@@ -1,0 +1,340 @@
+"""Writing trained LoRA adapters: the diffusers file, the kohya/A1111 file, metadata, model card.
+
+- `pytorch_lora_weights.safetensors`: diffusers keys (`unet.…`, `text_encoder.…`), loadable with
+  `pipe.load_lora_weights(output_dir)`; the adapters' LoraConfig (rank, alpha) is stored under
+  diffusers' `lora_adapter_metadata` header key so a `--lora_alpha` other than `--rank` reloads
+  exactly.
+- `<output_name>.safetensors`: kohya-ss / AUTOMATIC1111 / ComfyUI keys: `lora_unet_<module>` and
+  `lora_te_<module>` (dots as underscores) with `.lora_down.weight` (A), `.lora_up.weight` (B) and
+  a scalar `.alpha` (the scale is alpha / rank).
+- Both files carry the training settings in their safetensors header (`ss_*` keys as kohya writes
+  them, plus `adaprelora_config`, the whole TrainConfig as JSON).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+KOHYA_UNET_PREFIX = "lora_unet_"
+KOHYA_TE_PREFIX = "lora_te_"
+
+
+# ------------------------------------------------------------------------------------------------
+# State dicts
+# ------------------------------------------------------------------------------------------------
+def peft_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of `model`'s default PEFT adapter, `<module>.lora_A.weight` / `.lora_B.weight`."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def diffusers_lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s LoRA tensors in the layout `save_lora_weights` expects (without the model prefix)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    return convert_state_dict_to_diffusers(peft_state_dict(model))
+
+
+def _te_kohya_module_name(module: str) -> str:
+    # transformers 5's CLIPTextModel has no `text_model.` level; A1111/kohya names keep it.
+    return module if module.startswith("text_model.") else f"text_model.{module}"
+
+
+def peft_to_kohya(
+    unet_sd: Optional[dict[str, torch.Tensor]],
+    text_encoder_sd: Optional[dict[str, torch.Tensor]],
+    alpha: float,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Rename PEFT LoRA tensors to kohya keys and add each module's `.alpha`."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, sd, rename in (
+        (KOHYA_UNET_PREFIX, unet_sd, lambda m: m),
+        (KOHYA_TE_PREFIX, text_encoder_sd, _te_kohya_module_name),
+    ):
+        for key, tensor in (sd or {}).items():
+            for part, kohya_part in ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight")):
+                if key.endswith(part):
+                    module = key[: -len(part)]
+                    name = prefix + rename(module).replace(".", "_")
+                    out[name + kohya_part] = tensor.detach().to("cpu", dtype).contiguous()
+                    out[name + ".alpha"] = torch.tensor(float(alpha), dtype=dtype)
+                    break
+            else:
+                raise ValueError(f"not a LoRA tensor of a linear layer: {key}")
+    return out
+
+
+def _kohya_names(model: Optional[torch.nn.Module], prefix: str, rename) -> dict[str, str]:
+    if model is None:
+        return {}
+    return {prefix + rename(name).replace(".", "_"): name for name, _ in model.named_modules() if name}
+
+
+def kohya_to_peft(
+    kohya_sd: dict[str, torch.Tensor],
+    unet: Optional[torch.nn.Module] = None,
+    text_encoder: Optional[torch.nn.Module] = None,
+    target_alpha: Optional[float] = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Convert a kohya LoRA state dict back to PEFT tensors for `unet` and `text_encoder`.
+
+    Module names are found by matching the models' own module names (kohya replaces dots with
+    underscores, which cannot be undone by text alone). With `target_alpha`, each `lora_up` is
+    rescaled by `alpha / target_alpha` so that an adapter created with `lora_alpha=target_alpha`
+    computes exactly what the file describes. Returns (unet_sd, text_encoder_sd); a key that
+    matches no module raises ValueError.
+    """
+    lookup = {
+        **_kohya_names(unet, KOHYA_UNET_PREFIX, lambda m: m),
+        **_kohya_names(text_encoder, KOHYA_TE_PREFIX, _te_kohya_module_name),
+    }
+    unet_sd: dict[str, torch.Tensor] = {}
+    te_sd: dict[str, torch.Tensor] = {}
+    for key, tensor in kohya_sd.items():
+        base, _, suffix = key.partition(".")
+        if suffix == "alpha":
+            continue
+        if suffix not in ("lora_down.weight", "lora_up.weight") or base not in lookup:
+            raise ValueError(f"kohya key {key!r} matches no LoRA module of the given models")
+        module = lookup[base]
+        tensor = tensor.detach().clone().float()
+        if suffix == "lora_up.weight" and target_alpha is not None and f"{base}.alpha" in kohya_sd:
+            tensor = tensor * (float(kohya_sd[f"{base}.alpha"]) / float(target_alpha))
+        name = f"{module}.{'lora_A' if suffix == 'lora_down.weight' else 'lora_B'}.weight"
+        (unet_sd if base.startswith(KOHYA_UNET_PREFIX) else te_sd)[name] = tensor
+    return unet_sd, te_sd
+
+
+def load_kohya_lora(path: str, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module] = None) -> list[str]:
+    """Load a kohya file into models that already carry a PEFT adapter "default" of the same rank.
+
+    Returns the names of the modules loaded. Used to check that the exported kohya file describes
+    the same model as the diffusers file.
+    """
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    kohya_sd = load_file(path)
+    alpha = float(unet.peft_config["default"].lora_alpha)
+    unet_sd, te_sd = kohya_to_peft(kohya_sd, unet, text_encoder, target_alpha=alpha)
+    if unet_sd:
+        set_peft_model_state_dict(unet, unet_sd, adapter_name="default")
+    if te_sd:
+        if text_encoder is None:
+            raise ValueError("the kohya file has text-encoder LoRA tensors but no text_encoder was given")
+        te_alpha = float(text_encoder.peft_config["default"].lora_alpha)
+        if te_alpha != alpha:
+            _, te_sd = kohya_to_peft(kohya_sd, unet, text_encoder, target_alpha=te_alpha)
+        set_peft_model_state_dict(text_encoder, te_sd, adapter_name="default")
+    return sorted({k.rsplit(".lora_", 1)[0] for k in (*unet_sd, *te_sd)})
+
+
+# ------------------------------------------------------------------------------------------------
+# Metadata and files
+# ------------------------------------------------------------------------------------------------
+def training_metadata(config, extra: Optional[dict] = None) -> dict[str, str]:
+    """safetensors header entries (strings only) describing the run, kohya's `ss_*` names where
+    kohya has one, plus `adaprelora_config` (the whole TrainConfig as JSON)."""
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": str(config.effective_lora_alpha),
+        "ss_network_dropout": str(config.lora_dropout),
+        "ss_sd_model_name": str(config.pretrained_model_name_or_path),
+        "ss_output_name": config.effective_output_name,
+        "ss_training_comment": "DreamBooth LoRA trained with adaprelora",
+        "ss_optimizer": f"adaprelora.create_optimizer({config.optimizer!r})",
+        "ss_optimizer_args": json.dumps(config.optimizer_args, default=str),
+        "ss_learning_rate": str(config.learning_rate),
+        "ss_unet_lr": str(config.learning_rate),
+        "ss_text_encoder_lr": str(config.learning_rate if config.train_text_encoder else 0.0),
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+        "ss_max_train_steps": str(config.max_train_steps),
+        "ss_batch_size_per_device": str(config.train_batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
+        "ss_max_grad_norm": str(config.max_grad_norm),
+        "ss_mixed_precision": str(config.mixed_precision or "no"),
+        "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "ss_seed": str(config.seed),
+        "ss_min_snr_gamma": str(config.snr_gamma),
+        "ss_noise_offset": str(config.noise_offset),
+        "ss_prior_loss_weight": str(config.prior_loss_weight if config.with_prior_preservation else 0.0),
+        "ss_network_train_unet_only": str(not config.train_text_encoder),
+        "ss_instance_prompt": str(config.instance_prompt or ""),
+        "adaprelora_config": json.dumps(_jsonable_config(config), sort_keys=True, default=str),
+    }
+    for key, value in (extra or {}).items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value, default=str)
+    return meta
+
+
+def _jsonable_config(config) -> dict:
+    data = config.to_dict()
+    if data.get("instance_images"):
+        data["instance_images"] = [os.path.basename(p) for p in data["instance_images"]]
+    if data.get("instance_captions"):
+        data["instance_captions"] = {os.path.basename(k): v for k, v in data["instance_captions"].items()}
+    return data
+
+
+def _lora_config_dict(model: torch.nn.Module) -> dict:
+    data = model.peft_config["default"].to_dict()
+    for key, value in list(data.items()):
+        if isinstance(value, set):
+            data[key] = sorted(value)
+    return data
+
+
+def save_diffusers_lora(
+    output_dir: str,
+    unet: torch.nn.Module,
+    text_encoder: Optional[torch.nn.Module] = None,
+    metadata: Optional[dict[str, str]] = None,
+    weight_name: str = DIFFUSERS_WEIGHT_NAME,
+) -> str:
+    """Write `unet`'s (and `text_encoder`'s) LoRA as diffusers' `pytorch_lora_weights.safetensors`
+    with the adapter configs and `metadata` in the header. Returns the file path."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    kwargs = {"unet_lora_layers": diffusers_lora_layers(unet), "unet_lora_adapter_metadata": _lora_config_dict(unet)}
+    if text_encoder is not None:
+        kwargs["text_encoder_lora_layers"] = diffusers_lora_layers(text_encoder)
+        kwargs["text_encoder_lora_adapter_metadata"] = _lora_config_dict(text_encoder)
+    StableDiffusionPipeline.save_lora_weights(output_dir, weight_name=weight_name, safe_serialization=True, **kwargs)
+    path = os.path.join(output_dir, weight_name)
+    if metadata:
+        # Add our training settings to the header diffusers wrote (its adapter metadata kept).
+        with safe_open(path, framework="pt") as fh:
+            header = dict(fh.metadata() or {})
+        tensors = load_file(path)
+        header.update(metadata)
+        _save_file_atomically(save_file, tensors, path, header)
+    return path
+
+
+def save_kohya_lora(
+    path: str,
+    unet: torch.nn.Module,
+    text_encoder: Optional[torch.nn.Module] = None,
+    metadata: Optional[dict[str, str]] = None,
+    dtype: torch.dtype = torch.float32,
+) -> str:
+    """Write the LoRA in kohya/A1111 format to `path` (fp32 by default: the exact trained values;
+    pass `dtype=torch.float16` for kohya's usual half-size files)."""
+    from safetensors.torch import save_file
+
+    alpha = float(unet.peft_config["default"].lora_alpha)
+    tensors = peft_to_kohya(peft_state_dict(unet), None, alpha, dtype)
+    if text_encoder is not None:
+        te_alpha = float(text_encoder.peft_config["default"].lora_alpha)
+        tensors.update(peft_to_kohya(None, peft_state_dict(text_encoder), te_alpha, dtype))
+    header = {"format": "pt", "modelspec.architecture": "stable-diffusion-v1/lora"}
+    header.update(metadata or {})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _save_file_atomically(save_file, tensors, path, header)
+    return path
+
+
+def _save_file_atomically(save_file, tensors, path: str, metadata: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def write_model_card(
+    output_dir: str,
+    config,
+    files: dict[str, str],
+    samples: Optional[list[str]] = None,
+    steps: Optional[int] = None,
+) -> str:
+    """Write `README.md` (Hugging Face model card: YAML header, trigger prompt, samples, usage)."""
+    samples = samples or []
+    base = config.pretrained_model_name_or_path
+    trigger = config.instance_prompt or ""
+    rel = lambda p: os.path.relpath(p, output_dir).replace(os.sep, "/")  # noqa: E731
+    lines = [
+        "---",
+        f"base_model: {json.dumps(str(base))}",
+        "library_name: diffusers",
+        "tags:",
+        "- text-to-image",
+        "- stable-diffusion",
+        "- diffusers",
+        "- lora",
+        "- dreambooth",
+        "- adaprelora",
+        f"instance_prompt: {json.dumps(trigger)}",
+        "---",
+        "",
+        f"# DreamBooth LoRA: {config.effective_output_name}",
+        "",
+        f"LoRA adapter (rank {config.rank}, alpha {config.effective_lora_alpha:g}) for `{base}`, trained with "
+        f"DreamBooth and the `{config.optimizer}` optimizer for {steps if steps is not None else '?'} steps at "
+        f"{config.resolution}px.",
+        "",
+        "## Trigger prompt",
+        "",
+        f"`{trigger}`" if trigger else "Each training image had its own caption (no single trigger prompt).",
+        "",
+    ]
+    if samples:
+        lines += ["## Samples", ""]
+        prompts = config.validation_prompts
+        if prompts:
+            lines += [f"Prompt{'s' if len(prompts) > 1 else ''}: " + "; ".join(f"`{p}`" for p in prompts), ""]
+        lines += [f"![sample {i}]({rel(p)})" for i, p in enumerate(samples)] + [""]
+    lines += [
+        "## Files",
+        "",
+        f"- `{os.path.basename(files['diffusers'])}`: diffusers format",
+        f"- `{os.path.basename(files['kohya'])}`: kohya / AUTOMATIC1111 / ComfyUI format",
+        "",
+        "## Use with diffusers",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        f"pipe = StableDiffusionPipeline.from_pretrained({str(base)!r})",
+        "pipe.load_lora_weights('path/to/this/folder')",
+        f"image = pipe({trigger or 'your prompt'!r}).images[0]",
+        "```",
+        "",
+        "In AUTOMATIC1111 or ComfyUI, copy the kohya file into the LoRA folder.",
+        "",
+        "## Training settings",
+        "",
+        f"- text encoder trained: {config.train_text_encoder}",
+        f"- prior preservation: {config.with_prior_preservation}"
+        + (f" (class prompt `{config.class_prompt}`, weight {config.prior_loss_weight})"
+           if config.with_prior_preservation else ""),
+        f"- learning rate {config.learning_rate:g}, scheduler {config.lr_scheduler}, batch size "
+        f"{config.train_batch_size} x {config.gradient_accumulation_steps} accumulation",
+        f"- mixed precision: {config.mixed_precision or 'no'}, seed: {config.seed}",
+        "",
+        "The full settings are in the safetensors header of both files.",
+        "",
+    ]
+    path = os.path.join(output_dir, "README.md")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines))
+    return path
+
+
+__all__ = [
+    "DIFFUSERS_WEIGHT_NAME", "TEXT_ENCODER_TARGET_MODULES", "UNET_TARGET_MODULES", "diffusers_lora_layers",
+    "kohya_to_peft", "load_kohya_lora", "peft_state_dict", "peft_to_kohya", "save_diffusers_lora",
+    "save_kohya_lora", "training_metadata", "write_model_card",
+]

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""DreamBooth LoRA for Stable Diffusion 1.x/2.x, trained with AdaPreLoRA (or any optimizer by name).
+
+    accelerate launch train_dreambooth.py \
+        --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
+        --instance_data_dir dog --instance_prompt "a photo of sks dog" \
+        --output_dir lora-dog --max_train_steps 400 --validation_prompt "sks dog on a beach"
+
+Flag names and defaults follow diffusers' examples/dreambooth/train_dreambooth_lora.py. The work is
+done by `adaprelora.training.dreambooth.train()`, which the Gradio app drives as well.
+"""
+from __future__ import annotations
+
+from adaprelora import available_optimizers
+from adaprelora.training.common import parse_optimizer_args, run_cli
+from adaprelora.training.config import (
+    INTERPOLATION_MODES, LR_SCHEDULERS, MIXED_PRECISION, PRIOR_GENERATION_PRECISION, REPORT_TO, TrainConfig,
+    UserErrorArgumentParser, default_report_to,
+)
+
+OPTIMIZERS = available_optimizers()
+
+
+def parse_args(input_args=None):
+    parser = UserErrorArgumentParser(description="DreamBooth LoRA training with the AdaPreLoRA optimizer.")
+    add = parser.add_argument
+    # Model
+    add("--pretrained_model_name_or_path", type=str, default=None, required=True,
+        help="Hub id or local folder of a Stable Diffusion 1.x/2.x pipeline.")
+    add("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the pretrained model.")
+    add("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    # Data
+    add("--instance_data_dir", type=str, default=None, required=True,
+        help="Folder of PNG/JPEG/WebP training images; an optional <image>.txt next to an image is its caption.")
+    add("--instance_prompt", type=str, default=None,
+        help="Prompt with the identifier of the instance, e.g. 'a photo of sks dog'. Required unless every "
+             "image has a caption file.")
+    add("--class_data_dir", type=str, default=None, help="Folder of class images (prior preservation).")
+    add("--class_prompt", type=str, default=None, help="Prompt of the class images, e.g. 'a photo of a dog'.")
+    add("--with_prior_preservation", action="store_true", default=False, help="Add the prior-preservation loss.")
+    add("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    add("--num_class_images", type=int, default=100,
+        help="Class images wanted; missing ones are generated with the base model into --class_data_dir.")
+    add("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
+    add("--prior_generation_precision", type=str, default=None, choices=PRIOR_GENERATION_PRECISION,
+        help="Precision of class-image generation (default fp16 on GPU, fp32 on CPU).")
+    add("--resolution", type=int, default=512, help="Training images are resized and cropped to this size.")
+    add("--center_crop", action="store_true", default=False, help="Crop the centre instead of a random square.")
+    add("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
+        help="Resampling filter used to resize images.")
+    add("--dataloader_num_workers", type=int, default=0, help="Data-loading worker processes (0: main process).")
+    # Output
+    add("--output_dir", type=str, default="lora-dreambooth-model", help="Where weights and checkpoints go.")
+    add("--output_name", type=str, default=None,
+        help="Name of the kohya/A1111 file (<output_name>.safetensors); default: the output folder's name.")
+    add("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    add("--report_to", type=str, default=default_report_to(), choices=REPORT_TO, help="Tracker for logs and images.")
+    add("--seed", type=int, default=None, help="Seed for reproducible training and validation images.")
+    # LoRA
+    add("--rank", type=int, default=4, help="LoRA rank.")
+    add("--lora_alpha", type=float, default=None, help="LoRA alpha (scale alpha/rank); default: --rank.")
+    add("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA input.")
+    add("--train_text_encoder", action="store_true", default=False, help="Also train LoRA on the text encoder.")
+    # Optimisation
+    add("--optimizer", type=str, default="adaprelora", choices=OPTIMIZERS, metavar="NAME",
+        help=f"Optimizer: {', '.join(OPTIMIZERS)}.")
+    add("--optimizer_args", type=str, nargs="*", default=[], metavar="KEY=VALUE",
+        help="Extra optimizer arguments, e.g. weight_decay=0.01 betas=(0.9,0.99).")
+    add("--learning_rate", type=float, default=5e-4, help="Initial learning rate (after warmup).")
+    add("--scale_lr", action="store_true", default=False,
+        help="Multiply the learning rate by accumulation steps x batch size x processes.")
+    add("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule.")
+    add("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the schedule.")
+    add("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    add("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0: off).")
+    add("--train_batch_size", type=int, default=4, help="Batch size per device.")
+    add("--num_train_epochs", type=int, default=1, help="Epochs, when --max_train_steps is not given.")
+    add("--max_train_steps", type=int, default=None, help="Total optimizer steps (overrides --num_train_epochs).")
+    add("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimizer step.")
+    add("--gradient_checkpointing", action="store_true", default=False, help="Save memory at some speed cost.")
+    add("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION,
+        help="Frozen weights in fp16/bf16 (LoRA stays fp32); default: the accelerate config.")
+    add("--allow_tf32", action="store_true", default=False, help="Allow TF32 matmuls on Ampere+ GPUs.")
+    add("--enable_xformers_memory_efficient_attention", action="store_true", default=False,
+        help="Use xformers attention (CUDA; needs `pip install xformers`). Default: PyTorch SDPA.")
+    add("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is recommended).")
+    add("--noise_offset", type=float, default=0.0, help="Noise offset (e.g. 0.05) for darker/brighter images.")
+    # Checkpoints
+    add("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    add("--resume_from_checkpoint", type=str, default=None,
+        help="'latest', or a checkpoint-<step> folder (name in --output_dir, or a path).")
+    # Validation
+    add("--validation_prompt", type=str, action="append", default=None,
+        help="Prompt for sample images; repeat the flag for several prompts.")
+    add("--num_validation_images", type=int, default=4, help="Sample images per validation prompt.")
+    add("--validation_steps", type=int, default=100, help="Make sample images every N steps (and at the end).")
+    add("--validation_inference_steps", type=int, default=25, help="Denoising steps of sample images.")
+    args = parser.parse_args(input_args)
+    args.optimizer_args = parse_optimizer_args(args.optimizer_args)
+    return args
+
+
+def main(input_args=None):
+    from adaprelora.training.dreambooth import run_cli_training
+
+    return run_cli_training(TrainConfig.from_namespace(parse_args(input_args)))
+
+
+if __name__ == "__main__":
+    run_cli(main)
