@@ -142,7 +142,8 @@ def test_stop_ends_training_cleanly_and_keeps_the_lora(app, images, trained):
     client.predict(api_name="/stop")
     summary = job.result()[5]
     assert summary["status"] == "stopped" and 1 <= summary["steps"] < 10_000, summary
-    assert os.path.isfile(summary["diffusers"]) and os.path.isfile(summary["kohya"])
+    assert os.path.isfile(os.path.join(app["root"], summary["diffusers"]))
+    assert os.path.isfile(os.path.join(app["root"], summary["kohya"]))
     assert "stopped-cat" in client.predict(api_name="/loras")
 
 
@@ -238,3 +239,37 @@ def test_auth_and_cli_arguments(tmp_path):
     assert args.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     with pytest.raises(SystemExit):
         module.parse_args(["--auth", "nocolon"])
+
+
+def test_python_app_py_serves_the_page_on_loopback_even_without_the_default_model(tmp_path):
+    """The real entry point, offline: the default SD 1.5 id cannot be fetched, the page opens anyway."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "app.py"), "--port", str(port),
+                             "--output-root", str(tmp_path / "out")],
+                            cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(600):  # polls until the server answers; no assertion on how long it takes
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited early:\n{proc.stdout.read()}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                time.sleep(0.25)
+        else:
+            pytest.fail("app.py never served the page")
+        banner = Client(url, verbose=False).predict(api_name="/base_model_status")
+        assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in banner and "--base-model" in banner, banner
+        assert sorted(os.listdir(tmp_path)) == ["out"], "nothing is written outside the output root"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

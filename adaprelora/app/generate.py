@@ -21,12 +21,17 @@ _ADAPTER = "app_lora"
 
 def how_to_use_local_model(model_id: str) -> str:
     """The advice shown whenever the base model cannot be loaded."""
-    hub_id = model_id if not os.path.exists(model_id) else DEFAULT_BASE_MODEL
+    hub_id = model_id if _looks_like_hub_id(model_id) else DEFAULT_BASE_MODEL
     return (
         "Point `--base-model` at a local copy: on a machine with internet run "
         f"`hf download {hub_id} --local-dir ./sd15` (a diffusers folder with `model_index.json`), "
         "copy the folder here, then start `python app.py --base-model ./sd15`."
     )
+
+
+def _looks_like_hub_id(model_id: str) -> bool:
+    return (not os.path.exists(model_id) and not model_id.startswith((".", "/", "~"))
+            and model_id.count("/") == 1 and all(model_id.split("/")))
 
 
 def _check_model(model_id: str) -> Optional[str]:
@@ -35,24 +40,25 @@ def _check_model(model_id: str) -> Optional[str]:
         if not os.path.isfile(os.path.join(model_id, "model_index.json")):
             return f"the folder `{model_id}` is not a diffusers pipeline (no `model_index.json` in it)"
         return None
-    if os.path.exists(model_id) or model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
+    if not _looks_like_hub_id(model_id):
         return f"`{model_id}` is neither a local folder nor a Hub model id (`owner/name`)"
     try:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        from huggingface_hub import file_exists, try_to_load_from_cache
         from huggingface_hub.errors import RepositoryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub ships with diffusers
         return None
     cached = try_to_load_from_cache(model_id, "model_index.json")
     if isinstance(cached, str) and os.path.isfile(cached):
         return None
-    try:
-        hf_hub_download(model_id, "model_index.json")
-        return None
+    try:  # a HEAD request: nothing is downloaded or cached, and no retries when offline
+        if file_exists(model_id, "model_index.json"):
+            return None
+        return f"`{model_id}` on the Hugging Face Hub is not a diffusers pipeline (no `model_index.json`)"
     except RepositoryNotFoundError:
         return f"there is no model `{model_id}` on the Hugging Face Hub (or it needs a login)"
-    except Exception as err:  # offline, DNS, proxy, gated...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return f"`{model_id}` could not be fetched from the Hugging Face Hub ({reason[:160]})"
+    except Exception:  # offline, HF_HUB_OFFLINE, DNS, proxy...
+        return (f"`{model_id}` is not in the local Hugging Face cache and the Hub cannot be reached "
+                "(offline, or HF_HUB_OFFLINE is set)")
 
 
 def default_device() -> tuple[torch.device, torch.dtype]:

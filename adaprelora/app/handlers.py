@@ -184,9 +184,14 @@ def _format_eta(seconds: float) -> str:
 
 
 def _loss_frame(history: list[tuple[int, float]]):
-    """The loss curve as a long table: the raw loss and its running mean (EMA 0.9)."""
+    """The loss curve as a long table: the raw loss and its running mean (EMA 0.9).
+
+    Without any point yet the plot is left alone: a first empty table would fix the plot's column
+    types and series before there is data, and the lines would then never be drawn."""
     import pandas as pd
 
+    if not history:
+        return gr.skip()
     rows, ema = [], None
     for step, loss in history:
         ema = loss if ema is None else 0.9 * ema + 0.1 * loss
@@ -421,14 +426,15 @@ class AppHandlers:
         outputs = (_pick(last, "outputs") or {}) if last is not None else {}
         diffusers_file = self._existing_file(info, outputs.get("diffusers"))
         kohya_file = self._existing_file(info, outputs.get("kohya"))
+        in_root = lambda path: os.path.relpath(path, self.store.output_root) if path else None  # noqa: E731
         summary = {
             "lora": info.name,
             "status": status,
             "steps": int(_pick(last, "step", 0) or 0) if last is not None else 0,
             "final_loss": history[-1][1] if history else None,
-            "diffusers": diffusers_file,
-            "kohya": kohya_file,
-            "samples": [p for p, _ in samples],
+            "diffusers": in_root(diffusers_file),
+            "kohya": in_root(kohya_file),
+            "samples": [in_root(p) for p, _ in samples],
         }
         verb = "stopped" if status == STOPPED else "finished"
         text = (f"Training of **{info.name}** {verb} at step {summary['steps']}. "

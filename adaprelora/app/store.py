@@ -79,14 +79,6 @@ class LoraInfo:
         path = os.path.join(self.path, rel)
         return path if os.path.isfile(path) else None
 
-    def sample_paths(self) -> list[str]:
-        out = []
-        for item in self.meta.get("samples") or []:
-            path = os.path.join(self.path, item["path"])
-            if os.path.isfile(path):
-                out.append(path)
-        return out
-
     def size_bytes(self) -> int:
         total = 0
         for root, _dirs, files in os.walk(self.path):

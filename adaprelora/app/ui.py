@@ -100,7 +100,7 @@ def build_demo(
                     with gr.Column(scale=1):
                         status = gr.Markdown("Upload images, write a prompt and press **Train**.",
                                              elem_id="train-status")
-                        loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", height=260,
+                        loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", height=300,
                                                 elem_id="loss-plot")
                         samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="train-samples")
                         with gr.Row():
@@ -108,7 +108,9 @@ def build_demo(
                                                              elem_id="download-diffusers")
                             dl_kohya = gr.DownloadButton("Download kohya / A1111 LoRA", visible=False,
                                                          elem_id="download-kohya")
-                        summary = gr.JSON(label="Run summary", elem_id="train-summary")
+                        with gr.Accordion("Run summary", open=False):
+                            summary = gr.JSON(label="Run summary (paths inside the output folder)",
+                                              elem_id="train-summary")
 
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
