@@ -167,6 +167,43 @@ class AdaPreLoRA(LoRAPairOptimizer):
         c = F.clip_factor(ctx.A, ctx.B, dA, dB, g["clip_threshold"])[:, None, None]
         return dA * c, dB * c
 
+    def _step_bucket(self, bucket) -> None:
+        """Triton backend: one fused bucket step (kernels/fused_step.py) when the bucket qualifies
+        (both gradients present, fp32/bf16/fp16 contiguous factors); the torch path otherwise."""
+        if self.backend != "triton" or not self._fused_ok(bucket):
+            return super()._step_bucket(bucket)
+        from .kernels.fused_step import fused_bucket_step
+
+        ps = [self.pairs[i] for i in bucket.pair_ids]
+        g = bucket.group
+        if self._collector is not None:
+            rows, cols = self._collector.take(bucket.pair_ids)
+            if any(r is None for r in rows):
+                return super()._step_bucket(bucket)
+        else:
+            stacked = self._stack(bucket)
+            _, A, B, gradA, gradB, s, _ = stacked
+            rows, cols = F.tangent_energies(A, B, gradA / s, gradB / s, g["damping"])
+        scale = torch.tensor([p.scaling() for p in ps], dtype=torch.float32, device=ps[0].A.device)
+        ok = fused_bucket_step(
+            [p.A for p in ps], [p.B for p in ps], [p.A.grad for p in ps], [p.B.grad for p in ps], rows, cols,
+            bucket.state, scale, g["lr"], variant=self.variant, betas=g["betas"], eps=g["eps"],
+            weight_decay=g["weight_decay"], momentum=g["momentum"], decay_rate=g["decay_rate"],
+            eps_factored=g["eps_factored"], clip_threshold=g["clip_threshold"], damping=g["damping"],
+            rebalance=self._rebalance_sgd)
+        if self.nonfinite == "raise" or "nonfinite" not in self._warned:  # one sync, until warned
+            self._check_nonfinite(ok, torch.ones_like(ok), ps)
+
+    def _fused_ok(self, bucket) -> bool:
+        for i in bucket.pair_ids:
+            p = self.pairs[i]
+            for t in (p.A, p.B, p.A.grad, p.B.grad):
+                if t is None or t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not t.is_contiguous():
+                    return False
+            if p.A.grad.dtype != p.A.dtype or p.B.grad.dtype != p.B.dtype:
+                return False
+        return True
+
     def _apply(self, bucket, A, B, dA, dB, s, step) -> dict:
         out = super()._apply(bucket, A, B, dA, dB, s, step)
         R, C = self._pending_adafactor
