@@ -72,7 +72,10 @@ def trained(app, images):
     client = app["client"]
     job = client.submit(
         [handle_file(p) for p in images["good"]], "a photo of sks dog", 3, 1e-4, 4, "adaprelora", 32,
-        lora_name="my dog", validation_steps=2, num_samples=1, api_name="/train",
+        lora_name="my dog", validation_steps=2, num_samples=1,
+        captions={"headers": ["image", "caption"],
+                  "data": [["photo0.png", "sks dog on the grass"], ["photo1.png", ""], ["photo2.png", ""]]},
+        api_name="/train",
     )
     updates = list(job)
     result = job.result()
@@ -108,6 +111,8 @@ def test_train_streams_progress_and_returns_the_lora_files(trained, app):
     folder = os.path.join(app["root"], "loras", "my-dog")
     assert os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors"))
     assert len(os.listdir(os.path.join(folder, "instance_images"))) == 3, "uploads copied into the LoRA folder"
+    meta = LoraStore(app["root"]).get("my-dog").meta
+    assert meta["captions"] == {"000-photo0.png": "sks dog on the grass"}, "per-image captions reach the run"
 
 
 def test_loras_lists_the_trained_lora_and_generate_uses_it(trained, app):
@@ -132,19 +137,35 @@ def test_a_new_app_over_the_same_output_root_lists_the_lora(trained, app, tiny_m
         demo.close()
 
 
-def test_stop_ends_training_cleanly_and_keeps_the_lora(app, images, trained):
+def test_one_training_at_a_time_and_stop_keeps_the_lora(app, images, trained):
+    import time
+
+    from gradio_client.utils import Status
+
     client = Client(app["url"], verbose=False)  # its own session: /stop reaches this session's run
     job = client.submit([handle_file(images["good"][0])], "a photo of sks cat", 10_000, 1e-4, 4, "adamw", 32,
                         lora_name="stopped cat", validation_steps=10_000, num_samples=0, api_name="/train")
     for update in job:
         if isinstance(update, tuple) and "step 1/" in str(update[0]):
             break
+    other = Client(app["url"], verbose=False)
+    waiting = other.submit([handle_file(images["good"][1])], "a photo of sks cow", 1, 1e-4, 4, "adamw", 32,
+                           lora_name="queued cow", num_samples=0, api_name="/train")
+    while waiting.status().code in (Status.STARTING, Status.JOINING_QUEUE):
+        time.sleep(0.05)
+    assert waiting.status().code == Status.IN_QUEUE, "a second training waits for the first"
+    assert not job.done()
+
     client.predict(api_name="/stop")
     summary = job.result()[5]
     assert summary["status"] == "stopped" and 1 <= summary["steps"] < 10_000, summary
     assert os.path.isfile(os.path.join(app["root"], summary["diffusers"]))
     assert os.path.isfile(os.path.join(app["root"], summary["kohya"]))
-    assert "stopped-cat" in client.predict(api_name="/loras")
+    assert waiting.result()[5]["status"] == "done", "the queued run starts once the first one ends"
+    assert {"stopped-cat", "queued-cow"} <= set(client.predict(api_name="/loras"))
+
+    assert "queued-cow" not in client.predict("queued-cow", api_name="/delete_lora")
+    assert not os.path.exists(os.path.join(app["root"], "loras", "queued-cow")), "delete removes the folder"
 
 
 @pytest.mark.parametrize(
@@ -188,6 +209,14 @@ def test_bad_generation_input_is_refused_with_a_clear_message(app, kwargs, messa
     args.update(kwargs)
     with pytest.raises(AppError, match=message):
         app["client"].predict(**args, api_name="/generate")
+
+
+def test_presets_fill_the_form_but_keep_a_typed_prompt(app):
+    client = app["client"]
+    prompt, steps, lr, rank, text_encoder, validation = client.predict("face", "", api_name="/apply_preset")
+    assert (prompt, steps, rank, text_encoder) == ("a photo of sks person", 800, 16, True) and lr > 0
+    kept = client.predict("style", "my own prompt of zwx", api_name="/apply_preset")
+    assert kept[0] == "my own prompt of zwx" and kept[3] == 32
 
 
 def test_delete_refuses_paths_outside_the_store(app):

@@ -230,10 +230,8 @@ class AppHandlers:
             return tuple(gr.skip() for _ in PRESET_FIELDS)
         templates = {p["instance_prompt"] for p in PRESETS.values()}
         keep_prompt = bool((instance_prompt or "").strip()) and instance_prompt not in templates
-        out = []
-        for name in PRESET_FIELDS:
-            out.append(gr.skip() if name == "instance_prompt" and keep_prompt else values[name])
-        return tuple(out)
+        return tuple(instance_prompt if name == "instance_prompt" and keep_prompt else values[name]
+                     for name in PRESET_FIELDS)
 
     def train(
         self,
