@@ -324,10 +324,17 @@ class LoRAPairOptimizer(Optimizer):
                 shape = (-1,) + (1,) * (value.dim() - 1)
                 st[name].copy_(torch.where(ok.reshape(shape), value, st[name]))
         targets = range(len(ps)) if all_ok else idx
+        r, n, m = bucket.r, bucket.n, bucket.m
+        dst, src = [], []
         for j in targets:
-            p = ps[j]
-            p.A.copy_(new["A"][j].reshape(p.A.shape))
-            p.B.copy_(new["B"][j].reshape(p.B.shape))
+            for param, value in ((ps[j].A, new["A"][j]), (ps[j].B, new["B"][j])):
+                if param.is_contiguous():
+                    dst.append(param.view(value.shape))
+                    src.append(value)
+                else:
+                    param.copy_(value.reshape(param.shape))
+        if dst:
+            torch._foreach_copy_(dst, src)  # one call, casting back to the parameters' dtype
 
     # -- parameters outside pairs: plain AdamW ---------------------------------------------
     def _other_params(self, group: dict) -> list:
