@@ -236,6 +236,22 @@ def test_an_unloadable_base_model_still_opens_the_page_and_says_what_to_do(tmp_p
         demo.close()
 
 
+def test_a_trainer_error_is_a_clear_message_and_leaves_no_folder(tmp_path, images):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{}")  # passes the quick check, fails to load
+    root = tmp_path / "out"
+    demo, url = _launch(str(broken), str(root))
+    try:
+        with pytest.raises(AppError) as err:
+            Client(url, verbose=False).predict([handle_file(images["good"][0])], "a photo of sks dog", 2, 1e-4, 4,
+                                               "adamw", 32, num_samples=0, api_name="/train")
+        assert "broken-model" in str(err.value) and "Traceback" not in str(err.value), str(err.value)
+        assert os.listdir(root / "loras") == [], "a run that never trained leaves no folder"
+    finally:
+        demo.close()
+
+
 def test_store_names_are_slugs_inside_the_output_root(tmp_path):
     store = LoraStore(str(tmp_path))
     for bad in ("../x", "a/b", ".hidden", "", "x" * 81):

@@ -14,7 +14,6 @@ import os
 import shutil
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -405,16 +404,14 @@ class AppHandlers:
                 last = event
             status = STOPPED
             raise
-        except UserError as err:
-            raise gr.Error(str(err)) from None
+        except UserError as err:  # worded for the CLI; the app's flag for the model is --base-model
+            raise gr.Error(str(err).replace("--pretrained_model_name_or_path", "the base model (--base-model)")) from None
         except gr.Error:
             raise
         except Exception as err:
-            log = os.path.join(info.path, "error.log")
-            with open(log, "w", encoding="utf-8") as fh:
-                fh.write(traceback.format_exc())
             logger.exception("training %s failed", info.name)
-            raise gr.Error(f"Training failed: {type(err).__name__}: {err} (details in {log})") from None
+            info.meta["error"] = f"{type(err).__name__}: {err}"
+            raise gr.Error(f"Training failed: {type(err).__name__}: {err} (the traceback is in the app's console)") from None
         finally:
             if status == FAILED:
                 job.stop_event.set()
