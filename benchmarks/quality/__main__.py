@@ -1,0 +1,58 @@
+"""python -m benchmarks.quality {conditioning,classification,gsm8k,all} [--smoke|--quick|--full]"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
+    parser.add_argument("suite", choices=["conditioning", "classification", "gsm8k", "all"])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--smoke", action="store_const", dest="profile", const="smoke", help="a few steps (CI)")
+    group.add_argument("--quick", action="store_const", dest="profile", const="quick", help="CPU profile (default)")
+    group.add_argument("--full", action="store_const", dest="profile", const="full", help="longer runs, more seeds")
+    parser.add_argument("--configs", default=None, help="comma-separated optimizer labels (default: the profile's)")
+    parser.add_argument("--out-dir", default=None, help="JSON folder (default benchmarks/results)")
+    parser.add_argument("--img-dir", default=None, help="plot folder (default docs/img)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine more threads slowed every step)")
+    args = parser.parse_args(argv)
+    profile = args.profile or "quick"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from . import common as C
+
+    configs = args.configs.split(",") if args.configs else None
+    suites = ["conditioning", "classification", "gsm8k"] if args.suite == "all" else [args.suite]
+
+    def log(msg):
+        print(msg, flush=True)
+
+    for suite in suites:
+        t0 = time.perf_counter()
+        if suite == "conditioning":
+            from .conditioning import run_suite
+        elif suite == "classification":
+            from .classification import run_suite
+        else:
+            from .gsm8k import run_suite
+        result = run_suite(profile, log=log, configs=configs, img_dir=args.img_dir)
+        result["command"] = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
+        result["threads"] = args.threads
+        path = C.write_json(result, suite, profile, args.out_dir)
+        log(f"[{suite}] wrote {path} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

