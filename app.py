@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from adaprelora.app import DEFAULT_BASE_MODEL, build_demo, launch, parse_auth
+from adaprelora.app import DEFAULT_BASE_MODEL, parse_auth
 
 
 def parse_args(input_args=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].split(": ", 1)[1],
+    parser = argparse.ArgumentParser(description="The DreamBooth LoRA trainer in the browser.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--host", type=str, default="127.0.0.1",
                         help="address to bind; anything but a loopback address exposes the page to the network")
@@ -19,7 +20,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
     parser.add_argument("--base-model", type=str, default=DEFAULT_BASE_MODEL,
                         help="Stable Diffusion 1.x/2.x: a Hub id or a local diffusers folder")
     parser.add_argument("--output-root", type=str, default="outputs",
-                        help="folder for trained LoRAs, samples and generated images (nothing is written elsewhere)")
+                        help="folder for trained LoRAs, samples, generated images and Gradio's upload cache")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--auth", type=str, default=None, help="require a login, given as user:password")
     args = parser.parse_args(input_args)
@@ -34,6 +35,10 @@ def parse_args(input_args=None) -> argparse.Namespace:
 
 def main(input_args=None) -> None:
     args = parse_args(input_args)
+    # Gradio's upload cache goes inside the output root too, so the app writes nowhere else.
+    os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(os.path.abspath(args.output_root), ".gradio-cache"))
+    from adaprelora.app import build_demo, launch
+
     demo = build_demo(base_model=args.base_model, output_root=args.output_root)
     launch(demo, host=args.host, port=args.port, share=args.share, auth=args.auth, output_root=args.output_root)
 

@@ -269,6 +269,13 @@ def test_store_names_are_slugs_inside_the_output_root(tmp_path):
     assert LoraStore(str(tmp_path)).get("my-dog-2").status == "interrupted", "a dead run is marked on restart"
 
 
+def test_only_loopback_hosts_count_as_private():
+    from adaprelora.app.ui import _is_loopback
+
+    assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.5") and not _is_loopback("example.org")
+
+
 def test_auth_and_cli_arguments(tmp_path):
     assert parse_auth("me:secret:x") == ("me", "secret:x")
     for bad in ("nopass", ":pw", "user:"):
@@ -286,7 +293,7 @@ def test_auth_and_cli_arguments(tmp_path):
         module.parse_args(["--auth", "nocolon"])
 
 
-def test_python_app_py_serves_the_page_on_loopback_even_without_the_default_model(tmp_path):
+def test_python_app_py_serves_the_page_on_loopback_even_without_the_default_model(tmp_path, images):
     """The real entry point, offline: the default SD 1.5 id cannot be fetched, the page opens anyway."""
     import subprocess
     import sys
@@ -312,8 +319,13 @@ def test_python_app_py_serves_the_page_on_loopback_even_without_the_default_mode
                 time.sleep(0.25)
         else:
             pytest.fail("app.py never served the page")
-        banner = Client(url, verbose=False).predict(api_name="/base_model_status")
+        client = Client(url, verbose=False)
+        banner = client.predict(api_name="/base_model_status")
         assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in banner and "--base-model" in banner, banner
+        with pytest.raises(AppError, match="not an image"):
+            client.predict([handle_file(str(images["folder"] / "fake.png"))], "a photo of sks dog", api_name="/train")
+        uploaded = [f for _, _, files in os.walk(tmp_path / "out" / ".gradio-cache") for f in files]
+        assert "fake.png" in uploaded, "Gradio's upload cache lives inside the output root"
         assert sorted(os.listdir(tmp_path)) == ["out"], "nothing is written outside the output root"
     finally:
         proc.terminate()

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+from . import DEFAULT_BASE_MODEL
 _ADAPTER = "app_lora"
 
 

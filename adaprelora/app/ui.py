@@ -22,7 +22,8 @@ from typing import Optional
 
 import gradio as gr
 
-from .generate import DEFAULT_BASE_MODEL, BaseModel
+from . import DEFAULT_BASE_MODEL
+from .generate import BaseModel
 from .handlers import LORA_TABLE_HEADERS, NO_LORA, PRESETS, AppHandlers
 from .store import LoraStore
 
@@ -204,16 +205,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def parse_auth(value: Optional[str]) -> Optional[tuple[str, str]]:
-    """`"user:pass"` -> ("user", "pass"); None stays None. Raises ValueError on another shape."""
-    if value is None:
-        return None
-    user, sep, password = value.partition(":")
-    if not sep or not user or not password:
-        raise ValueError("--auth expects user:password (both non-empty)")
-    return user, password
 
 
 def launch(
