@@ -504,8 +504,8 @@ def generate_answers(model, dataloader, accelerator, tokenizer, max_new_tokens: 
 
 def evaluate_gsm8k(model, dataloader, accelerator, tokenizer, eval_data, max_new_tokens: int):
     """(metrics, per-example rows): exact-match accuracy of the extracted final answers."""
-    rows = sorted(generate_answers(model, dataloader, accelerator, tokenizer, max_new_tokens),
-                  key=lambda row: row["index"])
+    generated = generate_answers(model, dataloader, accelerator, tokenizer, max_new_tokens)
+    rows = sorted({row["index"]: row for row in generated}.values(), key=lambda row: row["index"])
     references = eval_data["reference"]
     for row in rows:
         row["reference"] = task_metrics.extract_gsm8k_answer(references[row["index"]])
