@@ -95,13 +95,13 @@ def build_demo(
                                                              elem_id="validation-steps")
                                 num_samples = gr.Number(2, label="Sample images each time", precision=0)
                                 seed = gr.Number(0, label="Seed", precision=0)
+                    with gr.Column(scale=1):
                         with gr.Row():
                             train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
                             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-button")
-                    with gr.Column(scale=1):
                         status = gr.Markdown("Upload images, write a prompt and press **Train**.",
                                              elem_id="train-status")
-                        loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", height=300,
+                        loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss",
                                                 elem_id="loss-plot")
                         samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="train-samples")
                         with gr.Row():
