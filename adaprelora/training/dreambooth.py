@@ -341,18 +341,15 @@ class _DreamBoothRun:
                             f"(only {len(self.tokenizer)} tokens; offline or wrong model?)")
         self.noise_scheduler = self._load_pretrained(DDPMScheduler, "scheduler")
         variant = {"variant": cfg.variant} if cfg.variant else {}
-        self.text_encoder = self._load_pretrained(CLIPTextModel, "text_encoder", **variant)
-        self.vae = self._load_pretrained(AutoencoderKL, "vae", **variant)
-        self.unet = self._load_pretrained(UNet2DConditionModel, "unet", **variant)
-
+        # Frozen weights load directly in the mixed-precision dtype (modules the model wants in
+        # fp32 stay fp32); the LoRA tensors added later are kept in fp32.
         self.weight_dtype = _weight_dtype(acc.mixed_precision)
+        self.text_encoder = self._load_pretrained(CLIPTextModel, "text_encoder", dtype=self.weight_dtype, **variant)
+        self.vae = self._load_pretrained(AutoencoderKL, "vae", torch_dtype=self.weight_dtype, **variant)
+        self.unet = self._load_pretrained(UNet2DConditionModel, "unet", torch_dtype=self.weight_dtype, **variant)
         for model in (self.vae, self.text_encoder, self.unet):
             model.requires_grad_(False)
-        for model in (self.unet, self.vae, self.text_encoder):
-            if self.weight_dtype == torch.float32:
-                model.to(acc.device)
-            else:  # frozen weights in half precision; the LoRA tensors go back to fp32 below
-                model.to(acc.device, dtype=self.weight_dtype)
+            model.to(acc.device)
 
         if cfg.enable_xformers_memory_efficient_attention:
             try:
@@ -668,8 +665,8 @@ class _DreamBoothRun:
         if stopped and self.global_step > 0 and self.last_checkpoint_step != self.global_step:
             outputs["checkpoint"] = self._save_checkpoint()
         if acc.is_main_process:
-            if not stopped:
-                yield self._event("validation images", phase="validation")
+            if not stopped and cfg.validation_prompts and cfg.num_validation_images:
+                yield self._event("making validation images", phase="validation")
                 samples = self._validate()
             unet = self._unwrap(self.unet)
             text_encoder = self._unwrap(self.text_encoder) if cfg.train_text_encoder else None

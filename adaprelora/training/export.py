@@ -32,7 +32,8 @@ def peft_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA tensors of `model`'s default PEFT adapter, `<module>.lora_A.weight` / `.lora_B.weight`."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return {k: v.detach() for k, v in state.items()}
 
 
 def diffusers_lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,405 @@
+"""train_dreambooth.py as users run it (`accelerate launch` in a subprocess) on a tiny SD pipeline,
+plus in-process checks of `train()` for what a subprocess cannot show cheaply.
+
+Subprocesses (each costs a few seconds of start-up) are kept few: one unet-only run with
+checkpoints and validation, one resume of it, one text-encoder + prior-preservation run, and the
+bad-input cases.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from adaprelora import available_optimizers
+from adaprelora.testing.tiny_sd import build_tiny_sd_pipeline
+from adaprelora.training.common import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "train_dreambooth.py")
+CAPTION = "a photo of sks toy on a red table"
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-sd") / "model"
+    build_tiny_sd_pipeline(str(path))
+    return str(path)
+
+
+def _write_instance_images(folder: Path) -> None:
+    """Three usable images in three formats and shapes, one caption file, one broken file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / "img0.png")
+    (folder / "img0.txt").write_text(CAPTION + "\n")
+    jpeg = Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    jpeg.save(folder / "img1.jpg", exif=exif)
+    rgba = rng.integers(0, 255, (36, 36, 4), dtype=np.uint8)
+    rgba[..., 3] = 128
+    Image.fromarray(rgba, mode="RGBA").save(folder / "img2.webp")
+    (folder / "broken.png").write_bytes(b"this is not a PNG")
+    (folder / "notes.md").write_text("not an image, not a caption")
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("instance") / "toy"
+    _write_instance_images(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    """Run `accelerate launch --config_file <basic CPU config> train_dreambooth.py ARGS`."""
+    from accelerate.utils import write_basic_config
+
+    config_file = str(tmp_path_factory.mktemp("accelerate") / "default_config.yaml")
+    write_basic_config(mixed_precision="no", save_location=config_file)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    # --quiet: accelerate's own launcher would otherwise add its CalledProcessError traceback on a
+    # non-zero exit, hiding what the script itself printed.
+    base = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--quiet",
+            "--config_file", config_file, "--cpu", "--num_cpu_threads_per_process", "2", SCRIPT]
+
+    def run(args: list[str], expect_ok: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(base + args, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=600)
+        if expect_ok and proc.returncode != 0:
+            raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}")
+        return proc
+
+    return run
+
+
+def _common(tiny_model, instance_dir, output_dir, steps):
+    return [
+        "--pretrained_model_name_or_path", tiny_model, "--instance_data_dir", instance_dir,
+        "--instance_prompt", "a photo of sks toy", "--output_dir", str(output_dir), "--resolution", "32",
+        "--train_batch_size", "1", "--max_train_steps", str(steps), "--seed", "0", "--mixed_precision", "no",
+    ]
+
+
+# Run A: unet only, default optimizer (adaprelora), cosine schedule, checkpoints every 2 steps
+# keeping 2, validation images at step 3 and at the end.
+RUN_A_ARGS = [
+    "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--lr_scheduler", "cosine",
+    "--lr_warmup_steps", "1", "--learning_rate", "1e-3", "--validation_prompt", "sks toy in the snow",
+    "--num_validation_images", "1", "--validation_steps", "3", "--validation_inference_steps", "2",
+]
+
+
+@pytest.fixture(scope="module")
+def run_a(launch, tiny_model, instance_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run-a") / "toy-lora"
+    proc = launch(_common(tiny_model, instance_dir, out, 6) + RUN_A_ARGS)
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def run_c(launch, tiny_model, instance_dir, tmp_path_factory):
+    """Text encoder + prior preservation (class images generated), alpha != rank, named output."""
+    root = tmp_path_factory.mktemp("run-c")
+    out, class_dir = root / "out", root / "class"
+    proc = launch(_common(tiny_model, instance_dir, out, 2) + [
+        "--train_text_encoder", "--with_prior_preservation", "--class_data_dir", str(class_dir),
+        "--class_prompt", "a photo of a toy", "--num_class_images", "2", "--sample_batch_size", "2",
+        "--rank", "4", "--lora_alpha", "8", "--output_name", "sks_toy", "--optimizer", "adamw",
+        "--learning_rate", "1e-2", "--report_to", "none",
+    ])
+    return out, class_dir, proc
+
+
+def _metadata(path) -> dict:
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def _fresh_pipeline(tiny_model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe) -> np.ndarray:
+    return pipe("a photo of sks toy", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+# ------------------------------------------------------------------------------------------------
+# Subprocess runs
+# ------------------------------------------------------------------------------------------------
+def test_unet_only_run_outputs_checkpoints_and_samples(run_a):
+    out, proc = run_a
+    # Rotation: checkpoints at 2, 4, 6 with a limit of 2 leave exactly the last two, no temp folders.
+    assert {p.name for p in out.iterdir() if p.name.startswith("checkpoint-")} == {"checkpoint-4", "checkpoint-6"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert weights and all("lora" in k and k.startswith("unet.") for k in weights)
+    kohya = load_file(str(out / "toy-lora.safetensors"))  # default output name: the folder's name
+    assert kohya and all(k.startswith("lora_unet_") for k in kohya)
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in kohya)
+    assert len(kohya) == len(weights) // 2 * 3  # down, up and alpha per module
+    for path in (out / "pytorch_lora_weights.safetensors", out / "toy-lora.safetensors"):
+        meta = _metadata(path)
+        assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "6"
+        assert "adaprelora" in meta["ss_optimizer"] and meta["ss_lr_scheduler"] == "cosine"
+
+    samples = sorted(p.name for p in (out / "validation").iterdir())
+    assert samples == ["step-000003-prompt0-0.png", "step-000006-prompt0-0.png"]
+    card = (out / "README.md").read_text()
+    assert "a photo of sks toy" in card and "validation/step-000006-prompt0-0.png" in card
+    assert (out / "logs").is_dir()  # tensorboard, the default tracker
+
+    assert "broken.png" in proc.stderr and "Traceback" not in proc.stderr
+    final = proc.stdout.strip().splitlines()[-1]
+    assert "pytorch_lora_weights.safetensors" in final and "toy-lora.safetensors" in final
+    assert "wall time" in final and "peak memory" in final
+
+
+def test_resume_continues_steps_and_restores_optimizer_state(run_a, launch, tiny_model, instance_dir, tmp_path):
+    out_a, _ = run_a
+    out_b = tmp_path / "toy-lora"
+    out_b.mkdir()
+    shutil.copytree(out_a / "checkpoint-4", out_b / "checkpoint-4")
+    proc = launch(_common(tiny_model, instance_dir, out_b, 6) + RUN_A_ARGS + ["--resume_from_checkpoint", "latest"])
+    assert "resumed from" in proc.stderr and "at step 4" in proc.stderr
+    assert {p.name for p in out_b.iterdir() if p.name.startswith("checkpoint-")} == {"checkpoint-4", "checkpoint-6"}
+    assert _metadata(out_b / "pytorch_lora_weights.safetensors")["ss_steps"] == "6"
+
+    # Steps 5 and 6 after the resume match the uninterrupted run: same LoRA weights and the same
+    # optimizer state (AdaPreLoRA's accumulators), which needs the weights, optimizer state,
+    # cosine scheduler, RNG and data order all restored.
+    opt_a = torch.load(out_a / "checkpoint-6" / "optimizer.bin", weights_only=False)
+    opt_b = torch.load(out_b / "checkpoint-6" / "optimizer.bin", weights_only=False)
+    assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["state"]
+    compared = 0
+    for index, state in opt_a["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                torch.testing.assert_close(opt_b["state"][index][name], value, rtol=1e-5, atol=1e-7)
+                compared += 1
+    assert compared > 0
+    sched_a = torch.load(out_a / "checkpoint-6" / "scheduler.bin", weights_only=False)
+    sched_b = torch.load(out_b / "checkpoint-6" / "scheduler.bin", weights_only=False)
+    assert sched_a["last_epoch"] == sched_b["last_epoch"] == 6
+    w_a = load_file(str(out_a / "checkpoint-6" / "pytorch_lora_weights.safetensors"))
+    w_b = load_file(str(out_b / "checkpoint-6" / "pytorch_lora_weights.safetensors"))
+    for key in w_a:
+        torch.testing.assert_close(w_b[key], w_a[key], rtol=1e-5, atol=1e-7)
+
+
+def test_text_encoder_prior_preservation_and_reload(run_c, tiny_model):
+    out, class_dir, proc = run_c
+    assert sorted(p.suffix for p in class_dir.iterdir()) == [".png", ".png"]
+    assert "class image" in proc.stderr
+
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert all("lora" in k and k.startswith(("unet.", "text_encoder.")) for k in weights)
+    assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
+    kohya = load_file(str(out / "sks_toy.safetensors"))
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in kohya)
+    assert all(float(v) == 8.0 for k, v in kohya.items() if k.endswith(".alpha"))
+    assert _metadata(out / "sks_toy.safetensors")["ss_network_alpha"] == "8.0"
+
+    # Reloading the diffusers file changes the output; the kohya file (read by diffusers' own
+    # kohya converter) gives the same model as the diffusers file.
+    base = _generate(_fresh_pipeline(tiny_model))
+    pipe = _fresh_pipeline(tiny_model)
+    pipe.load_lora_weights(str(out))
+    with_lora = _generate(pipe)
+    assert np.abs(with_lora - base).max() > 1e-3
+    pipe_k = _fresh_pipeline(tiny_model)
+    pipe_k.load_lora_weights(str(out), weight_name="sks_toy.safetensors")
+    np.testing.assert_allclose(_generate(pipe_k), with_lora, atol=1e-5)
+
+
+def test_kohya_file_converts_back_to_the_same_weights(run_c, tiny_model):
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig
+
+    from adaprelora.training.export import (
+        TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, kohya_to_peft, load_kohya_lora, peft_state_dict,
+    )
+
+    out, _, _ = run_c
+    pipe = _fresh_pipeline(tiny_model)
+    kohya = load_file(str(out / "sks_toy.safetensors"))
+    unet_sd, te_sd = kohya_to_peft(kohya, pipe.unet, pipe.text_encoder)
+    diffusers_sd = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    expected_unet = convert_unet_state_dict_to_peft(
+        {k[len("unet."):]: v for k, v in diffusers_sd.items() if k.startswith("unet.")})
+    assert unet_sd.keys() == expected_unet.keys()
+    for key, value in expected_unet.items():
+        assert torch.equal(unet_sd[key], value), key
+    assert len(te_sd) == sum(k.startswith("text_encoder.") for k in diffusers_sd)
+
+    # Loading into adapters of the same shape reproduces the trained tensors exactly.
+    common = dict(r=4, lora_alpha=8, init_lora_weights=False)
+    pipe.unet.add_adapter(LoraConfig(target_modules=UNET_TARGET_MODULES, **common))
+    pipe.text_encoder.add_adapter(LoraConfig(target_modules=TEXT_ENCODER_TARGET_MODULES, **common))
+    loaded = load_kohya_lora(str(out / "sks_toy.safetensors"), pipe.unet, pipe.text_encoder)
+    assert len(loaded) == len(kohya) // 3
+    for key, value in peft_state_dict(pipe.unet).items():
+        assert torch.equal(value, expected_unet[key]), key
+
+
+BAD_INPUTS = {
+    "missing folder": (["--instance_data_dir", "{tmp}/nope"], "nope"),
+    "empty folder": (["--instance_data_dir", "{tmp}/empty"], "empty"),
+    "no usable image": (["--instance_data_dir", "{tmp}/broken"], "broken"),
+    "missing prompt": (["--instance_data_dir", "{instance}", "--instance_prompt", ""], "--instance_prompt"),
+    "unknown optimizer": (["--instance_data_dir", "{instance}", "--optimizer", "adafactorish"], "adafactorish"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_line(case, launch, tiny_model, instance_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"garbage")
+    (tmp_path / "broken" / "b.webp").write_bytes(b"")
+    args, expected = BAD_INPUTS[case]
+    args = [a.format(tmp=tmp_path, instance=instance_dir) for a in args]
+    base = ["--pretrained_model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "out"),
+            "--resolution", "32", "--max_train_steps", "1", "--instance_prompt", "a photo of sks toy"]
+    proc = launch(base + args, expect_ok=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process: train() as the app drives it
+# ------------------------------------------------------------------------------------------------
+def _config(tiny_model, instance_dir, output_dir, **kw):
+    from adaprelora.training.config import TrainConfig
+
+    base = dict(pretrained_model_name_or_path=tiny_model, instance_data_dir=instance_dir,
+                instance_prompt="a photo of sks toy", output_dir=str(output_dir), resolution=32,
+                train_batch_size=1, max_train_steps=1, seed=0, report_to="none", learning_rate=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("name", available_optimizers())
+def test_every_optimizer_trains_one_step(name, tiny_model, instance_dir, tmp_path):
+    from adaprelora.training.dreambooth import train
+
+    events = list(train(_config(tiny_model, instance_dir, tmp_path, optimizer=name, train_text_encoder=True)))
+    steps = [e for e in events if e.loss is not None]
+    assert len(steps) == 1 and np.isfinite(steps[0].loss) and steps[0].lr > 0
+    last = events[-1]
+    assert last.done and not last.stopped and last.step == 1
+    weights = load_file(last.outputs["diffusers"])
+    # B starts at zero: after one step it has moved, in both models.
+    for prefix in ("unet.", "text_encoder."):
+        ups = [v for k, v in weights.items() if k.startswith(prefix) and ".up." in k]
+        assert ups and any(v.abs().max() > 0 for v in ups), prefix
+    assert os.path.isfile(last.outputs["kohya"])
+
+
+def test_captions_images_list_mixed_precision_and_stop(tiny_model, instance_dir, tmp_path, monkeypatch):
+    """Captions (sidecar and explicit) reach the text encoder; LoRA stays fp32 under bf16; a stop
+    request ends the run after the current step with a checkpoint and the output files."""
+    from adaprelora.training import dreambooth
+
+    seen: list[str] = []
+    original = dreambooth._DreamBoothRun._encode_prompts
+
+    def spy(self, prompts):
+        seen.extend(prompts)
+        return original(self, prompts)
+
+    monkeypatch.setattr(dreambooth._DreamBoothRun, "_encode_prompts", spy)
+    folder = Path(instance_dir)
+    images = [str(folder / "img0.png"), str(folder / "img1.jpg")]
+    stop = threading.Event()
+    config = _config(tiny_model, None, tmp_path / "out", instance_images=images,
+                     instance_captions={images[1]: "sks toy, studio light"}, max_train_steps=50,
+                     train_batch_size=2, mixed_precision="bf16", checkpointing_steps=100)
+    events = []
+    for event in dreambooth.train(config, stop_event=stop):
+        events.append(event)
+        if event.loss is not None:
+            stop.set()
+    last = events[-1]
+    assert last.done and last.stopped and last.step == 1 and last.max_steps == 50
+    assert os.path.isdir(last.outputs["checkpoint"]) and last.outputs["checkpoint"].endswith("checkpoint-1")
+    assert {CAPTION, "sks toy, studio light"} <= set(seen)
+    assert "a photo of sks toy" not in seen  # every image here has its own caption
+    weights = load_file(last.outputs["diffusers"])
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    assert _metadata(last.outputs["diffusers"])["ss_steps"] == "1"
+
+
+def test_data_loading_exif_alpha_captions_and_crops(instance_dir):
+    from adaprelora.training.data import DreamBoothDataset, load_rgb, preprocess, scan_instance_images
+
+    records, warnings = scan_instance_images(instance_dir)
+    assert [os.path.basename(r.path) for r in records] == ["img0.png", "img1.jpg", "img2.webp"]
+    assert len(warnings) == 1 and "broken.png" in warnings[0]
+    assert records[0].caption == CAPTION and records[1].caption is None
+    assert load_rgb(records[1].path).size == (48, 40)  # stored 40 wide x 48 high, EXIF-rotated
+    flat = np.asarray(load_rgb(records[2].path), dtype=np.float32)
+    raw = np.asarray(Image.open(records[2].path).convert("RGBA"), dtype=np.float32)
+    expected = raw[..., :3] * raw[..., 3:] / 255 + 255 * (1 - raw[..., 3:] / 255)
+    assert np.abs(flat - expected).max() <= 2  # flattened on white
+    img = load_rgb(records[0].path)
+    centre = preprocess(img, 32, center_crop=True)
+    assert centre.shape == (3, 32, 32) and centre.dtype == torch.float32
+    assert -1.0 <= float(centre.min()) and float(centre.max()) <= 1.0
+    dataset = DreamBoothDataset(records, "a photo of sks toy", 32, seed=3)
+    first = dataset[0]["instance_pixel_values"]
+    assert torch.equal(first, dataset[0]["instance_pixel_values"])  # seeded crops: reproducible
+    assert dataset[1]["instance_prompt"] == "a photo of sks toy" and dataset[0]["instance_prompt"] == CAPTION
+
+
+def test_config_cross_field_errors_name_the_flags(tiny_model, instance_dir, tmp_path):
+    cases = {
+        "--class_data_dir": dict(with_prior_preservation=True, class_prompt="a toy"),
+        "--class_prompt": dict(with_prior_preservation=True, class_data_dir=str(tmp_path / "c")),
+        "--resolution": dict(resolution=30),
+        "--optimizer": dict(optimizer="nope"),
+        "--output_name": dict(output_name="pytorch_lora_weights"),
+        "--lora_dropout": dict(lora_dropout=1.5),
+    }
+    for flag, kw in cases.items():
+        with pytest.raises(UserError, match=flag):
+            _config(tiny_model, instance_dir, tmp_path, **kw).validate()
+
+
+def test_parse_args_uses_diffusers_names_and_defaults():
+    sys.path.insert(0, str(ROOT))
+    try:
+        import train_dreambooth
+    finally:
+        sys.path.pop(0)
+    args = train_dreambooth.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
+                                        "--optimizer_args", "weight_decay=0.01", "betas=(0.9,0.99)"])
+    assert (args.learning_rate, args.rank, args.train_batch_size, args.resolution) == (5e-4, 4, 4, 512)
+    assert (args.lr_scheduler, args.lr_warmup_steps, args.checkpointing_steps) == ("constant", 500, 500)
+    assert (args.output_dir, args.num_validation_images, args.optimizer) == ("lora-dreambooth-model", 4, "adaprelora")
+    assert args.optimizer_args == {"weight_decay": 0.01, "betas": (0.9, 0.99)}
+    with pytest.raises(UserError, match="--optimizer"):
+        train_dreambooth.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
+                                     "--optimizer", "sgd9000"])
