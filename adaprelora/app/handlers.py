@@ -596,8 +596,9 @@ class AppHandlers:
 
     def delete_lora(self, name: Optional[str] = None):
         """Delete one LoRA folder from the output root."""
-        if not name:
-            raise gr.Error("Choose a LoRA to delete.")
+        if not name:  # nothing chosen, or the confirmation was cancelled
+            gr.Info("Nothing was deleted.")
+            return self.store.names()
         try:
             self.store.delete(name)
         except StoreError as err:

@@ -28,6 +28,8 @@ from .handlers import LORA_TABLE_HEADERS, NO_LORA, PRESETS, AppHandlers
 from .store import LoraStore
 
 GPU_QUEUE = "gpu"
+# In the page only (API calls skip it): ask before deleting; a cancelled dialog sends no name.
+_CONFIRM_DELETE = "(name) => (name && confirm(`Delete the LoRA ${name} and all its files?`)) ? name : null"
 
 
 def build_demo(
@@ -184,7 +186,8 @@ def build_demo(
         lora_select.change(h.lora_details, inputs=[lora_select],
                            outputs=[details, lora_samples, lora_dl_diffusers, lora_dl_kohya],
                            api_name="lora_details")
-        delete_btn.click(h.delete_lora, inputs=[lora_select], outputs=[lora_names], api_name="delete_lora").then(
+        delete_btn.click(h.delete_lora, inputs=[lora_select], outputs=[lora_names], api_name="delete_lora",
+                         js=_CONFIRM_DELETE).then(
             api_name="refresh_after_delete", **widgets
         )
 
