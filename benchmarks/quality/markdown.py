@@ -1,0 +1,54 @@
+"""Markdown tables of the committed results for docs/results.md:
+
+    python -m benchmarks.quality.markdown [benchmarks/results]
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from . import classification, conditioning, gsm8k
+from .common import markdown_table
+
+
+def main(folder: str = "benchmarks/results") -> None:
+    path = os.path.join(folder, "quality_conditioning.json")
+    if os.path.exists(path):
+        res = json.load(open(path))
+        for kind, entry in res["problems"].items():
+            print(f"\n### Conditioning, {kind} ({res['steps']} steps, {len(res['seeds'])} seeds, wall "
+                  f"{res['wall_s']:.0f} s)\n")
+            print(markdown_table(conditioning.TABLE_HEADERS, conditioning.table_rows(entry)))
+            if entry["damping"]:
+                print(f"\nDamping sensitivity ({kind}; lr re-tuned on 3 grid points around the damping-0.1 best):\n")
+                print(markdown_table(conditioning.DAMPING_HEADERS, conditioning.damping_rows(entry)))
+    path = os.path.join(folder, "quality_classification.json")
+    if os.path.exists(path):
+        res = json.load(open(path))
+        ps = res["profile_settings"]
+        print(f"\n### Classification ({ps['steps']} steps x batch {ps['batch']}, {len(ps['seeds'])} seeds, "
+              f"test {res['data']['test']} held-out-template sentences, wall {res['wall_s']:.0f} s)\n")
+        print(markdown_table(classification.TABLE_HEADERS, classification.table_rows(res)))
+        if res["damping"]:
+            print("\nDamping sensitivity (at the damping-0.1 best lr):\n")
+            print(markdown_table(classification.DAMPING_HEADERS, classification.damping_rows(res)))
+        print("\nLearning-rate sweep (seed 0; val / test accuracy):\n")
+        rows = []
+        for label, o in res["optimizers"].items():
+            rows.append([label] + [f"{lr}: {v['val_acc']:.3f} / {v['test_acc']:.3f}" if v["val_acc"] is not None
+                                   else f"{lr}: diverged" for lr, v in o["sweep"].items()])
+        width = max(len(r) for r in rows)
+        rows = [r + [""] * (width - len(r)) for r in rows]
+        print(markdown_table(["optimizer"] + [f"lr {i + 1}" for i in range(width - 1)], rows))
+    path = os.path.join(folder, "quality_gsm8k.json")
+    if os.path.exists(path):
+        res = json.load(open(path))
+        ps = res["profile_settings"]
+        print(f"\n### GSM8K-format ({ps['steps']} steps x batch {ps['batch']}, evaluated on "
+              f"{res['data']['evaluated']} of {res['data']['test_total']} held-out problems, wall {res['wall_s']:.0f} s)\n")
+        print(markdown_table(gsm8k.TABLE_HEADERS, gsm8k.table_rows(res)))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
