@@ -71,7 +71,7 @@ def trained(app, images):
     """One 3-step run through /train; its final outputs."""
     client = app["client"]
     job = client.submit(
-        [handle_file(p) for p in images["good"]], "a photo of sks dog", 3, 1e-4, 4, "adaprelora", 32,
+        [handle_file(p) for p in images["good"]], "a photo of sks dog", 3, 1e-3, 4, "adaprelora", 32,
         lora_name="my dog", validation_steps=2, num_samples=1,
         captions={"headers": ["image", "caption"],
                   "data": [["photo0.png", "sks dog on the grass"], ["photo1.png", ""], ["photo2.png", ""]]},
@@ -116,12 +116,20 @@ def test_train_streams_progress_and_returns_the_lora_files(trained, app):
 
 
 def test_loras_lists_the_trained_lora_and_generate_uses_it(trained, app):
+    import numpy as np
+    from PIL import Image
+
     client = app["client"]
     assert client.predict(api_name="/loras") == ["my-dog"]
     images = client.predict("a photo of sks dog", "my-dog", 2, 7, num_images=2, api_name="/generate")
     assert len(images) == 2 and all(os.path.isfile(i["image"]) for i in images)
     plain = client.predict("a photo of sks dog", "(none)", 2, 7, api_name="/generate")
     assert len(plain) == 1
+    pixels = lambda result: np.asarray(Image.open(result[0]["image"])).astype(int)  # noqa: E731
+    off = client.predict("a photo of sks dog", "my-dog", 2, 7, lora_scale=0.0, api_name="/generate")
+    on = client.predict("a photo of sks dog", "my-dog", 2, 7, lora_scale=1.0, api_name="/generate")
+    assert (pixels(off) == pixels(plain)).all(), "LoRA scale 0 gives the base model's image"
+    assert (pixels(on) != pixels(plain)).any(), "the LoRA changes the image (and is unloaded afterwards)"
     written = os.listdir(os.path.join(app["root"], "generated"))
     assert written, "generated images are saved under the output root"
 
