@@ -105,7 +105,8 @@ def build_demo(
                                              elem_id="train-status")
                         loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss",
                                                 elem_id="loss-plot")
-                        samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="train-samples")
+                        samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="train-samples",
+                                             buttons=["download", "download_all", "fullscreen"])
                         with gr.Row():
                             dl_diffusers = gr.DownloadButton("Download diffusers LoRA", visible=False,
                                                              elem_id="download-diffusers")
@@ -134,6 +135,7 @@ def build_demo(
                         gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-button")
                     with gr.Column(scale=1):
                         gallery = gr.Gallery(label="Images", columns=2, height=420, format="png",
+                                             buttons=["download", "download_all", "fullscreen"],
                                              elem_id="gen-gallery")
 
             with gr.Tab("LoRAs", id="loras"):
