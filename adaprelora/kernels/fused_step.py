@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..functional import add_ridge
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TINY = torch.finfo(torch.float32).tiny
 _N_GRAMS = 9
@@ -304,18 +306,12 @@ def _cholesky(M: torch.Tensor) -> torch.Tensor:
     return torch.where((info != 0)[..., None, None], L2, L)
 
 
-def _add_ridge(M: torch.Tensor, damping: float) -> torch.Tensor:
-    r = M.shape[-1]
-    ridge = damping * torch.diagonal(M, dim1=-2, dim2=-1).sum(-1) / r + TINY
-    return M + ridge[..., None, None] * torch.eye(r, dtype=M.dtype, device=M.device)
-
-
 def _solve_matrices(grams, mean_r, m, n, damping, clip_threshold):
     """(c M_B^-1, c Y, c M_A^-1) for every pair, c the clip factor, from phase (a)'s Grams."""
     G1, G2, G3, G4, H1, H2, K, H3, H4 = grams.unbind(1)
     sq_mr = torch.sqrt(mean_r)[:, None, None]
-    LB = _cholesky(_add_ridge(G1 / sq_mr, damping))  # B^T P B + ridge
-    LA = _cholesky(_add_ridge(H1, damping))  # A Q A^T + ridge
+    LB = _cholesky(add_ridge(G1 / sq_mr, damping))  # B^T P B + ridge
+    LA = _cholesky(add_ridge(H1, damping))  # A Q A^T + ridge
     eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device).expand_as(K)
     MBi = torch.cholesky_solve(eye, LB)
     MAi = torch.cholesky_solve(eye, LA)
