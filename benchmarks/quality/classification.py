@@ -30,16 +30,19 @@ from .data import sentiment_splits
 PROFILES = {
     "smoke": dict(steps=3, batch=8, eval_every=3, n_train=64, n_val=16, n_test=16, seeds=(0,), lr_points=1,
                   configs=("adamw", "adaprelora", "adaprelora-tangent"), damping=()),
-    "quick": dict(steps=60, batch=16, eval_every=20, n_train=2000, n_val=200, n_test=400, seeds=(0, 1, 2),
+    "quick": dict(steps=60, batch=16, eval_every=20, n_train=2000, n_val=400, n_test=400, seeds=(0, 1, 2),
                   lr_points=3, configs=("adamw", "loraplus", "scaled-adamw", "scaled-gd", "lora-pro", "adaprelora",
                                         "adaprelora-tangent", "adaprelora-sgd"), damping=("adaprelora",)),
     "full": dict(steps=300, batch=32, eval_every=25, n_train=4000, n_val=400, n_test=1000, seeds=(0, 1, 2, 3, 4),
                  lr_points=4, configs=tuple(c.label for c in C.ALL_CONFIGS), damping=C.DAMPING_CONFIGS),
 }
+# A first quick run with grids one step lower put AdamW's, Scaled AdamW's and Scaled GD's best lr on
+# the top edge and AdaPreLoRA-SGD's on the bottom edge, so the grids were moved (quick uses the
+# middle 3 points of each).
 LR_GRIDS = {
-    "adam": (3e-4, 1e-3, 3e-3, 1e-2),
-    "scaled-gd": (3e-3, 1e-2, 3e-2, 1e-1),
-    "adaprelora-sgd": (3e-3, 1e-2, 3e-2, 1e-1),
+    "adam": (1e-3, 3e-3, 1e-2, 3e-2),
+    "scaled-gd": (0.03, 0.1, 0.3, 1.0, 3.0),
+    "adaprelora-sgd": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
 }
 SETUP = dict(rank=8, alpha=16, targets=("query", "value"), lora_layers=2, max_length=32, head_lr=1e-3, schedule="linear",
              warmup_frac=0.1, data_seed=0)
