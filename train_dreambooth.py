@@ -44,6 +44,7 @@ def parse_args(input_args=None):
     add("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
     add("--prior_generation_precision", type=str, default=None, choices=PRIOR_GENERATION_PRECISION,
         help="Precision of class-image generation (default fp16 on GPU, fp32 on CPU).")
+    add("--class_inference_steps", type=int, default=50, help="Denoising steps per generated class image.")
     add("--resolution", type=int, default=512, help="Training images are resized and cropped to this size.")
     add("--center_crop", action="store_true", default=False, help="Crop the centre instead of a random square.")
     add("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,

@@ -33,6 +33,16 @@ CAPTION = "a photo of sks toy on a red table"
 # ------------------------------------------------------------------------------------------------
 # Fixtures
 # ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core CI machine OpenMP's
+    spinning threads made these tests ~8x slower. Restored afterwards for other test files."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-sd") / "model"
@@ -71,11 +81,11 @@ def launch(tmp_path_factory):
 
     config_file = str(tmp_path_factory.mktemp("accelerate") / "default_config.yaml")
     write_basic_config(mixed_precision="no", save_location=config_file)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     # --quiet: accelerate's own launcher would otherwise add its CalledProcessError traceback on a
     # non-zero exit, hiding what the script itself printed.
     base = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--quiet",
-            "--config_file", config_file, "--cpu", "--num_cpu_threads_per_process", "2", SCRIPT]
+            "--config_file", config_file, "--cpu", "--num_cpu_threads_per_process", "1", SCRIPT]
 
     def run(args: list[str], expect_ok: bool = True) -> subprocess.CompletedProcess:
         proc = subprocess.run(base + args, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=600)
@@ -118,6 +128,7 @@ def run_c(launch, tiny_model, instance_dir, tmp_path_factory):
     proc = launch(_common(tiny_model, instance_dir, out, 2) + [
         "--train_text_encoder", "--with_prior_preservation", "--class_data_dir", str(class_dir),
         "--class_prompt", "a photo of a toy", "--num_class_images", "2", "--sample_batch_size", "2",
+        "--class_inference_steps", "2",
         "--rank", "4", "--lora_alpha", "8", "--output_name", "sks_toy", "--optimizer", "adamw",
         "--learning_rate", "1e-2", "--report_to", "none",
     ])
@@ -352,6 +363,25 @@ def test_captions_images_list_mixed_precision_and_stop(tiny_model, instance_dir,
     assert _metadata(last.outputs["diffusers"])["ss_steps"] == "1"
 
 
+def test_training_options_run(tiny_model, instance_dir, tmp_path):
+    """Gradient checkpointing and accumulation, min-SNR, noise offset, LoRA dropout, a decaying
+    schedule and several validation prompts together."""
+    from adaprelora.training.dreambooth import train
+
+    config = _config(tiny_model, instance_dir, tmp_path, max_train_steps=2, train_text_encoder=True,
+                     gradient_checkpointing=True, gradient_accumulation_steps=2, snr_gamma=5.0, noise_offset=0.1,
+                     lora_dropout=0.1, lr_scheduler="linear", lr_warmup_steps=0,
+                     validation_prompt=["sks toy", "sks toy on a beach"], num_validation_images=2,
+                     validation_steps=1, validation_inference_steps=2)
+    events = list(train(config))
+    steps = [e for e in events if e.loss is not None]
+    assert [e.step for e in steps] == [1, 2] and all(np.isfinite(e.loss) for e in steps)
+    assert steps[0].lr > steps[1].lr  # linear decay
+    assert len(steps[0].samples) == 4 and all(os.path.isfile(p) for p in steps[0].samples)
+    assert len(events[-1].samples) == 4  # final samples, both prompts
+    assert "step-000002-prompt1-1.png" in (tmp_path / "README.md").read_text()
+
+
 def test_data_loading_exif_alpha_captions_and_crops(instance_dir):
     from adaprelora.training.data import DreamBoothDataset, load_rgb, preprocess, scan_instance_images
 
@@ -383,6 +413,10 @@ def test_config_cross_field_errors_name_the_flags(tiny_model, instance_dir, tmp_
         "--output_name": dict(output_name="pytorch_lora_weights"),
         "--lora_dropout": dict(lora_dropout=1.5),
     }
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        cases["--enable_xformers_memory_efficient_attention"] = dict(enable_xformers_memory_efficient_attention=True)
     for flag, kw in cases.items():
         with pytest.raises(UserError, match=flag):
             _config(tiny_model, instance_dir, tmp_path, **kw).validate()

@@ -54,6 +54,7 @@ class TrainConfig:
     num_class_images: int = 100
     sample_batch_size: int = 4
     prior_generation_precision: Optional[str] = None
+    class_inference_steps: int = 50
     resolution: int = 512
     center_crop: bool = False
     image_interpolation_mode: str = "lanczos"
@@ -212,6 +213,8 @@ class TrainConfig:
         if self.with_prior_preservation:
             need(bool(self.class_data_dir), "--with_prior_preservation needs --class_data_dir (a folder for class images)")
             need(bool(self.class_prompt), "--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog')")
+            need(self.class_inference_steps >= 1,
+                 f"--class_inference_steps must be at least 1, got {self.class_inference_steps}")
             need(self.num_class_images >= 1,
                  f"--num_class_images must be at least 1, got {self.num_class_images}")
             if os.path.exists(self.class_data_dir) and not os.path.isdir(self.class_data_dir):

@@ -332,21 +332,25 @@ class _DreamBoothRun:
 
         cfg, acc = self.config, self.accelerator
         path = cfg.pretrained_model_name_or_path
-        if os.path.sep in path or path.startswith("."):
+        if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
             if not os.path.isdir(path):
                 raise UserError(f"--pretrained_model_name_or_path: folder {path!r} does not exist")
+            if not os.path.isdir(os.path.join(path, "unet")):
+                raise UserError(f"--pretrained_model_name_or_path: {path!r} is not a Stable Diffusion pipeline "
+                                "folder (no unet/ subfolder)")
         self.tokenizer = self._load_pretrained(CLIPTokenizer, "tokenizer")
         if len(self.tokenizer) < 256:  # offline Hub lookups can return an almost empty tokenizer
             raise UserError(f"--pretrained_model_name_or_path: the tokenizer of {path!r} did not load "
-                            f"(only {len(self.tokenizer)} tokens; offline or wrong model?)")
+                            f"(only {len(self.tokenizer)} tokens: offline without a cached copy, or not an "
+                            "SD 1.x/2.x model?)")
         self.noise_scheduler = self._load_pretrained(DDPMScheduler, "scheduler")
         variant = {"variant": cfg.variant} if cfg.variant else {}
         # Frozen weights load directly in the mixed-precision dtype (modules the model wants in
         # fp32 stay fp32); the LoRA tensors added later are kept in fp32.
         self.weight_dtype = _weight_dtype(acc.mixed_precision)
         self.text_encoder = self._load_pretrained(CLIPTextModel, "text_encoder", dtype=self.weight_dtype, **variant)
-        self.vae = self._load_pretrained(AutoencoderKL, "vae", torch_dtype=self.weight_dtype, **variant)
-        self.unet = self._load_pretrained(UNet2DConditionModel, "unet", torch_dtype=self.weight_dtype, **variant)
+        self.vae = self._load_pretrained(AutoencoderKL, "vae", dtype=self.weight_dtype, **variant)
+        self.unet = self._load_pretrained(UNet2DConditionModel, "unet", dtype=self.weight_dtype, **variant)
         for model in (self.vae, self.text_encoder, self.unet):
             model.requires_grad_(False)
             model.to(acc.device)
@@ -359,7 +363,12 @@ class _DreamBoothRun:
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
-                self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if hasattr(self.text_encoder, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                    self.text_encoder.activation_checkpointing_enable(
+                        activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    self.text_encoder.gradient_checkpointing_enable(
+                        gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _add_adapters(self) -> None:
         from diffusers.training_utils import cast_training_params
@@ -455,7 +464,7 @@ class _DreamBoothRun:
             variant = {"variant": cfg.variant} if cfg.variant else {}
             try:
                 pipeline = StableDiffusionPipeline.from_pretrained(
-                    cfg.pretrained_model_name_or_path, torch_dtype=dtype, safety_checker=None,
+                    cfg.pretrained_model_name_or_path, dtype=dtype, safety_checker=None,
                     requires_safety_checker=False, revision=cfg.revision, **variant,
                 )
             except (OSError, ValueError) as err:
@@ -470,7 +479,8 @@ class _DreamBoothRun:
                 while done < missing:
                     n = min(cfg.sample_batch_size, missing - done)
                     images = pipeline(
-                        [cfg.class_prompt] * n, height=cfg.resolution, width=cfg.resolution, generator=generator
+                        [cfg.class_prompt] * n, height=cfg.resolution, width=cfg.resolution, generator=generator,
+                        num_inference_steps=cfg.class_inference_steps,
                     ).images
                     for image in images:
                         digest = hashlib.sha1(image.tobytes()).hexdigest()[:16]
@@ -653,7 +663,7 @@ class _DreamBoothRun:
 
                 tracker.log({"validation": [wandb.Image(img, caption=prompts[0]) for img in images_for_log]},
                             step=self.global_step)
-        self.samples.extend(paths)
+        self.samples = paths  # the latest samples go into the model card
         return paths
 
     def _finish(self) -> Iterator[TrainEvent]:
