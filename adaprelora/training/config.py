@@ -150,7 +150,7 @@ class TrainConfig:
             bool(self.instance_data_dir) or bool(self.instance_images),
             "--instance_data_dir is required (a folder of PNG/JPEG/WebP images)",
         )
-        if self.instance_data_dir and not os.path.isdir(self.instance_data_dir):
+        if self.instance_data_dir and not self.instance_images and not os.path.isdir(self.instance_data_dir):
             raise UserError(f"--instance_data_dir: folder {self.instance_data_dir!r} does not exist")
         need(self.resolution > 0 and self.resolution % 8 == 0,
              f"--resolution must be a positive multiple of 8, got {self.resolution}")

@@ -79,7 +79,8 @@ class TrainEvent:
             training steps.
         done: True on the last event only.
         outputs: on the last event: {"output_dir", "diffusers", "kohya", "model_card"} paths, and
-            "checkpoint" when a final checkpoint was written (stopped runs).
+            "checkpoint" when a final checkpoint was written (stopped runs). A run stopped before
+            its first step saves nothing: only "output_dir" is present.
         warnings: user-facing warnings raised at this point (e.g. skipped unreadable images).
         checkpoint: path of the checkpoint written at this step, if any.
         phase: "setup", "class_images", "train", "validation" or "done".
@@ -178,10 +179,6 @@ class _DreamBoothRun:
     def _event(self, message: str = "", phase: str = "setup", **kw) -> TrainEvent:
         return TrainEvent(step=self.global_step, max_steps=self.max_steps, message=message, phase=phase, **kw)
 
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator is None or self.accelerator.is_main_process
-
     # -- the run ---------------------------------------------------------------------------------
     def events(self) -> Iterator[TrainEvent]:
         cfg = self.config
@@ -194,6 +191,7 @@ class _DreamBoothRun:
         from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
         os.makedirs(cfg.output_dir, exist_ok=True)
+        _remove_stale_temporary_checkpoints(cfg.output_dir)
         project_config = ProjectConfiguration(
             project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir)
         )
@@ -674,6 +672,12 @@ class _DreamBoothRun:
         acc.wait_for_everyone()
         if stopped and self.global_step > 0 and self.last_checkpoint_step != self.global_step:
             outputs["checkpoint"] = self._save_checkpoint()
+        if stopped and self.global_step == 0:
+            message = "stopped before the first training step: nothing saved"
+            yield self._event(message, phase="done", done=True, outputs=outputs, stopped=True,
+                              peak_memory_bytes=peak_memory_bytes(acc.device),
+                              wall_time=time.perf_counter() - self.start_time)
+            return
         if acc.is_main_process:
             if not stopped and cfg.validation_prompts and cfg.num_validation_images:
                 yield self._event("making validation images", phase="validation")
@@ -711,6 +715,17 @@ class _DreamBoothRun:
         AcceleratorState._reset_state()
         GradientState._reset_state()
         self.accelerator = None
+
+
+def _remove_stale_temporary_checkpoints(output_dir: str) -> None:
+    """Remove `.tmp-checkpoint-*` folders a killed run left behind (never a completed checkpoint)."""
+    import shutil
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(".tmp-checkpoint-"):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 def _tracker_config(cfg: TrainConfig) -> dict:
