@@ -316,7 +316,11 @@ def _config(tiny_model, instance_dir, output_dir, **kw):
 def test_every_optimizer_trains_one_step(name, tiny_model, instance_dir, tmp_path):
     from adaprelora.training.dreambooth import train
 
-    events = list(train(_config(tiny_model, instance_dir, tmp_path, optimizer=name, train_text_encoder=True)))
+    # AdaPreLoRA also under fp16 autocast, LoRA kept fp32 (accelerate uses no loss scaler on CPU;
+    # attach_grad_scaler's path runs on CUDA only).
+    precision = "fp16" if name == "adaprelora" else "no"
+    events = list(train(_config(tiny_model, instance_dir, tmp_path, optimizer=name, train_text_encoder=True,
+                                mixed_precision=precision)))
     steps = [e for e in events if e.loss is not None]
     assert len(steps) == 1 and np.isfinite(steps[0].loss) and steps[0].lr > 0
     last = events[-1]
@@ -327,6 +331,7 @@ def test_every_optimizer_trains_one_step(name, tiny_model, instance_dir, tmp_pat
         ups = [v for k, v in weights.items() if k.startswith(prefix) and ".up." in k]
         assert ups and any(v.abs().max() > 0 for v in ups), prefix
     assert os.path.isfile(last.outputs["kohya"])
+    assert {v.dtype for v in weights.values()} == {torch.float32}
 
 
 def test_captions_images_list_mixed_precision_and_stop(tiny_model, instance_dir, tmp_path, monkeypatch):
