@@ -33,10 +33,10 @@ def main(folder: str = "benchmarks/results") -> None:
         if res["damping"]:
             print("\nDamping sensitivity (at the damping-0.1 best lr):\n")
             print(markdown_table(classification.DAMPING_HEADERS, classification.damping_rows(res)))
-        print("\nLearning-rate sweep (seed 0; val / test accuracy):\n")
+        print("\nLearning-rate sweep (seed 0; val accuracy / test accuracy / final train loss):\n")
         rows = []
         for label, o in res["optimizers"].items():
-            rows.append([label] + [f"{lr}: {v['val_acc']:.3f} / {v['test_acc']:.3f}" if v["val_acc"] is not None
+            rows.append([label] + [f"{lr}: {v['val_acc']:.3f} / {v['test_acc']:.3f} / {v['final_train_loss']:.3f}" if v["val_acc"] is not None
                                    else f"{lr}: diverged" for lr, v in o["sweep"].items()])
         width = max(len(r) for r in rows)
         rows = [r + [""] * (width - len(r)) for r in rows]

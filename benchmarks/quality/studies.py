@@ -49,6 +49,8 @@ def run_suite(profile: str = "quick", log=print, configs=None, img_dir=None) -> 
         for mom in (0.0, 0.9):
             cfg = C.OptConfig(f"adaprelora-sgd@m{mom:g}", base.name, {**base.kwargs, "momentum": mom}, "sgd")
             grid = S.lr_grid(base)
+            if mom:  # heavy-ball momentum 0.9 multiplies the steady-state step by 10: move the grid down 10x
+                grid = tuple(lr / 10 for lr in grid)
             if prof["lrs"]:
                 grid = grid[:prof["lrs"]]
             sw = S.sweep(kind, cfg, grid, prof["seeds"], prof["steps"], 10, p, log)
