@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from . import classification, conditioning, gsm8k
+from . import classification, conditioning, gsm8k, studies
 from .common import markdown_table
 
 
@@ -23,6 +23,13 @@ def main(folder: str = "benchmarks/results") -> None:
             if entry["damping"]:
                 print(f"\nDamping sensitivity ({kind}; lr re-tuned on 3 grid points around the damping-0.1 best):\n")
                 print(markdown_table(conditioning.DAMPING_HEADERS, conditioning.damping_rows(entry)))
+    path = os.path.join(folder, "quality_studies.json")
+    if os.path.exists(path):
+        res = json.load(open(path))
+        print(f"\n### Studies ({res['steps']} steps, {len(res['seeds'])} seeds, wall {res['wall_s']:.0f} s)\n")
+        print(markdown_table(studies.MOM_HEADERS, studies.mom_rows(res)))
+        print()
+        print(markdown_table(studies.ACC_HEADERS, studies.acc_rows(res)))
     path = os.path.join(folder, "quality_classification.json")
     if os.path.exists(path):
         res = json.load(open(path))
