@@ -70,8 +70,10 @@ def test_gsm8k_smoke(tmp_path):
     out = _run("gsm8k", tmp_path)
     assert out["suite"] == "gsm8k"
     assert 0.0 <= out["base"]["accuracy"] <= 1.0
+    assert _finite(out["base"]["heldout_answer_loss"])
     for label, o in out["optimizers"].items():
         s = o["summary"]
         assert 0.0 <= s["accuracy"]["mean"] <= 1.0, label
+        assert _finite(s["heldout_answer_loss"]["mean"])
         assert _finite(s["final_train_loss"]["mean"])
         assert s["state_bytes"] > 0

