@@ -18,6 +18,9 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", default=None, help="comma-separated optimizer labels (default: the profile's)")
     parser.add_argument("--out-dir", default=None, help="JSON folder (default benchmarks/results)")
     parser.add_argument("--img-dir", default=None, help="plot folder (default docs/img)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="gsm8k only: the one lr of the AdamW-type optimizers (default: the suite's, 1e-3)")
+    parser.add_argument("--tag", default=None, help="suffix of the JSON name, e.g. lr3e-3 -> quality_gsm8k_lr3e-3.json")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine more threads slowed every step)")
     args = parser.parse_args(argv)
@@ -47,11 +50,17 @@ def main(argv=None) -> int:
         elif suite == "studies":
             from .studies import run_suite
         else:
+            from . import gsm8k
             from .gsm8k import run_suite
+
+            if args.lr is not None:
+                gsm8k.SETUP["lr"] = args.lr
+        if args.tag and args.img_dir is None:
+            args.img_dir = os.path.join(C.IMG_DIR, "extra")  # keep the main plots
         result = run_suite(profile, log=log, configs=configs, img_dir=args.img_dir)
         result["command"] = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
         result["threads"] = args.threads
-        path = C.write_json(result, suite, profile, args.out_dir)
+        path = C.write_json(result, suite + (f"_{args.tag}" if args.tag else ""), profile, args.out_dir)
         log(f"[{suite}] wrote {path} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
