@@ -48,6 +48,7 @@ class StepContext:
     step: torch.Tensor  # (k,) new step counts
     ok: torch.Tensor  # (k,) pairs being updated
     bucket: Bucket
+    updates: dict = field(default_factory=dict)  # state name -> new stacked value (set by subclasses)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -223,25 +224,33 @@ class LoRAPairOptimizer(Optimizer):
         pass
 
     def _stack(self, bucket: Bucket):
+        """Stack a bucket's factors, gradients and scales (compute dtype); None if no gradients."""
         ps = [self.pairs[i] for i in bucket.pair_ids]
-        m, n, r = bucket.m, bucket.n, bucket.r
-        cdt = _compute_dtype(ps[0].A.dtype)
-        present = [p.A.grad is not None and p.B.grad is not None for p in ps]
+        As, Bs = [p.A for p in ps], [p.B for p in ps]
+        gAs, gBs = [a.grad for a in As], [b.grad for b in Bs]
+        m, n, r, k = bucket.m, bucket.n, bucket.r, len(ps)
+        cdt = _compute_dtype(As[0].dtype)
+        present = [ga is not None and gb is not None for ga, gb in zip(gAs, gBs)]
         if not any(present):
             return None
-        A = torch.stack([p.A.detach().reshape(r, n) for p in ps]).to(cdt)
-        B = torch.stack([p.B.detach().reshape(m, r) for p in ps]).to(cdt)
-        zA, zB = torch.zeros_like(A[0]), torch.zeros_like(B[0])
-        gradA = torch.stack([p.A.grad.reshape(r, n).to(cdt) if ok else zA for p, ok in zip(ps, present)])
-        gradB = torch.stack([p.B.grad.reshape(m, r).to(cdt) if ok else zB for p, ok in zip(ps, present)])
+        if not all(present):
+            gAs = [g if ok else torch.zeros_like(a) for g, a, ok in zip(gAs, As, present)]
+            gBs = [g if ok else torch.zeros_like(b) for g, b, ok in zip(gBs, Bs, present)]
+        A = torch.stack(As).view(k, r, n).to(cdt)
+        B = torch.stack(Bs).view(k, m, r).to(cdt)
+        gradA = torch.stack(gAs).view(k, r, n).to(cdt)
+        gradB = torch.stack(gBs).view(k, m, r).to(cdt)
         s = torch.tensor([p.scaling() for p in ps], dtype=cdt, device=A.device).reshape(-1, 1, 1)
         present_t = torch.tensor(present, device=A.device)
         return ps, A, B, gradA, gradB, s, present_t
 
-    def _finite(self, *tensors) -> torch.Tensor:
+    @staticmethod
+    def _finite(*tensors) -> torch.Tensor:
+        """(k,) True where every element is finite: a sum is non-finite iff some element is (or the
+        values are so large that they overflow, which is no usable gradient either)."""
         ok = None
         for t in tensors:
-            f = torch.isfinite(t.flatten(1)).all(1)
+            f = torch.isfinite(t.sum(tuple(range(1, t.dim()))))
             ok = f if ok is None else ok & f
         return ok
 
@@ -264,77 +273,68 @@ class LoRAPairOptimizer(Optimizer):
         self._check_nonfinite(ok, present, ps)
         if not bool(ok.any()):
             return
-        all_ok = bool(ok.all())
-        if not all_ok:
+        if not bool(ok.all()):
             zero = torch.zeros((), dtype=A.dtype, device=A.device)
             gradA = torch.where(ok[:, None, None], gradA, zero)
             gradB = torch.where(ok[:, None, None], gradB, zero)
         st = bucket.state
-        step = st["step"] + ok.to(st["step"].dtype)
-        ctx = StepContext(A, B, gradA, gradB, s, step, ok, bucket)
+        ctx = StepContext(A, B, gradA, gradB, s, st["step"] + ok.to(st["step"].dtype), ok, bucket)
         directions = self._directions(ctx)
         if directions is None:  # the subclass found a problem it already reported
             return
-        dA, dB = directions
-        ok, step = ctx.ok, ctx.step  # a subclass may narrow ok (non-finite energies)
-        all_ok = bool(ok.all())
-        new = self._apply(bucket, A, B, dA, dB, s, step)
-        self._write_back(bucket, ps, ok, all_ok, step, new)
+        ok = ctx.ok  # a subclass may narrow it (non-finite energies)
+        skipped = None if bool(ok.all()) else (~ok).nonzero().flatten()
+        saved = None if skipped is None else {name: t[skipped].clone() for name, t in st.items()}
+        st["step"].copy_(ctx.step)
+        for name, value in ctx.updates.items():
+            st[name].copy_(value)
+        self._apply_(bucket, A, B, directions[0], directions[1], s, ctx.step)
+        if saved is not None:  # pairs that must not move get their old state back
+            for name, value in saved.items():
+                st[name][skipped] = value
+        self._write_back(bucket, ps, ok, A, B)
 
-    def _apply(self, bucket: Bucket, A, B, dA, dB, s, step) -> dict:
+    def _apply_(self, bucket: Bucket, A, B, dA, dB, s, step) -> None:
+        """Update the stacked factors A, B and the bucket's state in place (spec 3.5)."""
         g, st = bucket.group, bucket.state
         lr, wd = g["lr"], g["weight_decay"]
         if self.variant == "adamw":
             b1, b2 = g["betas"]
-            A_new, mA, vA = F.adamw_update(A, dA, st["exp_avg_A"], st["exp_avg_sq_A"], step, lr=lr,
-                                           beta1=b1, beta2=b2, eps=g["eps"], weight_decay=wd)
-            B_new, mB, vB = F.adamw_update(B, dB, st["exp_avg_B"], st["exp_avg_sq_B"], step, lr=lr,
-                                           beta1=b1, beta2=b2, eps=g["eps"], weight_decay=wd)
-            return {"A": A_new, "B": B_new, "exp_avg_A": mA, "exp_avg_sq_A": vA,
-                    "exp_avg_B": mB, "exp_avg_sq_B": vB}
-        out = {}
+            hyper = dict(lr=lr, beta1=b1, beta2=b2, eps=g["eps"], weight_decay=wd)
+            F.adamw_(A, dA, st["exp_avg_A"], st["exp_avg_sq_A"], step, **hyper)
+            F.adamw_(B, dB, st["exp_avg_B"], st["exp_avg_sq_B"], step, **hyper)
+            return
         mom = g.get("momentum", 0.0)
         if mom:
             first = (step <= 1)[:, None, None]
-            dA = torch.where(first, dA, mom * st["momentum_buffer_A"] + dA)
-            dB = torch.where(first, dB, mom * st["momentum_buffer_B"] + dB)
-            out.update(momentum_buffer_A=dA, momentum_buffer_B=dB)
+            for d, name in ((dA, "momentum_buffer_A"), (dB, "momentum_buffer_B")):
+                buf = st[name]
+                buf.copy_(torch.where(first, d, buf.mul_(mom).add_(d)))
+            dA, dB = st["momentum_buffer_A"], st["momentum_buffer_B"]
         scale = lr * self._sgd_scale(s)
-        A_new = A * (1 - lr * wd) - scale * dA
-        B_new = B * (1 - lr * wd) - scale * dB
+        if wd:
+            A.mul_(1 - lr * wd)
+            B.mul_(1 - lr * wd)
+        A.sub_(scale * dA)
+        B.sub_(scale * dB)
         if self._rebalance_sgd:
-            c = F.rebalance(A_new, B_new)[:, None, None]
-            A_new, B_new = A_new / c, B_new * c
+            c = F.rebalance(A, B)[:, None, None]
+            A.div_(c)
+            B.mul_(c)
             if mom:  # keep the buffers in the rebalanced coordinates (dA -> dA / c, dB -> dB c)
-                out["momentum_buffer_A"] = out["momentum_buffer_A"] / c
-                out["momentum_buffer_B"] = out["momentum_buffer_B"] * c
-        out.update(A=A_new, B=B_new)
-        return out
+                st["momentum_buffer_A"].div_(c)
+                st["momentum_buffer_B"].mul_(c)
 
-    def _write_back(self, bucket: Bucket, ps, ok, all_ok: bool, step, new: dict) -> None:
-        st = bucket.state
-        new = dict(new, step=step)
-        idx = None if all_ok else ok.nonzero().flatten().tolist()
-        for name, value in new.items():
-            if name in ("A", "B"):
-                continue
-            if all_ok:
-                st[name].copy_(value)
-            else:
-                shape = (-1,) + (1,) * (value.dim() - 1)
-                st[name].copy_(torch.where(ok.reshape(shape), value, st[name]))
-        targets = range(len(ps)) if all_ok else idx
-        r, n, m = bucket.r, bucket.n, bucket.m
-        dst, src = [], []
-        for j in targets:
-            for param, value in ((ps[j].A, new["A"][j]), (ps[j].B, new["B"][j])):
-                if param.is_contiguous():
-                    dst.append(param.view(value.shape))
-                    src.append(value)
-                else:
-                    param.copy_(value.reshape(param.shape))
-        if dst:
-            torch._foreach_copy_(dst, src)  # one call, casting back to the parameters' dtype
+    def _write_back(self, bucket: Bucket, ps, ok, A, B) -> None:
+        """Copy the new stacked factors A, B into the parameters of the pairs that were updated
+        (pairs of a bucket share their exact shapes, so one foreach copy does it)."""
+        k = len(ps)
+        A_new = A.view((k,) + tuple(ps[0].A.shape)).unbind(0)
+        B_new = B.view((k,) + tuple(ps[0].B.shape)).unbind(0)
+        targets = range(k) if bool(ok.all()) else ok.nonzero().flatten().tolist()
+        dst = [ps[j].A for j in targets] + [ps[j].B for j in targets]
+        src = [A_new[j] for j in targets] + [B_new[j] for j in targets]
+        torch._foreach_copy_(dst, src)  # casts back to the parameters' dtype
 
     # -- parameters outside pairs: plain AdamW ---------------------------------------------
     def _other_params(self, group: dict) -> list:
@@ -362,10 +362,6 @@ class LoRAPairOptimizer(Optimizer):
                     self._warn_once("nonfinite-other", "non-finite gradient in a non-LoRA tensor: its update was skipped (warned once)")
                     continue
                 state["step"] += 1
-                t = state["step"].item()
-                new, m_, v_ = F.adamw_update(p.detach().unsqueeze(0), grad.unsqueeze(0), state["exp_avg"].unsqueeze(0),
-                                             state["exp_avg_sq"].unsqueeze(0), torch.tensor([t], device=p.device), lr=group["lr"],
-                                             beta1=b1, beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"])
-                p.copy_(new[0])
-                state["exp_avg"].copy_(m_[0])
-                state["exp_avg_sq"].copy_(v_[0])
+                F.adamw_(p.detach().unsqueeze(0), grad.unsqueeze(0), state["exp_avg"].unsqueeze(0),
+                         state["exp_avg_sq"].unsqueeze(0), state["step"].reshape(1).to(p.device), lr=group["lr"],
+                         beta1=b1, beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"])

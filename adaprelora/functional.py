@@ -53,7 +53,13 @@ def adafactor_accumulators(R, C, row, col, step, decay_rate: float = -0.8, eps_f
     return R, C, p, q
 
 
-def balanced_solve(A, B, gA, gB, p, q, damping: float = 0.1):
+def cholesky_inverse(M: torch.Tensor) -> torch.Tensor:
+    """Inverses of a batch of SPD r x r matrices through one batched Cholesky factorisation; the
+    wide products are then plain bmm, which runs far faster than triangular solves with n columns."""
+    return torch.cholesky_solve(_eye_like(M).expand_as(M), cholesky(M))
+
+
+def balanced_solve(A, B, gA, gB, p, q, damping: float = 0.1, inv_s=None):
     r"""AdaPreLoRA's closed-form balanced factor step (spec 3.3).
 
     .. math::
@@ -61,42 +67,54 @@ def balanced_solve(A, B, gA, gB, p, q, damping: float = 0.1):
         dA = M_B^{-1}\big(g_A Q^{-1} - \tfrac12 K M_A^{-1} A\big),\quad
         dB = \big(P^{-1} g_B - \tfrac12 B M_B^{-1} K\big) M_A^{-1}
 
-    Delta = B dA + dB A solves the normal equations B^T P Delta Q = gA, P Delta Q A^T = gB (as the
-    ridge goes to 0) and is the element of the solution family with the least H-weighted imbalance.
-    gA, gB are the gradients with respect to W_eff's factors *without* the LoRA scale s.
+    computed as dA = M_B^{-1} (g_A Q^{-1}) - Y A and dB = (P^{-1} g_B) M_A^{-1} - B Y with
+    Y = 1/2 M_B^{-1} K M_A^{-1}. Delta = B dA + dB A solves the normal equations
+    B^T P Delta Q = gA, P Delta Q A^T = gB (as the ridge goes to 0) and is the element of the
+    solution family with the least H-weighted imbalance. gA, gB are the gradients of W_eff's
+    factors without the LoRA scale s; pass the raw `.grad`s with `inv_s` = 1/s, (k, 1, 1), to
+    fold the division into passes made anyway.
     """
-    PB = B * p[..., :, None]
-    MB = add_ridge(B.mT @ PB, damping)
-    MA = add_ridge((A * q[..., None, :]) @ A.mT, damping)
+    MB_inv = cholesky_inverse(add_ridge(B.mT @ (B * p[..., :, None]), damping))
+    MA_inv = cholesky_inverse(add_ridge((A * q[..., None, :]) @ A.mT, damping))
     K = gA @ A.mT
-    LB, LA = cholesky(MB), cholesky(MA)
-    MA_inv_A = torch.cholesky_solve(A, LA)
-    dA = torch.cholesky_solve(gA / q[..., None, :] - 0.5 * (K @ MA_inv_A), LB)
-    MB_inv_K = torch.cholesky_solve(K, LB)
-    rhs_B = gB / p[..., :, None] - 0.5 * (B @ MB_inv_K)
-    dB = torch.cholesky_solve(rhs_B.mT, LA).mT  # (.) M_A^{-1}, M_A symmetric
+    scale_A, scale_B = 1.0 / q[..., None, :], 1.0 / p[..., :, None]
+    if inv_s is not None:
+        K = K * inv_s
+        scale_A, scale_B = scale_A * inv_s, scale_B * inv_s
+    Y = 0.5 * (MB_inv @ K @ MA_inv)
+    dA = torch.baddbmm(MB_inv @ (gA * scale_A), Y, A, alpha=-1) if A.dim() == 3 else MB_inv @ (gA * scale_A) - Y @ A
+    dB = torch.baddbmm((gB * scale_B) @ MA_inv, B, Y, alpha=-1) if B.dim() == 3 else (gB * scale_B) @ MA_inv - B @ Y
     return dA, dB
+
+
+def _tangent_parts(A, B, gA, gB, damping):
+    """W = (B^T B)^{-1}(gA - K (AA^T)^{-1} A) and U2 = gB (AA^T)^{-1}, both ridged: G_T = B W + U2 A."""
+    AAt = A @ A.mT
+    MB_inv = cholesky_inverse(add_ridge(B.mT @ B, damping))
+    MA_inv = cholesky_inverse(add_ridge(AAt, damping))
+    K = gA @ A.mT
+    W = torch.baddbmm(MB_inv @ gA, MB_inv @ K @ MA_inv, A, alpha=-1) if A.dim() == 3 else MB_inv @ gA - MB_inv @ K @ MA_inv @ A
+    return W, gB @ MA_inv, AAt
 
 
 def tangent_factors(A, B, gA, gB, damping: float = 0.1):
     r"""G_T = P_B G + G P_A - P_B G P_A (Frobenius projection of G on the tangent space at (B, A))
     written as U V^T with U = [B, gB (AA^T)^{-1}] (m x 2r) and V = [W^T, A^T] (n x 2r), where
     W = (B^T B)^{-1} (gA - K (AA^T)^{-1} A). Only gA = B^T G and gB = G A^T are needed."""
-    LB = cholesky(add_ridge(B.mT @ B, damping))
-    LA = cholesky(add_ridge(A @ A.mT, damping))
-    K = gA @ A.mT
-    W = torch.cholesky_solve(gA - K @ torch.cholesky_solve(A, LA), LB)  # (k, r, n)
-    U = torch.cat([B, torch.cholesky_solve(gB.mT, LA).mT], dim=-1)  # (k, m, 2r)
-    V = torch.cat([W.mT, A.mT], dim=-1)  # (k, n, 2r)
-    return U, V
+    W, U2, _ = _tangent_parts(A, B, gA, gB, damping)
+    return torch.cat([B, U2], dim=-1), torch.cat([W.mT, A.mT], dim=-1)
 
 
 def tangent_energies(A, B, gA, gB, damping: float = 0.1):
-    """Row (k, m) and column (k, n) energies of the tangent projection G_T, in O((m+n) r^2)
-    without forming G_T (spec 3.1, `stats="tangent"`)."""
-    U, V = tangent_factors(A, B, gA, gB, damping)
-    row = ((U @ (V.mT @ V)) * U).sum(-1)
-    col = ((V @ (U.mT @ U)) * V).sum(-1)
+    """Row (k, m) and column (k, n) energies of the tangent projection G_T = U V^T, in O((m+n) r^2)
+    without forming G_T (spec 3.1, `stats="tangent"`): row = rowsum((U V^T V) * U) and
+    col = rowsum((V U^T U) * V), with the 2r x 2r Grams kept as r x r blocks (no concatenation)."""
+    W, U2, AAt = _tangent_parts(A, B, gA, gB, damping)
+    Wt, At = W.mT, A.mT
+    S11, S12 = W @ Wt, W @ At  # V^T V = [[S11, S12], [S12^T, AAt]]
+    T11, T12, T22 = B.mT @ B, B.mT @ U2, U2.mT @ U2  # U^T U = [[T11, T12], [T12^T, T22]]
+    row = ((B @ S11 + U2 @ S12.mT) * B).sum(-1) + ((B @ S12 + U2 @ AAt) * U2).sum(-1)
+    col = ((Wt @ T11 + At @ T12.mT) * Wt).sum(-1) + ((Wt @ T12 + At @ T22) * At).sum(-1)
     return row.clamp_min(0), col.clamp_min(0)
 
 
@@ -159,17 +177,28 @@ def lora_pro_gradients(A, B, gradA, gradB, s, reg: float = 1e-6):
     return gA_base + X @ A, gB_base - B @ X
 
 
-def adamw_update(param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay):
-    """One AdamW step on stacked tensors, torch.optim.AdamW's formula. `step` is (k,) (already
-    incremented) so pairs may have different counts; returns the new (param, exp_avg, exp_avg_sq)."""
-    shape = (-1,) + (1,) * (param.dim() - 1)
-    t = step.to(param.dtype).reshape(shape)
-    exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
-    bc1 = 1 - beta1 ** t
-    bc2 = 1 - beta2 ** t
-    denom = torch.sqrt(exp_avg_sq) / torch.sqrt(bc2) + eps
-    param = param * (1 - lr * weight_decay) - (lr / bc1) * exp_avg / denom
+def adamw_(param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW step (torch.optim.AdamW's formula) on stacked tensors, in place. `step` is (k,),
+    already incremented, so pairs may have different counts."""
+    if lr == 0:
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        return
+    t = step.to(param.dtype).reshape((-1,) + (1,) * (param.dim() - 1))
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+    # param -= (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps), with the per-pair factors folded in denom
+    denom = exp_avg_sq.sqrt().div_(torch.sqrt(bc2)).add_(eps).mul_(bc1 / lr)
+    if weight_decay:
+        param.mul_(1 - lr * weight_decay)
+    param.addcdiv_(exp_avg, denom, value=-1)
+
+
+def adamw_update(param, grad, exp_avg, exp_avg_sq, step, **hyper):
+    """Out-of-place `adamw_`: returns the new (param, exp_avg, exp_avg_sq)."""
+    param, exp_avg, exp_avg_sq = param.clone(), exp_avg.clone(), exp_avg_sq.clone()
+    adamw_(param, grad, exp_avg, exp_avg_sq, step, **hyper)
     return param, exp_avg, exp_avg_sq
 
 

@@ -131,24 +131,24 @@ class AdaPreLoRA(LoRAPairOptimizer):
         if self._collector is not None:
             self._collector.reset()
 
-    def _energies(self, ctx: StepContext, gA, gB, damping: float):
+    def _energies(self, ctx: StepContext, inv_s, damping: float):
         if self._collector is None:
-            return F.tangent_energies(ctx.A, ctx.B, gA, gB, damping)
+            return F.tangent_energies(ctx.A, ctx.B, ctx.gradA * inv_s, ctx.gradB * inv_s, damping)
         rows, cols = self._collector.take(ctx.bucket.pair_ids)
         if all(r is not None for r in rows):
             return torch.stack(rows).to(ctx.A.dtype), torch.stack(cols).to(ctx.A.dtype)
         self._warn_once("no-energies", "stats='exact': some LoRA layers had gradients but no hooked backward "
                         "(hooks removed, or run outside the model): using tangent energies for them")
-        t_row, t_col = F.tangent_energies(ctx.A, ctx.B, gA, gB, damping)
+        t_row, t_col = F.tangent_energies(ctx.A, ctx.B, ctx.gradA * inv_s, ctx.gradB * inv_s, damping)
         row = torch.stack([t_row[j] if r is None else r.to(ctx.A.dtype) for j, r in enumerate(rows)])
         col = torch.stack([t_col[j] if c is None else c.to(ctx.A.dtype) for j, c in enumerate(cols)])
         return row, col
 
     def _directions(self, ctx: StepContext):
         g, st = ctx.bucket.group, ctx.bucket.state
-        gA, gB = ctx.gradA / ctx.s, ctx.gradB / ctx.s
-        row, col = self._energies(ctx, gA, gB, g["damping"])
-        finite = torch.isfinite(row).all(1) & torch.isfinite(col).all(1)
+        inv_s = 1.0 / ctx.s
+        row, col = self._energies(ctx, inv_s, g["damping"])
+        finite = self._finite(row, col)
         if not bool(finite[ctx.ok].all()):
             self._check_nonfinite(finite & ctx.ok, ctx.ok.clone(), [self.pairs[i] for i in ctx.bucket.pair_ids])
             ctx.ok = ctx.ok & finite
@@ -162,10 +162,14 @@ class AdaPreLoRA(LoRAPairOptimizer):
         step = torch.clamp(ctx.step, min=1)
         R, C, p, q = F.adafactor_accumulators(st["adafactor_row"], st["adafactor_col"], row, col, step,
                                               g["decay_rate"], g["eps_factored"])
-        self._pending_adafactor = (R, C)
-        dA, dB = F.balanced_solve(ctx.A, ctx.B, gA, gB, p, q, g["damping"])
-        c = F.clip_factor(ctx.A, ctx.B, dA, dB, g["clip_threshold"])[:, None, None]
-        return dA * c, dB * c
+        ctx.updates.update(adafactor_row=R, adafactor_col=C)
+        dA, dB = F.balanced_solve(ctx.A, ctx.B, ctx.gradA, ctx.gradB, p, q, g["damping"], inv_s=inv_s)
+        c = F.clip_factor(ctx.A, ctx.B, dA, dB, g["clip_threshold"])
+        if g["clip_threshold"] is not None:
+            c = c[:, None, None]
+            dA.mul_(c)
+            dB.mul_(c)
+        return dA, dB
 
     def _step_bucket(self, bucket) -> None:
         """Triton backend: one fused bucket step (kernels/fused_step.py) when the bucket qualifies
@@ -204,8 +208,3 @@ class AdaPreLoRA(LoRAPairOptimizer):
                 return False
         return True
 
-    def _apply(self, bucket, A, B, dA, dB, s, step) -> dict:
-        out = super()._apply(bucket, A, B, dA, dB, s, step)
-        R, C = self._pending_adafactor
-        out.update(adafactor_row=R, adafactor_col=C)
-        return out

@@ -49,7 +49,7 @@ class LoraPair:
 
     def bucket_key(self) -> tuple:
         """Pairs with equal keys are stacked into one batched solve."""
-        return (self.A.device, self.A.dtype, self.m, self.n, self.r)
+        return (self.A.device, self.A.dtype, tuple(self.A.shape), tuple(self.B.shape))
 
 
 def _check_shapes(name: str, A: torch.Tensor, B: torch.Tensor) -> None:
