@@ -22,12 +22,14 @@ Stages, in the order `main()` of diffusers' `train_dreambooth_lora.py` runs them
 images are checked first (before anything heavy is imported or loaded), then the accelerator,
 class images for prior preservation, models and LoRA adapters, optimizer, data, scheduler,
 `accelerator.prepare`, resume, the training loop (checkpoints and validation images on the way),
-and the final files.
+and the final files. This module orchestrates them and holds the loop; the stages with a life of
+their own live beside it: `dreambooth_models` (loading the pipeline parts, adding LoRA),
+`class_images` (prior preservation), `dreambooth_checkpoints` (LoRA-only checkpoints) and
+`validation_images`.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -38,29 +40,16 @@ from typing import Iterator, Optional
 
 import torch
 
-from .common import (
-    UserError,
-    attach_grad_scaler,
-    peak_memory_bytes,
-    resolve_resume_checkpoint,
-    rotate_checkpoints,
-    save_checkpoint_atomically,
-)
+from .class_images import ensure_class_images
+from .common import UserError, attach_grad_scaler, peak_memory_bytes, resolve_resume_checkpoint
 from .config import TrainConfig
 from .data import DreamBoothDataset, ImageRecord, collate_fn, scan_class_images, scan_instance_images
-from .export import (
-    DIFFUSERS_WEIGHT_NAME,
-    TEXT_ENCODER_TARGET_MODULES,
-    UNET_TARGET_MODULES,
-    save_diffusers_lora,
-    save_kohya_lora,
-    training_metadata,
-    write_model_card,
-)
+from .dreambooth_checkpoints import register_lora_checkpoint_hooks, remove_stale_temporary_checkpoints, save_checkpoint
+from .dreambooth_models import add_lora_adapters, first_line, load_models
+from .export import save_diffusers_lora, save_kohya_lora, training_metadata, write_model_card
+from .validation_images import VALIDATION_DIR, write_validation_images
 
 logger = logging.getLogger(__name__)
-
-VALIDATION_DIR = "validation"
 
 
 @dataclass
@@ -153,15 +142,6 @@ def check_instance_data(config: TrainConfig) -> tuple[list[ImageRecord], list[st
     return records, warnings
 
 
-def _weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 class _DreamBoothRun:
     """State of one run; `events()` is the generator behind `train()`."""
 
@@ -191,7 +171,7 @@ class _DreamBoothRun:
         from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
         os.makedirs(cfg.output_dir, exist_ok=True)
-        _remove_stale_temporary_checkpoints(cfg.output_dir)
+        remove_stale_temporary_checkpoints(cfg.output_dir)
         project_config = ProjectConfiguration(
             project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir)
         )
@@ -206,7 +186,7 @@ class _DreamBoothRun:
                 dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
             )
         except ValueError as err:
-            raise UserError(f"--mixed_precision {cfg.mixed_precision}: {_first_line(err)}") from None
+            raise UserError(f"--mixed_precision {cfg.mixed_precision}: {first_line(err)}") from None
         acc = self.accelerator
         if cfg.seed is not None:
             set_seed(cfg.seed)
@@ -216,7 +196,8 @@ class _DreamBoothRun:
         # Class images for prior preservation (generated with the base model when missing)
         class_records: list[ImageRecord] = []
         if cfg.with_prior_preservation:
-            yield from self._ensure_class_images()
+            for message in ensure_class_images(cfg, acc, self.stop_event):
+                yield self._event(message, phase="class_images")
             class_records, class_warnings = scan_class_images(cfg.class_data_dir)
             class_records = class_records[: cfg.num_class_images]
             if class_warnings:
@@ -227,8 +208,9 @@ class _DreamBoothRun:
         # Load scheduler and models
         yield self._event(f"loading {cfg.pretrained_model_name_or_path}")
         self._load_models()
-        self._add_adapters()
-        self._register_hooks()
+        add_lora_adapters(cfg, self.unet, self.text_encoder, self.weight_dtype)
+        # Checkpoints hold only the LoRA tensors (diffusers format), not the frozen model.
+        register_lora_checkpoint_hooks(acc, self.unet, self.text_encoder, self.weight_dtype)
 
         # Optimizer creation
         self.optimizer = self._create_optimizer()
@@ -299,7 +281,7 @@ class _DreamBoothRun:
             except UserError:
                 raise
             except Exception as err:
-                raise UserError(f"--resume_from_checkpoint: cannot load {path}: {_first_line(err)}") from None
+                raise UserError(f"--resume_from_checkpoint: cannot load {path}: {first_line(err)}") from None
             self.global_step = self.last_checkpoint_step = step
             yield self._event(f"resumed from {path} at step {step}")
         first_epoch = self.global_step // updates_per_epoch
@@ -312,75 +294,11 @@ class _DreamBoothRun:
         yield from self._finish()
 
     # -- stages ----------------------------------------------------------------------------------
-    def _load_pretrained(self, cls, subfolder: str, **kw):
-        cfg = self.config
-        try:
-            return cls.from_pretrained(
-                cfg.pretrained_model_name_or_path, subfolder=subfolder, revision=cfg.revision, **kw
-            )
-        except (OSError, ValueError, EnvironmentError) as err:
-            raise UserError(
-                f"--pretrained_model_name_or_path: cannot load {subfolder} of "
-                f"{cfg.pretrained_model_name_or_path!r}: {_first_line(err)}"
-            ) from None
-
     def _load_models(self) -> None:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        cfg, acc = self.config, self.accelerator
-        path = cfg.pretrained_model_name_or_path
-        if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
-            if not os.path.isdir(path):
-                raise UserError(f"--pretrained_model_name_or_path: folder {path!r} does not exist")
-            if not os.path.isdir(os.path.join(path, "unet")):
-                raise UserError(f"--pretrained_model_name_or_path: {path!r} is not a Stable Diffusion pipeline "
-                                "folder (no unet/ subfolder)")
-        self.tokenizer = self._load_pretrained(CLIPTokenizer, "tokenizer")
-        if len(self.tokenizer) < 256:  # offline Hub lookups can return an almost empty tokenizer
-            raise UserError(f"--pretrained_model_name_or_path: the tokenizer of {path!r} did not load "
-                            f"(only {len(self.tokenizer)} tokens: offline without a cached copy, or not an "
-                            "SD 1.x/2.x model?)")
-        self.noise_scheduler = self._load_pretrained(DDPMScheduler, "scheduler")
-        variant = {"variant": cfg.variant} if cfg.variant else {}
-        # Frozen weights load directly in the mixed-precision dtype (modules the model wants in
-        # fp32 stay fp32); the LoRA tensors added later are kept in fp32.
-        self.weight_dtype = _weight_dtype(acc.mixed_precision)
-        self.text_encoder = self._load_pretrained(CLIPTextModel, "text_encoder", dtype=self.weight_dtype, **variant)
-        self.vae = self._load_pretrained(AutoencoderKL, "vae", dtype=self.weight_dtype, **variant)
-        self.unet = self._load_pretrained(UNet2DConditionModel, "unet", dtype=self.weight_dtype, **variant)
-        for model in (self.vae, self.text_encoder, self.unet):
-            model.requires_grad_(False)
-            model.to(acc.device)
-
-        if cfg.enable_xformers_memory_efficient_attention:
-            try:
-                self.unet.enable_xformers_memory_efficient_attention()
-            except Exception as err:
-                raise UserError(f"--enable_xformers_memory_efficient_attention: {_first_line(err)}") from None
-        if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if cfg.train_text_encoder:
-                if hasattr(self.text_encoder, "activation_checkpointing_enable"):  # transformers >= 5.2x
-                    self.text_encoder.activation_checkpointing_enable(
-                        activation_checkpointing_kwargs={"use_reentrant": False})
-                else:
-                    self.text_encoder.gradient_checkpointing_enable(
-                        gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    def _add_adapters(self) -> None:
-        from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
-
-        cfg = self.config
-        common = dict(r=cfg.rank, lora_alpha=cfg.effective_lora_alpha, lora_dropout=cfg.lora_dropout,
-                      init_lora_weights="gaussian")
-        self.unet.add_adapter(LoraConfig(target_modules=list(UNET_TARGET_MODULES), **common))
-        if cfg.train_text_encoder:
-            self.text_encoder.add_adapter(LoraConfig(target_modules=list(TEXT_ENCODER_TARGET_MODULES), **common))
-        if self.weight_dtype != torch.float32:
-            # Only the LoRA tensors are trained: keep them (and so the optimizer state) in fp32.
-            cast_training_params(self._trained_models(), dtype=torch.float32)
+        models = load_models(self.config, self.accelerator)
+        self.tokenizer, self.noise_scheduler = models.tokenizer, models.noise_scheduler
+        self.text_encoder, self.vae, self.unet = models.text_encoder, models.vae, models.unet
+        self.weight_dtype = models.weight_dtype
 
     def _trained_models(self) -> list[torch.nn.Module]:
         models = [self.unet]
@@ -390,43 +308,6 @@ class _DreamBoothRun:
 
     def _unwrap(self, model):
         return self.accelerator.unwrap_model(model)
-
-    def _register_hooks(self) -> None:
-        """Checkpoints hold only the LoRA tensors (diffusers format), not the frozen model."""
-        acc = self.accelerator
-        unet_cls = type(self._unwrap(self.unet))
-        te_cls = type(self._unwrap(self.text_encoder))
-
-        def split(models):
-            unet = text_encoder = None
-            for model in models:
-                model = self._unwrap(model)
-                if isinstance(model, unet_cls):
-                    unet = model
-                elif isinstance(model, te_cls):
-                    text_encoder = model
-                else:
-                    raise ValueError(f"unexpected model in checkpoint: {type(model).__name__}")
-            return unet, text_encoder
-
-        def save_model_hook(models, weights, output_dir):
-            if acc.is_main_process:
-                unet, text_encoder = split(models)
-                save_diffusers_lora(output_dir, unet, text_encoder)
-            while weights:
-                weights.pop()  # the LoRA tensors above are all we need
-
-        def load_model_hook(models, input_dir):
-            unet, text_encoder = split(models)
-            models.clear()  # accelerate must not load full model weights (none were saved)
-            _load_lora_checkpoint(input_dir, unet, text_encoder)
-            if self.weight_dtype != torch.float32:
-                from diffusers.training_utils import cast_training_params
-
-                cast_training_params([m for m in (unet, text_encoder) if m is not None], dtype=torch.float32)
-
-        acc.register_save_state_pre_hook(save_model_hook)
-        acc.register_load_state_pre_hook(load_model_hook)
 
     def _create_optimizer(self):
         from adaprelora import create_optimizer
@@ -441,58 +322,7 @@ class _DreamBoothRun:
         try:
             return create_optimizer(cfg.optimizer, container, lr=lr, **cfg.optimizer_args)
         except (ValueError, TypeError) as err:
-            raise UserError(f"--optimizer {cfg.optimizer} / --optimizer_args: {_first_line(err)}") from None
-
-    def _ensure_class_images(self) -> Iterator[TrainEvent]:
-        """Generate the missing class images with the base pipeline (main process only)."""
-        cfg, acc = self.config, self.accelerator
-        os.makedirs(cfg.class_data_dir, exist_ok=True)
-        existing, _ = scan_class_images(cfg.class_data_dir)
-        missing = cfg.num_class_images - len(existing)
-        if missing > 0 and acc.is_main_process:
-            yield self._event(f"generating {missing} class image(s) in {cfg.class_data_dir}", phase="class_images")
-            from diffusers import StableDiffusionPipeline
-            from tqdm.auto import tqdm
-
-            precision = cfg.prior_generation_precision
-            if precision in (None, "no"):
-                dtype = torch.float16 if acc.device.type == "cuda" else torch.float32
-            else:
-                dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-            variant = {"variant": cfg.variant} if cfg.variant else {}
-            try:
-                pipeline = StableDiffusionPipeline.from_pretrained(
-                    cfg.pretrained_model_name_or_path, dtype=dtype, safety_checker=None,
-                    requires_safety_checker=False, revision=cfg.revision, **variant,
-                )
-            except (OSError, ValueError) as err:
-                raise UserError(f"--pretrained_model_name_or_path: cannot load "
-                                f"{cfg.pretrained_model_name_or_path!r}: {_first_line(err)}") from None
-            pipeline.set_progress_bar_config(disable=True)
-            pipeline.to(acc.device)
-            generator = torch.Generator(device="cpu").manual_seed(cfg.seed if cfg.seed is not None else 0)
-            done = 0
-            index = len(existing)
-            with tqdm(total=missing, desc="Generating class images", disable=not acc.is_local_main_process) as bar:
-                while done < missing:
-                    n = min(cfg.sample_batch_size, missing - done)
-                    images = pipeline(
-                        [cfg.class_prompt] * n, height=cfg.resolution, width=cfg.resolution, generator=generator,
-                        num_inference_steps=cfg.class_inference_steps,
-                    ).images
-                    for image in images:
-                        digest = hashlib.sha1(image.tobytes()).hexdigest()[:16]
-                        image.save(os.path.join(cfg.class_data_dir, f"{index:05d}-{digest}.png"))
-                        index += 1
-                    done += n
-                    bar.update(n)
-                    yield self._event(f"generated {done}/{missing} class images", phase="class_images")
-                    if self.stop_event.is_set():
-                        break
-            del pipeline
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        acc.wait_for_everyone()
+            raise UserError(f"--optimizer {cfg.optimizer} / --optimizer_args: {first_line(err)}") from None
 
     def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
@@ -602,65 +432,20 @@ class _DreamBoothRun:
                 break
 
     def _save_checkpoint(self) -> Optional[str]:
-        cfg, acc = self.config, self.accelerator
-        path = None
-        if acc.is_main_process:
-            rotate_checkpoints(cfg.output_dir, cfg.checkpoints_total_limit, about_to_save=True)
-            path = save_checkpoint_atomically(acc.save_state, cfg.output_dir, self.global_step)
+        path = save_checkpoint(self.config, self.accelerator, self.global_step)
         self.last_checkpoint_step = self.global_step
         return path
 
     def _validate(self) -> list[str]:
-        """Write `num_validation_images` seeded PNGs per validation prompt; log them to the tracker."""
+        """Validation images for this step (main process only); they go into the model card."""
         cfg, acc = self.config, self.accelerator
-        prompts = cfg.validation_prompts
-        if not prompts or not cfg.num_validation_images or not acc.is_main_process:
+        if not cfg.validation_prompts or not cfg.num_validation_images or not acc.is_main_process:
             return []
-        from contextlib import nullcontext
-
-        import numpy as np
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-        unet, text_encoder = self._unwrap(self.unet), self._unwrap(self.text_encoder)
-        pipeline = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=text_encoder, tokenizer=self.tokenizer, unet=unet,
-            scheduler=DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        paths = write_validation_images(
+            cfg, acc, unet=self._unwrap(self.unet), text_encoder=self._unwrap(self.text_encoder), vae=self.vae,
+            tokenizer=self.tokenizer, noise_scheduler=self.noise_scheduler, weight_dtype=self.weight_dtype,
+            step=self.global_step,
         )
-        pipeline.set_progress_bar_config(disable=True)
-        was_training = [m.training for m in (unet, text_encoder)]
-        unet.eval()
-        text_encoder.eval()
-        folder = os.path.join(cfg.output_dir, VALIDATION_DIR)
-        os.makedirs(folder, exist_ok=True)
-        autocast = (torch.autocast(acc.device.type, dtype=self.weight_dtype)
-                    if self.weight_dtype != torch.float32 else nullcontext())
-        paths, images_for_log = [], []
-        try:
-            with torch.no_grad(), autocast:
-                for p_index, prompt in enumerate(prompts):
-                    generator = torch.Generator(device="cpu").manual_seed(cfg.seed if cfg.seed is not None else 0)
-                    images = pipeline(
-                        prompt, num_images_per_prompt=cfg.num_validation_images, height=cfg.resolution,
-                        width=cfg.resolution, num_inference_steps=cfg.validation_inference_steps,
-                        generator=generator,
-                    ).images
-                    for i, image in enumerate(images):
-                        path = os.path.join(folder, f"step-{self.global_step:06d}-prompt{p_index}-{i}.png")
-                        image.save(path)
-                        paths.append(path)
-                        images_for_log.append(np.asarray(image))
-        finally:
-            for model, flag in zip((unet, text_encoder), was_training):
-                model.train(flag)
-        for tracker in acc.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images("validation", np.stack(images_for_log), self.global_step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({"validation": [wandb.Image(img, caption=prompts[0]) for img in images_for_log]},
-                            step=self.global_step)
         self.samples = paths  # the latest samples go into the model card
         return paths
 
@@ -717,17 +502,6 @@ class _DreamBoothRun:
         self.accelerator = None
 
 
-def _remove_stale_temporary_checkpoints(output_dir: str) -> None:
-    """Remove `.tmp-checkpoint-*` folders a killed run left behind (never a completed checkpoint)."""
-    import shutil
-
-    if os.environ.get("RANK", "0") != "0":
-        return
-    for name in os.listdir(output_dir):
-        if name.startswith(".tmp-checkpoint-"):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-
-
 def _tracker_config(cfg: TrainConfig) -> dict:
     """Settings for the tracker (TensorBoard hparams accept only scalars and strings)."""
     out = {}
@@ -737,29 +511,6 @@ def _tracker_config(cfg: TrainConfig) -> dict:
         elif value is not None and key not in ("instance_images", "instance_captions"):
             out[key] = str(value)
     return out
-
-
-def _load_lora_checkpoint(input_dir: str, unet, text_encoder=None) -> None:
-    """Load a checkpoint's `pytorch_lora_weights.safetensors` into the models' "default" adapters."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state = load_file(os.path.join(input_dir, DIFFUSERS_WEIGHT_NAME))
-    unet_sd = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_sd), adapter_name="default")
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"checkpoint has LoRA tensors the model does not: {unexpected[:3]}")
-    te_sd = {k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")}
-    if text_encoder is not None:
-        if not te_sd:
-            raise ValueError("checkpoint has no text-encoder LoRA but --train_text_encoder is set")
-        set_peft_model_state_dict(text_encoder, convert_state_dict_to_peft(convert_state_dict_to_diffusers(te_sd)),
-                                  adapter_name="default")
-
-
 
 
 def run_cli_training(config: TrainConfig) -> TrainEvent:
