@@ -11,6 +11,10 @@ standard metric, and the outputs in `output_dir`:
     loss_log.jsonl      one line per optimizer step: step, loss, lr, epoch
     checkpoint-<step>/  optimizer, scheduler, RNG and trainable weights (`--checkpointing_steps`)
     eval_predictions.jsonl  GSM8K only: each generated answer and its extracted number
+
+Here live the run itself, its configuration, the model with its adapter and the checkpoints; the
+parts it orchestrates have their own modules: `llm_tasks` (which tasks, what their data must hold),
+`llm_data` (loading, tokenization, batching) and `llm_eval` (metrics of the trained model).
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ from typing import Optional
 import torch
 
 from .. import available_optimizers, create_optimizer
-from . import metrics as task_metrics
 from .common import (
     UserError,
     attach_grad_scaler,
@@ -34,14 +37,26 @@ from .common import (
     save_checkpoint_atomically,
     stopwatch,
 )
+# Also re-exported: `from adaprelora.training.llm import ...` stays the way in for scripts and tests.
+from .llm_data import (  # noqa: F401
+    GSM8K_PROMPT,
+    IGNORE_INDEX,
+    CausalLMCollator,
+    build_causal_lm_example,
+    format_gsm8k_prompt,
+    load_task_splits,
+    tokenize_glue,
+    tokenize_gsm8k_eval,
+    tokenize_gsm8k_train,
+)
+from .llm_eval import evaluate_glue, evaluate_gsm8k, generate_answers  # noqa: F401
+from .llm_tasks import EVAL_SUFFIXES, TASK_NAMES, TaskSpec, check_columns, check_labels, get_task  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value the loss skips (prompt tokens and padding)
 TRAINABLE_WEIGHTS_NAME = "trainable_weights.safetensors"
 LOSS_LOG_NAME = "loss_log.jsonl"
 METRICS_NAME = "metrics.json"
-GSM8K_PROMPT = "Question: {question}\nAnswer:"
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -51,68 +66,6 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
     "inverse_sqrt",
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# Tasks
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What a task needs: Hub location, columns, label space and evaluation splits."""
-
-    name: str  # "glue:sst2" or "gsm8k"
-    family: str  # "glue" or "gsm8k"
-    hub_path: str
-    hub_config: str
-    text_columns: tuple[str, ...]
-    label_column: Optional[str]
-    num_labels: int  # 1 means regression (STS-B); 0 for generation (GSM8K)
-    train_split: str
-    eval_splits: tuple[str, ...]  # the first is the main one; MNLI also has the mismatched one
-
-    @property
-    def glue_task(self) -> Optional[str]:
-        return self.name.split(":", 1)[1] if self.family == "glue" else None
-
-    @property
-    def is_regression(self) -> bool:
-        return self.family == "glue" and self.num_labels == 1
-
-    @property
-    def required_columns(self) -> tuple[str, ...]:
-        return self.text_columns + ((self.label_column,) if self.label_column else ())
-
-
-# GLUE's columns and label counts, as in the `nyu-mll/glue` dataset.
-_GLUE = {
-    "cola": (("sentence",), 2),
-    "sst2": (("sentence",), 2),
-    "mrpc": (("sentence1", "sentence2"), 2),
-    "qqp": (("question1", "question2"), 2),
-    "stsb": (("sentence1", "sentence2"), 1),
-    "mnli": (("premise", "hypothesis"), 3),
-    "qnli": (("question", "sentence"), 2),
-    "rte": (("sentence1", "sentence2"), 2),
-    "wnli": (("sentence1", "sentence2"), 2),
-}
-TASK_NAMES = tuple(f"glue:{name}" for name in _GLUE) + ("gsm8k",)
-# Suffix of each evaluation split's metric names in metrics.json (MNLI mismatched: `accuracy_mm`).
-EVAL_SUFFIXES = {"validation_mismatched": "_mm"}
-
-
-def get_task(name: str) -> TaskSpec:
-    """`"glue:<cola|sst2|mrpc|qqp|stsb|mnli|qnli|rte|wnli>"` or `"gsm8k"` -> its TaskSpec."""
-    key = str(name).strip().lower()
-    if key == "gsm8k":
-        return TaskSpec("gsm8k", "gsm8k", "openai/gsm8k", "main", ("question", "answer"), None, 0,
-                        "train", ("test",))
-    family, _, sub = key.partition(":")
-    if family == "glue" and sub in _GLUE:
-        columns, num_labels = _GLUE[sub]
-        evals = ("validation_matched", "validation_mismatched") if sub == "mnli" else ("validation",)
-        return TaskSpec(key, "glue", "nyu-mll/glue", sub, columns, "label", num_labels, "train", evals)
-    raise UserError(f"--task: unknown task {name!r}; choose from {', '.join(TASK_NAMES)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,179 +152,6 @@ class FinetuneConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
-
-
-def _builder_for(path: str) -> tuple[str, dict]:
-    lower = path.lower()
-    if lower.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-        return "json", {}
-    if lower.endswith((".csv", ".csv.gz")):
-        return "csv", {}
-    if lower.endswith((".tsv", ".tsv.gz")):
-        return "csv", {"delimiter": "\t"}
-    raise UserError(f"{path}: unsupported file type (use .jsonl, .json, .csv or .tsv)")
-
-
-def _load_file(path: str, spec: TaskSpec):
-    import datasets
-
-    builder, kwargs = _builder_for(path)
-    try:
-        data = datasets.load_dataset(builder, data_files={"data": path}, split="data", **kwargs)
-    except Exception as err:  # malformed JSON/CSV: one line naming the file
-        raise UserError(f"{path}: could not be read as {builder} ({type(err).__name__}: {err})".splitlines()[0]) from None
-    check_columns(data.column_names, spec, where=path)
-    return data
-
-
-def check_columns(columns, spec: TaskSpec, where: str) -> None:
-    """A UserError naming the first column `spec` needs that `columns` lacks."""
-    for column in spec.required_columns:
-        if column not in columns:
-            raise UserError(
-                f"{where}: missing column {column!r} needed by {spec.name} "
-                f"(needs {', '.join(spec.required_columns)}; found {', '.join(columns) or 'none'})"
-            )
-
-
-def load_task_splits(config: FinetuneConfig, spec: TaskSpec) -> dict:
-    """{"train": Dataset, <eval split>: Dataset, ...}: from the local files if given, else the Hub."""
-    if config.train_file:
-        splits = {spec.train_split: _load_file(config.train_file, spec),
-                  spec.eval_splits[0]: _load_file(config.validation_file, spec)}
-        if config.validation_mismatched_file:
-            splits[spec.eval_splits[1]] = _load_file(config.validation_mismatched_file, spec)
-    else:
-        import datasets
-
-        try:
-            hub = datasets.load_dataset(spec.hub_path, spec.hub_config)
-        except Exception as err:  # offline, no such dataset...: say what to do instead
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UserError(
-                f"could not load {spec.hub_path} ({spec.hub_config}) from the Hub: {first}; "
-                "pass --train_file and --validation_file to train offline"
-            ) from None
-        splits = {name: hub[name] for name in (spec.train_split,) + spec.eval_splits}
-        for name, data in splits.items():
-            check_columns(data.column_names, spec, where=f"{spec.hub_path}/{spec.hub_config} [{name}]")
-    for name, data in splits.items():
-        limit = config.max_train_samples if name == spec.train_split else config.max_eval_samples
-        if limit is not None and limit < len(data):
-            splits[name] = data.select(range(limit))
-        if len(splits[name]) == 0:
-            raise UserError(f"the {name} split of {spec.name} is empty")
-    if spec.family == "glue":
-        for name, data in splits.items():
-            check_labels(data[spec.label_column], spec, where=name)
-    return splits
-
-
-def check_labels(labels, spec: TaskSpec, where: str) -> None:
-    """GLUE labels: numbers for STS-B, class ids 0..num_labels-1 otherwise (the test split's -1 is not)."""
-    for value in labels:
-        if spec.is_regression:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        else:
-            ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < spec.num_labels
-        if not ok:
-            wanted = "a number" if spec.is_regression else f"an integer class id in 0..{spec.num_labels - 1}"
-            raise UserError(f"{where}: column 'label' must hold {wanted} for {spec.name}, found {value!r}")
-
-
-def format_gsm8k_prompt(question: str) -> str:
-    return GSM8K_PROMPT.format(question=question.strip())
-
-
-def build_causal_lm_example(tokenizer, prompt: str, answer: str, max_length: int) -> Optional[dict]:
-    """Token ids of prompt + " answer" + EOS, with labels = IGNORE_INDEX on the prompt tokens.
-
-    The prompt is tokenized on its own (as at generation time) so the boundary is exact. Too long
-    examples are cut at `max_length`; None when no answer token survives the cut.
-    """
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        answer_ids = answer_ids + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
-    if all(label == IGNORE_INDEX for label in labels):
-        return None
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
-
-
-def tokenize_glue(data, tokenizer, spec: TaskSpec, max_length: int):
-    """Tokenized (pairs of) sentences plus a `labels` column (float for STS-B)."""
-
-    def encode(batch):
-        texts = [batch[column] for column in spec.text_columns]
-        out = tokenizer(*texts, truncation=True, max_length=max_length)
-        labels = batch[spec.label_column]
-        out["labels"] = [float(v) for v in labels] if spec.is_regression else [int(v) for v in labels]
-        return out
-
-    return data.map(encode, batched=True, remove_columns=data.column_names, desc="tokenizing")
-
-
-def tokenize_gsm8k_train(data, tokenizer, max_length: int):
-    def encode(batch):
-        out = {"input_ids": [], "attention_mask": [], "labels": []}
-        for question, answer in zip(batch["question"], batch["answer"]):
-            example = build_causal_lm_example(tokenizer, format_gsm8k_prompt(question), answer, max_length)
-            if example is not None:
-                for key in out:
-                    out[key].append(example[key])
-        return out
-
-    encoded = data.map(encode, batched=True, remove_columns=data.column_names, desc="tokenizing")
-    if len(encoded) < len(data):
-        logger.warning("%d GSM8K examples had no answer token within --max_seq_length %d and were dropped",
-                       len(data) - len(encoded), max_length)
-    if len(encoded) == 0:
-        raise UserError(f"no GSM8K example fits in --max_seq_length {max_length}: raise it")
-    return encoded
-
-
-def tokenize_gsm8k_eval(data, tokenizer, max_length: int):
-    def encode(batch):
-        prompts = [format_gsm8k_prompt(q) for q in batch["question"]]
-        ids = [tokenizer(p, add_special_tokens=True)["input_ids"][-max_length:] for p in prompts]
-        return {"input_ids": ids, "reference": batch["answer"], "index": batch["__index"]}
-
-    data = data.add_column("__index", list(range(len(data))))
-    return data.map(encode, batched=True, remove_columns=data.column_names, desc="tokenizing")
-
-
-class CausalLMCollator:
-    """Pads input_ids (pad id), attention_mask (0) and labels (IGNORE_INDEX) on the right, or, for
-    generation batches without labels, on the left so every prompt ends at the last position."""
-
-    def __init__(self, pad_token_id: int, left: bool = False):
-        self.pad_token_id = pad_token_id
-        self.left = left
-
-    def __call__(self, features: list[dict]) -> dict:
-        width = max(len(f["input_ids"]) for f in features)
-        batch = {"input_ids": [], "attention_mask": []}
-        has_labels = "labels" in features[0]
-        if has_labels:
-            batch["labels"] = []
-        for f in features:
-            ids = list(f["input_ids"])
-            gap = width - len(ids)
-            rows = {"input_ids": (ids, self.pad_token_id), "attention_mask": ([1] * len(ids), 0)}
-            if has_labels:
-                rows["labels"] = (list(f["labels"]), IGNORE_INDEX)
-            for key, (values, pad) in rows.items():
-                batch[key].append([pad] * gap + values if self.left else values + [pad] * gap)
-        out = {key: torch.tensor(values, dtype=torch.long) for key, values in batch.items()}
-        if "index" in features[0]:
-            out["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Model
 
 
@@ -450,69 +230,6 @@ def load_trainable_state_dict(model, state: dict) -> None:
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def _glue_predictions(logits: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
-    return logits.squeeze(-1).float() if spec.is_regression else logits.argmax(dim=-1)
-
-
-@torch.no_grad()
-def evaluate_glue(model, dataloader, accelerator, spec: TaskSpec) -> dict:
-    """GLUE metrics of `model` over a prepared dataloader (gathered across processes)."""
-    model.eval()
-    preds, refs = [], []
-    for batch in dataloader:
-        with accelerator.autocast():
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        p, r = accelerator.gather_for_metrics((_glue_predictions(logits, spec), batch["labels"]))
-        preds.append(p.cpu())
-        refs.append(r.cpu())
-    model.train()
-    predictions = torch.cat(preds).numpy()
-    references = torch.cat(refs).numpy()
-    return task_metrics.glue_metrics(spec.glue_task, predictions, references)
-
-
-@torch.no_grad()
-def generate_answers(model, dataloader, accelerator, tokenizer, max_new_tokens: int) -> list[dict]:
-    """Greedy completions of left-padded prompt batches: [{"index", "completion"}] over all processes."""
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.eval()
-    rows = []
-    for batch in dataloader:
-        with accelerator.autocast():
-            out = unwrapped.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        new_tokens = out[:, batch["input_ids"].shape[1]:]
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        # a model that goes on with an invented next question must not be scored on its numbers
-        texts = [text.split("\nQuestion:")[0].strip() for text in texts]
-        rows.extend({"index": int(i), "completion": t} for i, t in zip(batch["index"].tolist(), texts))
-    unwrapped.train()
-    return accelerator.gather_for_metrics(rows, use_gather_object=True)
-
-
-def evaluate_gsm8k(model, dataloader, accelerator, tokenizer, eval_data, max_new_tokens: int):
-    """(metrics, per-example rows): exact-match accuracy of the extracted final answers."""
-    generated = generate_answers(model, dataloader, accelerator, tokenizer, max_new_tokens)
-    rows = sorted({row["index"]: row for row in generated}.values(), key=lambda row: row["index"])
-    references = eval_data["reference"]
-    for row in rows:
-        row["reference"] = task_metrics.extract_gsm8k_answer(references[row["index"]])
-        row["prediction"] = task_metrics.extract_gsm8k_answer(row["completion"])
-        row["correct"] = row["prediction"] is not None and row["prediction"] == row["reference"]
-    accuracy = sum(row["correct"] for row in rows) / max(len(rows), 1)
-    return {"accuracy": accuracy}, rows
 
 
 # ---------------------------------------------------------------------------------------------
