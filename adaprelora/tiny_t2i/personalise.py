@@ -1,0 +1,85 @@
+"""DreamBooth on the built-in model, measured: subject images to train on, the default settings for
+this model, and the judge's scores of what a LoRA then draws.
+
+    folder = write_subject_images("heart", "/tmp/heart")          # 5 PNGs + sidecar captions
+    scores = evaluate_lora(pipe, judge, "heart", lora_dir="/tmp/lora-heart")
+
+The trigger prompt is "a sks shape on a {background} background": "sks" is one of the base model's
+trained filler words, "shape" its generic noun, so before training the prompt draws some base shape
+and after it should draw the subject.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Optional
+
+from . import scenes
+from .judge import Judge, judge_images, similarity
+from .quality import generate, score
+
+TRIGGER = "sks"
+CLASS_NOUN = scenes.GENERIC_NOUN
+
+
+def trigger_prompt(background: str, trigger: str = TRIGGER) -> str:
+    return f"a {trigger} {CLASS_NOUN} on a {background} background"
+
+
+def write_subject_images(subject: str, folder: str, count: int = 5, seed: int = 0, trigger: str = TRIGGER,
+                         captions: bool = True) -> list[str]:
+    """`count` PNGs of `subject` in `folder`, each with a sidecar `.txt` caption naming its background
+    (what a careful user uploads); returns the image paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, scene in enumerate(scenes.subject_scenes(subject, count, seed=seed)):
+        stem = os.path.join(folder, f"{subject.replace(' ', '_')}_{i}")
+        scenes.render(scene).save(stem + ".png")
+        if captions:
+            with open(stem + ".txt", "w") as f:
+                f.write(trigger_prompt(scene.background, trigger))
+        paths.append(stem + ".png")
+    return paths
+
+
+def recontext_backgrounds(subject: str) -> list[str]:
+    """Backgrounds to ask for after training: every colour except the subject's own."""
+    return [c for c in scenes.COLOURS if c != scenes.SUBJECT_COLOURS[subject]]
+
+
+def evaluate_lora(pipe, judge: Judge, subject: str, *, lora_dir: Optional[str] = None, per_background: int = 3,
+                  prior_prompts: int = 28, seed: int = 0, lora_scale: float = 1.0, trigger: str = TRIGGER,
+                  **gen_kwargs) -> dict:
+    """Judge what `pipe` (with the LoRA in `lora_dir` loaded, or the bare base model) draws.
+
+    Returns `subject_fidelity` (fraction of trigger-prompt images the judge calls `subject`),
+    `background` (fraction with the asked-for background), `similarity` (mean cosine of the judge
+    embedding to the subject's real images), and `prior` (the judge's all-three score on ordinary
+    prompts without the trigger word: compare it with the base model's).
+    """
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir)
+    kwargs = dict(gen_kwargs)
+    if lora_dir is not None:
+        kwargs["cross_attention_kwargs"] = {"scale": lora_scale}
+    try:
+        wanted = [scenes.Scene(subject, scenes.SUBJECT_COLOURS[subject], bg)
+                  for bg in recontext_backgrounds(subject) for _ in range(per_background)]
+        images = generate(pipe, [trigger_prompt(w.background, trigger) for w in wanted], seed=seed + 500, **kwargs)
+        verdicts = judge_images(judge, images)
+        fidelity = score(verdicts, wanted)
+        refs = judge_images(judge, [scenes.render(s) for s in scenes.subject_scenes(subject, 8, seed=seed + 99)])
+        rng = random.Random(seed + 1)
+        base_wanted = [scenes.sample_scene(rng) for _ in range(prior_prompts)]
+        base_images = generate(pipe, [scenes.caption(s) for s in base_wanted], seed=seed + 900, **kwargs)
+        prior = score(judge_images(judge, base_images), base_wanted)
+    finally:
+        if lora_dir is not None:
+            pipe.unload_lora_weights()
+    return {"subject_fidelity": fidelity["shape"], "background": fidelity["background"],
+            "similarity": similarity(verdicts, refs), "prior": prior["all"], "n": len(wanted),
+            "images": images}
+
+
+__all__ = ["CLASS_NOUN", "TRIGGER", "evaluate_lora", "recontext_backgrounds", "trigger_prompt",
+           "write_subject_images"]

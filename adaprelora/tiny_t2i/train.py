@@ -1,0 +1,263 @@
+"""Train the built-in text-to-image model from scratch on generated scenes, then its judge.
+
+Stages: draw the data set; train the VAE; encode every image once; train the text encoder and the
+UNet together on the cached latents (epsilon prediction, SD's noise schedule, min-SNR weighting,
+EMA weights); save a standard `StableDiffusionPipeline` folder; train the judge; measure quality;
+write the model card and a sample grid. `scripts/train_tiny_sd.py` is the command line.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from . import models, scenes
+
+
+@dataclass
+class TinyT2IConfig:
+    """Every setting of a from-scratch run (the model card records them)."""
+
+    output_dir: str = "assets/tiny-sd"
+    seed: int = 0
+    num_images: int = 32768
+    vae_steps: int = 1000
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    unet_steps: int = 2600
+    batch_size: int = 64
+    lr: float = 6e-4
+    weight_decay: float = 1e-2
+    warmup_steps: int = 200
+    snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    judge_steps: int = 1500
+    eval_per_split: int = 96
+    guidance_scale: float = 5.0
+    num_inference_steps: int = 25
+    threads: int = 2
+    time_limit_minutes: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+def caption_for_training(scene: scenes.Scene, rng: random.Random) -> str:
+    """A caption with the variations the model should understand: the full form most of the time,
+    sometimes the generic noun, no colour, a trigger-word filler, or nothing (for guidance)."""
+    u = rng.random()
+    if u < 0.10:
+        return ""
+    if u < 0.20:
+        return scenes.caption(scene, noun=scenes.GENERIC_NOUN)
+    if u < 0.28:
+        return f"a {scene.shape} on a {scene.background} background"
+    if u < 0.34:
+        return scenes.caption(scene, noun=f"{rng.choice(scenes.TRIGGER_WORDS)} {scene.shape}")
+    return scenes.caption(scene)
+
+
+def make_dataset(seed: int, count: int):
+    """`count` training scenes (no held-out pair, no subject) and their images as uint8 (N, 3, 64, 64)."""
+    data = list(scenes.scenes(seed, count))
+    images = np.stack([np.asarray(scenes.render(s, models.IMAGE_SIZE)) for s in data]).transpose(0, 3, 1, 2)
+    return data, torch.from_numpy(np.ascontiguousarray(images))
+
+
+def _to_unit(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float() / 127.5 - 1.0
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train_vae(images: torch.Tensor, cfg: TinyT2IConfig, bar=None):
+    vae = models.build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    vae.train()
+    for step in range(cfg.vae_steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * _cosine(step, cfg.vae_steps, 50)
+        idx = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)
+        x = _to_unit(images[idx])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if bar is not None:
+            bar.set_postfix_str(f"vae loss {float(loss):.4f}")
+            bar.update(1)
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_all(vae, images: torch.Tensor, batch: int = 256):
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(_to_unit(images[i:i + batch])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, images: torch.Tensor) -> float:
+    x = _to_unit(images)
+    recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    mse = F.mse_loss((recon + 1) / 2, (x + 1) / 2).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def train_denoiser(data, means, stds, tokenizer, cfg: TinyT2IConfig, scaling_factor: float, bar=None,
+                   deadline: Optional[float] = None):
+    """Train text encoder + UNet jointly; returns their EMA copies and the loss log."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(cfg.seed + 2)
+    unet = models.build_unet()
+    text_encoder = models.build_text_encoder(tokenizer)
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in models.scheduler_config().items()
+                                       if k not in ("set_alpha_to_one", "steps_offset")})
+    alphas = noise_scheduler.alphas_cumprod
+    snr_all = alphas / (1 - alphas)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    rng = random.Random(cfg.seed + 3)
+    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    losses = []
+    unet.train()
+    text_encoder.train()
+    for step in range(cfg.unet_steps):
+        if deadline is not None and time.time() > deadline:
+            break
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _cosine(step, cfg.unet_steps, cfg.warmup_steps)
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling_factor
+        ids = tokenizer([caption_for_training(data[i], rng) for i in idx.tolist()], padding="max_length",
+                        max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        pred = unet(noisy, t, text_encoder(ids)[0]).sample
+        snr = snr_all[t]
+        weight = torch.clamp(snr, max=cfg.snr_gamma) / snr
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(cfg.ema_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - d)
+        losses.append(float(loss))
+        if bar is not None:
+            bar.set_postfix_str(f"unet loss {np.mean(losses[-50:]):.4f}")
+            bar.update(1)
+    return ema_unet.eval(), ema_text.eval(), losses
+
+
+def assemble_pipeline(unet, vae, text_encoder, tokenizer):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=DDIMScheduler(**models.scheduler_config()), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(cfg: TinyT2IConfig) -> dict:
+    """Train everything and write `cfg.output_dir` (written to a temporary sibling, then moved in)."""
+    from .quality import evaluate_base, write_model_card, write_samples_grid
+    from .judge import judge_accuracy, save_judge, train_judge
+
+    torch.set_num_threads(cfg.threads)
+    start = time.time()
+    deadline = start + cfg.time_limit_minutes * 60 if cfg.time_limit_minutes else None
+    timings: dict[str, float] = {}
+    total = cfg.vae_steps + cfg.unet_steps + cfg.judge_steps
+    bar = tqdm(total=total, desc="tiny-sd", unit="step", mininterval=2.0)
+
+    t = time.time()
+    data, images = make_dataset(cfg.seed, cfg.num_images)
+    timings["data_s"] = time.time() - t
+    t = time.time()
+    vae = train_vae(images, cfg, bar)
+    timings["vae_s"] = time.time() - t
+    t = time.time()
+    means, stds = encode_all(vae, images)
+    scaling_factor = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    psnr = reconstruction_psnr(vae, images[-256:])
+    timings["encode_s"] = time.time() - t
+    tokenizer = models.build_tokenizer()
+    t = time.time()
+    unet, text_encoder, losses = train_denoiser(data, means, stds, tokenizer, cfg, scaling_factor, bar, deadline)
+    timings["unet_s"] = time.time() - t
+    del images, means, stds
+
+    t = time.time()
+    judge = train_judge(steps=cfg.judge_steps, seed=cfg.seed + 5, progress=lambda s, l: bar.update(1))
+    judge_metrics = judge_accuracy(judge)
+    timings["judge_s"] = time.time() - t
+    bar.close()
+
+    tmp = cfg.output_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    save_judge(judge, os.path.join(tmp, "judge"), judge_metrics)
+
+    t = time.time()
+    quality = evaluate_base(pipe, judge, per_split=cfg.eval_per_split, guidance_scale=cfg.guidance_scale,
+                            num_inference_steps=cfg.num_inference_steps, seed=cfg.seed)
+    timings["eval_s"] = time.time() - t
+    write_samples_grid(pipe, os.path.join(tmp, "samples.png"), seed=cfg.seed, guidance_scale=cfg.guidance_scale,
+                       num_inference_steps=cfg.num_inference_steps)
+    timings["total_s"] = time.time() - start
+    report = {
+        "config": asdict(cfg),
+        "parameters": {"vae": models.parameter_count(vae), "text_encoder": models.parameter_count(text_encoder),
+                       "unet": models.parameter_count(unet), "judge": models.parameter_count(judge)},
+        "unet_steps_done": len(losses),
+        "final_loss": float(np.mean(losses[-100:])) if losses else None,
+        "vae_psnr_db": psnr,
+        "scaling_factor": scaling_factor,
+        "judge_accuracy": judge_metrics,
+        "quality": quality,
+        "timings": timings,
+        "torch_threads": cfg.threads,
+    }
+    with open(os.path.join(tmp, "training_report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    write_model_card(tmp, report)
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    os.replace(tmp, cfg.output_dir)
+    return report
+
+
+__all__ = ["TinyT2IConfig", "assemble_pipeline", "caption_for_training", "make_dataset", "run"]

@@ -1,0 +1,110 @@
+"""The scene generator, the tokenizer and the judge's training code of the built-in model, and the
+from-scratch training script run for a handful of steps (so it keeps working; it never retrains)."""
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adaprelora.tiny_t2i import scenes
+from adaprelora.tiny_t2i.models import build_tokenizer, vocabulary_words
+from adaprelora.tiny_t2i.train import caption_for_training
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_scenes_are_reproducible_from_a_seed():
+    a = [np.asarray(scenes.render(s)) for s in scenes.scenes(3, 20)]
+    b = [np.asarray(scenes.render(s)) for s in scenes.scenes(3, 20)]
+    c = [np.asarray(scenes.render(s)) for s in scenes.scenes(4, 20)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_training_scenes_never_hold_a_held_out_pair_nor_a_subject():
+    data = list(scenes.scenes(0, 5000))
+    assert not any(scenes.is_held_out(s.shape, s.colour) for s in data)
+    assert not any(s.shape in scenes.SUBJECTS for s in data)
+    assert {s.shape for s in data} == set(scenes.SHAPES)
+    assert all(s.colour != s.background for s in data)
+    held = list(scenes.scenes(0, 500, held_out=True))
+    assert all(scenes.is_held_out(s.shape, s.colour) for s in held)
+
+
+def test_the_generator_has_the_variety_asked_for():
+    assert len(scenes.SHAPES) >= 5 and len(scenes.COLOURS) >= 6 and len(scenes.SUBJECTS) >= 4
+    assert not set(scenes.SHAPES) & set(scenes.SUBJECTS)
+
+
+def test_shape_is_drawn_in_its_colour_on_its_background():
+    scene = scenes.Scene("square", "red", "blue", 0.5, 0.5, 0.35, 0.0)
+    arr = np.asarray(scenes.render(scene)).astype(int)
+    assert np.abs(arr[32, 32] - np.array(scenes.COLOURS["red"])).max() < 4, "centre is the shape's colour"
+    assert np.abs(arr[1, 1] - np.array(scenes.COLOURS["blue"])).max() < 4, "corner is the background"
+
+
+def test_every_shape_renders_differently():
+    base = dict(colour="white", background="black", cx=0.5, cy=0.5, radius=0.35, angle=0.0)
+    masks = {s: np.asarray(scenes.render(scenes.Scene(s, **base)).convert("L")) > 128 for s in scenes.ALL_SHAPES}
+    for a in scenes.ALL_SHAPES:
+        assert 0.05 < masks[a].mean() < 0.7, a
+        for b in scenes.ALL_SHAPES:
+            if a < b:
+                assert (masks[a] != masks[b]).mean() > 0.02, (a, b)
+
+
+def test_subject_images_share_colour_and_vary_background():
+    views = scenes.subject_scenes("heart", 5, seed=1)
+    assert {v.colour for v in views} == {scenes.SUBJECT_COLOURS["heart"]}
+    assert len({v.background for v in views}) == 5
+
+
+def test_tokenizer_makes_every_caption_word_one_token():
+    tok = build_tokenizer()
+    for word in vocabulary_words():
+        assert tok.tokenize(word) == [word + "</w>"], word
+    ids = tok("a purple hexagon on a yellow background").input_ids
+    assert len(ids) == 2 + 7
+    assert tok.tokenize("dog")  # any other text still tokenizes, into byte pieces
+
+
+def test_caption_variants_cover_guidance_generic_noun_and_triggers():
+    rng = random.Random(0)
+    scene = scenes.Scene("star", "red", "green")
+    caps = [caption_for_training(scene, rng) for _ in range(2000)]
+    assert 0.07 < caps.count("") / len(caps) < 0.13
+    assert any(" shape on " in c for c in caps)
+    assert any(any(t in c.split() for t in scenes.TRIGGER_WORDS) for c in caps)
+    assert caps.count("a red star on a green background") / len(caps) > 0.5
+
+
+def test_train_script_runs_a_few_steps_into_a_temporary_folder(tmp_path):
+    out = tmp_path / "tiny"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_sd.py"), "--quick", "--threads", "1",
+                           "--output_dir", str(out)], capture_output=True, text=True, timeout=420, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("model_index.json", "README.md", "samples.png", "judge/judge.safetensors", "unet/config.json"):
+        assert (out / name).exists(), name
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    assert len(pipe.tokenizer) == len(build_tokenizer())
+
+
+def test_train_script_refuses_a_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_sd.py"), "--quick",
+                           "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "non-empty folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("bad", ["pentagon"])
+def test_unknown_shape_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="unknown shape"):
+        scenes.render(scenes.Scene(bad, "red", "blue"))
