@@ -14,8 +14,14 @@ from __future__ import annotations
 from adaprelora import available_optimizers
 from adaprelora.training.common import parse_optimizer_args, run_cli
 from adaprelora.training.config import (
-    INTERPOLATION_MODES, LR_SCHEDULERS, MIXED_PRECISION, PRIOR_GENERATION_PRECISION, REPORT_TO, TrainConfig,
-    UserErrorArgumentParser, default_report_to,
+    INTERPOLATION_MODES,
+    LR_SCHEDULERS,
+    MIXED_PRECISION,
+    PRIOR_GENERATION_PRECISION,
+    REPORT_TO,
+    TrainConfig,
+    UserErrorArgumentParser,
+    default_report_to,
 )
 
 OPTIMIZERS = available_optimizers()

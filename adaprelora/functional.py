@@ -2,8 +2,8 @@ r"""Pure maths of AdaPreLoRA and the baselines, batched over a bucket of k pairs
 
 Every function takes stacked tensors (A: (k, r, n), B: (k, m, r), gradients alike, p: (k, m),
 q: (k, n)) in the compute dtype (float32 or better) and returns new tensors (`adamw_` alone updates
-in place); none of them sees parameters, param groups or optimizer state dicts. `docs/algorithm.md` and
-`../shared/spec/adaprelora.md` give the derivations; the tests check each function against
+in place); none of them sees parameters, param groups or optimizer state dicts. `docs/algorithm.md` gives the
+derivations; the tests check each function against
 explicit float64 matrices.
 """
 from __future__ import annotations

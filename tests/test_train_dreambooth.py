@@ -247,7 +247,11 @@ def test_kohya_file_converts_back_to_the_same_weights(run_c, tiny_model):
     from peft import LoraConfig
 
     from adaprelora.training.export import (
-        TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, kohya_to_peft, load_kohya_lora, peft_state_dict,
+        TEXT_ENCODER_TARGET_MODULES,
+        UNET_TARGET_MODULES,
+        kohya_to_peft,
+        load_kohya_lora,
+        peft_state_dict,
     )
 
     out, _, _ = run_c
@@ -428,11 +432,7 @@ def test_config_cross_field_errors_name_the_flags(tiny_model, instance_dir, tmp_
 
 
 def test_parse_args_uses_diffusers_names_and_defaults():
-    sys.path.insert(0, str(ROOT))
-    try:
-        import train_dreambooth
-    finally:
-        sys.path.pop(0)
+    import train_dreambooth  # the repository root is on pytest's pythonpath
     args = train_dreambooth.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
                                         "--optimizer_args", "weight_decay=0.01", "betas=(0.9,0.99)"])
     assert (args.learning_rate, args.rank, args.train_batch_size, args.resolution) == (5e-4, 4, 4, 512)

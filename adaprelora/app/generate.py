@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from . import DEFAULT_BASE_MODEL
+
 _ADAPTER = "app_lora"
 
 

@@ -37,6 +37,7 @@ from .common import (
     save_checkpoint_atomically,
     stopwatch,
 )
+
 # Also re-exported: `from adaprelora.training.llm import ...` stays the way in for scripts and tests.
 from .llm_data import (  # noqa: F401
     GSM8K_PROMPT,
