@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from adaprelora.testing.tiny_lm import build_byte_tokenizer, save_tiny_lm
-from adaprelora.training.common import UserError
+from adaprelora.training.errors import UserError
 from adaprelora.training.llm import (
     IGNORE_INDEX,
     CausalLMCollator,

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from adaprelora import available_optimizers
 from adaprelora.testing.tiny_sd import build_tiny_sd_pipeline
-from adaprelora.training.common import UserError
+from adaprelora.training.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "train_dreambooth.py")
@@ -246,7 +246,7 @@ def test_kohya_file_converts_back_to_the_same_weights(run_c, tiny_model):
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import LoraConfig
 
-    from adaprelora.training.export import (
+    from adaprelora.training.dreambooth.export import (
         TEXT_ENCODER_TARGET_MODULES,
         UNET_TARGET_MODULES,
         kohya_to_peft,
@@ -307,7 +307,7 @@ def test_bad_input_is_one_clear_line(case, launch, tiny_model, instance_dir, tmp
 # In-process: train() as the app drives it
 # ------------------------------------------------------------------------------------------------
 def _config(tiny_model, instance_dir, output_dir, **kw):
-    from adaprelora.training.config import TrainConfig
+    from adaprelora.training.dreambooth import TrainConfig
 
     base = dict(pretrained_model_name_or_path=tiny_model, instance_data_dir=instance_dir,
                 instance_prompt="a photo of sks toy", output_dir=str(output_dir), resolution=32,
@@ -392,7 +392,7 @@ def test_training_options_run(tiny_model, instance_dir, tmp_path):
 
 
 def test_data_loading_exif_alpha_captions_and_crops(instance_dir):
-    from adaprelora.training.data import DreamBoothDataset, load_rgb, preprocess, scan_instance_images
+    from adaprelora.training.dreambooth.data import DreamBoothDataset, load_rgb, preprocess, scan_instance_images
 
     records, warnings = scan_instance_images(instance_dir)
     assert [os.path.basename(r.path) for r in records] == ["img0.png", "img1.jpg", "img2.webp"]

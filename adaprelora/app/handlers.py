@@ -290,7 +290,7 @@ class AppHandlers:
                         resolution, captions, class_prompt, train_text_encoder, validation_prompt,
                         validation_steps, seed, num_samples):
         from adaprelora import available_optimizers
-        from adaprelora.training.config import TrainConfig
+        from adaprelora.training.dreambooth import TrainConfig
 
         paths = check_uploaded_images(images)
         prompt = (instance_prompt or "").strip()
@@ -366,8 +366,8 @@ class AppHandlers:
         info.meta["captions"] = {os.path.basename(k): v for k, v in staged_captions.items()}
 
     def _run_training(self, info: LoraInfo, config, job: TrainingJob, progress):
-        from adaprelora.training.common import UserError
         from adaprelora.training.dreambooth import train as run_trainer
+        from adaprelora.training.errors import UserError
 
         history: list[tuple[int, float]] = []
         samples: list[tuple[str, str]] = []
@@ -611,6 +611,6 @@ class AppHandlers:
 
 
 def _has_checkpoint(folder: str) -> bool:
-    from adaprelora.training.common import list_checkpoints
+    from adaprelora.training.checkpoints import list_checkpoints
 
     return bool(list_checkpoints(folder))
