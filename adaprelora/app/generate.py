@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import DEFAULT_BASE_MODEL
+from .defaults import DEFAULT_BASE_MODEL, GENERATE_DEFAULTS
 
 _ADAPTER = "app_lora"
 
@@ -140,11 +140,11 @@ class BaseModel:
 class GenerationRequest:
     prompt: str
     negative_prompt: str = ""
-    num_inference_steps: int = 30
-    guidance_scale: float = 7.5
-    seed: int = 0
-    lora_scale: float = 1.0
-    num_images: int = 1
+    num_inference_steps: int = GENERATE_DEFAULTS["num_inference_steps"]
+    guidance_scale: float = GENERATE_DEFAULTS["guidance_scale"]
+    seed: int = GENERATE_DEFAULTS["seed"]
+    lora_scale: float = GENERATE_DEFAULTS["lora_scale"]
+    num_images: int = GENERATE_DEFAULTS["num_images"]
     width: Optional[int] = None
     height: Optional[int] = None
 
