@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import Iterable, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -34,6 +34,18 @@ class Bucket:
     n: int
     r: int
     state: dict = field(default_factory=dict)  # name -> stacked tensor (k, ...), compute dtype
+
+
+class StackedBucket(NamedTuple):
+    """A bucket's factors, gradients and scales stacked in the compute dtype (`_stack`)."""
+
+    pairs: list  # the bucket's LoraPairs, in order
+    A: torch.Tensor  # (k, r, n)
+    B: torch.Tensor  # (k, m, r)
+    gradA: torch.Tensor  # (k, r, n); zeros for a pair without gradients
+    gradB: torch.Tensor  # (k, m, r)
+    s: torch.Tensor  # (k, 1, 1) LoRA scales
+    present: torch.Tensor  # (k,) bool: the pair has both gradients
 
 
 @dataclass
@@ -223,7 +235,7 @@ class LoRAPairOptimizer(Optimizer):
     def _after_pairs(self) -> None:
         pass
 
-    def _stack(self, bucket: Bucket):
+    def _stack(self, bucket: Bucket) -> Optional[StackedBucket]:
         """Stack a bucket's factors, gradients and scales (compute dtype); None if no gradients."""
         ps = [self.pairs[i] for i in bucket.pair_ids]
         As, Bs = [p.A for p in ps], [p.B for p in ps]
@@ -241,8 +253,7 @@ class LoRAPairOptimizer(Optimizer):
         gradA = torch.stack(gAs).view(k, r, n).to(cdt)
         gradB = torch.stack(gBs).view(k, m, r).to(cdt)
         s = torch.tensor([p.scaling() for p in ps], dtype=cdt, device=A.device).reshape(-1, 1, 1)
-        present_t = torch.tensor(present, device=A.device)
-        return ps, A, B, gradA, gradB, s, present_t
+        return StackedBucket(ps, A, B, gradA, gradB, s, torch.tensor(present, device=A.device))
 
     @staticmethod
     def _finite(*tensors) -> torch.Tensor:
@@ -265,10 +276,11 @@ class LoRAPairOptimizer(Optimizer):
             self._warn_once("nonfinite", msg + " (warned once)")
 
     def _step_bucket(self, bucket: Bucket) -> None:
-        stacked = self._stack(bucket)
-        if stacked is None:
+        x = self._stack(bucket)
+        if x is None:
             return
-        ps, A, B, gradA, gradB, s, present = stacked
+        ps, A, B, s, present = x.pairs, x.A, x.B, x.s, x.present
+        gradA, gradB = x.gradA, x.gradB
         ok = self._finite(gradA, gradB) & present
         self._check_nonfinite(ok, present, ps)
         if not bool(ok.any()):

@@ -24,14 +24,24 @@ def add_ridge(M: torch.Tensor, damping: float) -> torch.Tensor:
     return M + ridge[..., None, None] * _eye_like(M)
 
 
-def cholesky(M: torch.Tensor) -> torch.Tensor:
+def _jittered_cholesky(M: torch.Tensor) -> torch.Tensor:
+    """The retry of `cholesky`: M + 1e-6 max|diag M| I, factorised."""
+    scale = torch.diagonal(M, dim1=-2, dim2=-1).abs().amax(-1).clamp_min(TINY)
+    return torch.linalg.cholesky_ex(M + (1e-6 * scale)[..., None, None] * _eye_like(M))[0]
+
+
+def cholesky(M: torch.Tensor, *, sync: bool = True) -> torch.Tensor:
     """Batched Cholesky factor; a factor that fails (only for non-finite or wildly scaled input)
-    is retried with a larger jitter rather than raising mid-training."""
+    is retried with a larger jitter rather than raising mid-training.
+
+    `sync=True` asks the host whether any factor failed and retries only then; `sync=False` (the
+    fused Triton step) computes the retry for every matrix and selects it where needed, so the
+    host never waits for the device.
+    """
     L, info = torch.linalg.cholesky_ex(M)
-    if bool((info != 0).any()):
-        scale = torch.diagonal(M, dim1=-2, dim2=-1).abs().amax(-1).clamp_min(TINY)
-        L, _ = torch.linalg.cholesky_ex(M + (1e-6 * scale)[..., None, None] * _eye_like(M))
-    return L
+    if sync:
+        return _jittered_cholesky(M) if bool((info != 0).any()) else L
+    return torch.where((info != 0)[..., None, None], _jittered_cholesky(M), L)
 
 
 def adafactor_accumulators(R, C, row, col, step, decay_rate: float = -0.8, eps_factored: float = 1e-30):
@@ -204,7 +214,13 @@ def adamw_update(param, grad, exp_avg, exp_avg_sq, step, **hyper):
 
 def rebalance(A, B):
     """c = sqrt(||A|| / ||B||) per pair (ones where either is zero): B c, A / c leave B A unchanged."""
-    na = torch.linalg.vector_norm(A.flatten(1), dim=1)
-    nb = torch.linalg.vector_norm(B.flatten(1), dim=1)
-    ok = (na > 0) & (nb > 0)
-    return torch.where(ok, torch.sqrt(na / torch.where(ok, nb, torch.ones_like(nb))), torch.ones_like(na))
+    return rebalance_from_norms(torch.linalg.vector_norm(A.flatten(1), dim=1),
+                                torch.linalg.vector_norm(B.flatten(1), dim=1))
+
+
+def rebalance_from_norms(na, nb, ok=None):
+    """`rebalance`'s factor from the (k,) norms ||A||, ||B||; ones where either is zero or `ok` is False."""
+    good = (na > 0) & (nb > 0)
+    if ok is not None:
+        good = good & ok
+    return torch.where(good, torch.sqrt(na / torch.where(good, nb, torch.ones_like(nb))), torch.ones_like(na))

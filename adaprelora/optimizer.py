@@ -185,9 +185,8 @@ class AdaPreLoRA(LoRAPairOptimizer):
             if any(r is None for r in rows):
                 return super()._step_bucket(bucket)
         else:
-            stacked = self._stack(bucket)
-            _, A, B, gradA, gradB, s, _ = stacked
-            rows, cols = F.tangent_energies(A, B, gradA / s, gradB / s, g["damping"])
+            x = self._stack(bucket)
+            rows, cols = F.tangent_energies(x.A, x.B, x.gradA / x.s, x.gradB / x.s, g["damping"])
         scale = torch.tensor([p.scaling() for p in ps], dtype=torch.float32, device=ps[0].A.device)
         ok = fused_bucket_step(
             [p.A for p in ps], [p.B for p in ps], [p.A.grad for p in ps], [p.B.grad for p in ps], rows, cols,

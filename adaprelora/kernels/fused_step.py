@@ -46,11 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..functional import add_ridge
+from ..functional import add_ridge, cholesky, rebalance_from_norms
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-TINY = torch.finfo(torch.float32).tiny
-_N_GRAMS = 9
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -296,22 +294,12 @@ def _bucket_rescale_kernel(
 # ----------------------------------------------------
 
 
-def _cholesky(M: torch.Tensor) -> torch.Tensor:
-    """`functional.cholesky` without its host sync: the jittered retry is computed for every
-    matrix and selected where the plain factorisation failed."""
-    L, info = torch.linalg.cholesky_ex(M)
-    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-    scale = torch.diagonal(M, dim1=-2, dim2=-1).abs().amax(-1).clamp_min(TINY)
-    L2, _ = torch.linalg.cholesky_ex(M + (1e-6 * scale)[..., None, None] * eye)
-    return torch.where((info != 0)[..., None, None], L2, L)
-
-
 def _solve_matrices(grams, mean_r, m, n, damping, clip_threshold):
     """(c M_B^-1, c Y, c M_A^-1) for every pair, c the clip factor, from phase (a)'s Grams."""
     G1, G2, G3, G4, H1, H2, K, H3, H4 = grams.unbind(1)
     sq_mr = torch.sqrt(mean_r)[:, None, None]
-    LB = _cholesky(add_ridge(G1 / sq_mr, damping))  # B^T P B + ridge
-    LA = _cholesky(add_ridge(H1, damping))  # A Q A^T + ridge
+    LB = cholesky(add_ridge(G1 / sq_mr, damping), sync=False)  # B^T P B + ridge
+    LA = cholesky(add_ridge(H1, damping), sync=False)  # A Q A^T + ridge
     eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device).expand_as(K)
     MBi = torch.cholesky_solve(eye, LB)
     MAi = torch.cholesky_solve(eye, LA)
@@ -458,8 +446,7 @@ def fused_bucket_step(
     if variant == "sgd" and rebalance:
         n_a = triton.cdiv(n, BLOCK)
         na, nb = torch.sqrt(norms[:, :n_a].sum(1)), torch.sqrt(norms[:, n_a:].sum(1))
-        good = ok & (na > 0) & (nb > 0)
-        c = torch.where(good, torch.sqrt(na / torch.where(good, nb, torch.ones_like(nb))), torch.ones_like(na))
+        c = rebalance_from_norms(na, nb, ok)
         _bucket_rescale_kernel[(k, n_tiles)](
             tabs[0], tabs[1], m1a, m1b, c, m, n, r,
             PARAM_DTYPE=_TL_DTYPES[dtype], HAS_MOMENTUM=bool(momentum), R_PAD=R_PAD, BLOCK=BLOCK, num_warps=4,
