@@ -308,34 +308,10 @@ class LoRAPairOptimizer(Optimizer):
 
     def _apply_(self, bucket: Bucket, A, B, dA, dB, s, step) -> None:
         """Update the stacked factors A, B and the bucket's state in place (spec 3.5)."""
-        g, st = bucket.group, bucket.state
-        lr, wd = g["lr"], g["weight_decay"]
-        if self.variant == "adamw":
-            b1, b2 = g["betas"]
-            hyper = dict(lr=lr, beta1=b1, beta2=b2, eps=g["eps"], weight_decay=wd)
-            F.adamw_(A, dA, st["exp_avg_A"], st["exp_avg_sq_A"], step, **hyper)
-            F.adamw_(B, dB, st["exp_avg_B"], st["exp_avg_sq_B"], step, **hyper)
-            return
-        mom = g.get("momentum", 0.0)
-        if mom:
-            first = (step <= 1)[:, None, None]
-            for d, name in ((dA, "momentum_buffer_A"), (dB, "momentum_buffer_B")):
-                buf = st[name]
-                buf.copy_(torch.where(first, d, buf.mul_(mom).add_(d)))
-            dA, dB = st["momentum_buffer_A"], st["momentum_buffer_B"]
-        scale = lr * self._sgd_scale(s)
-        if wd:
-            A.mul_(1 - lr * wd)
-            B.mul_(1 - lr * wd)
-        A.sub_(scale * dA)
-        B.sub_(scale * dB)
-        if self._rebalance_sgd:
-            c = F.rebalance(A, B)[:, None, None]
-            A.div_(c)
-            B.mul_(c)
-            if mom:  # keep the buffers in the rebalanced coordinates (dA -> dA / c, dB -> dB c)
-                st["momentum_buffer_A"].div_(c)
-                st["momentum_buffer_B"].mul_(c)
+        g = bucket.group
+        F.factor_step_(A, B, dA, dB, bucket.state, step, variant=self.variant, lr=g["lr"], betas=g["betas"],
+                       eps=g["eps"], weight_decay=g["weight_decay"], momentum=g.get("momentum", 0.0),
+                       sgd_scale=self._sgd_scale(s), rebalance_sgd=self._rebalance_sgd)
 
     def _write_back(self, bucket: Bucket, ps, ok, A, B) -> None:
         """Copy the new stacked factors A, B into the parameters of the pairs that were updated

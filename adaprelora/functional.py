@@ -212,6 +212,42 @@ def adamw_update(param, grad, exp_avg, exp_avg_sq, step, **hyper):
     return param, exp_avg, exp_avg_sq
 
 
+def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_decay, momentum=0.0,
+                 sgd_scale=None, rebalance_sgd=False):
+    """Move stacked factors A, B along directions dA, dB in place, with the bucket's `state`.
+
+    "adamw": AdamW on each factor (moments "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B").
+    "sgd": A -= lr sgd_scale dA (likewise B) after decoupled weight decay, with heavy-ball momentum
+    ("momentum_buffer_A/B") when `momentum`, then, with `rebalance_sgd`, B c, A / c (`rebalance`).
+    `step` (k,) is the new step count; `sgd_scale` (k, 1, 1), ones when None.
+    """
+    if variant == "adamw":
+        b1, b2 = betas
+        hyper = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay)
+        adamw_(A, dA, state["exp_avg_A"], state["exp_avg_sq_A"], step, **hyper)
+        adamw_(B, dB, state["exp_avg_B"], state["exp_avg_sq_B"], step, **hyper)
+        return
+    if momentum:
+        first = (step <= 1)[:, None, None]
+        for d, name in ((dA, "momentum_buffer_A"), (dB, "momentum_buffer_B")):
+            buf = state[name]
+            buf.copy_(torch.where(first, d, buf.mul_(momentum).add_(d)))
+        dA, dB = state["momentum_buffer_A"], state["momentum_buffer_B"]
+    scale = lr if sgd_scale is None else lr * sgd_scale
+    if weight_decay:
+        A.mul_(1 - lr * weight_decay)
+        B.mul_(1 - lr * weight_decay)
+    A.sub_(scale * dA)
+    B.sub_(scale * dB)
+    if rebalance_sgd:
+        c = rebalance(A, B)[:, None, None]
+        A.div_(c)
+        B.mul_(c)
+        if momentum:  # keep the buffers in the rebalanced coordinates (dA -> dA / c, dB -> dB c)
+            state["momentum_buffer_A"].div_(c)
+            state["momentum_buffer_B"].mul_(c)
+
+
 def rebalance(A, B):
     """c = sqrt(||A|| / ||B||) per pair (ones where either is zero): B c, A / c leave B A unchanged."""
     return rebalance_from_norms(torch.linalg.vector_norm(A.flatten(1), dim=1),

@@ -15,7 +15,7 @@ You will learn about:
 # Motivations
 # -----------
 #
-# The torch path (`adaprelora.base` + `adaprelora.functional`) stacks each bucket, then runs ~60
+# The torch path (`adaprelora.step._torch_adaprelora_step`) stacks each bucket, then runs ~60
 # small kernels per bucket, and syncs the host on the finiteness checks.  LoRA factors are tiny
 # (SD 1.5 attention, r = 16: 128 pairs of at most 1280 x 16), so that step is launch- and
 # sync-bound.  Per bucket of k pairs, the memory traffic of one step is (T = r (m + n) per pair):
