@@ -212,6 +212,35 @@ def adamw_update(param, grad, exp_avg, exp_avg_sq, step, **hyper):
     return param, exp_avg, exp_avg_sq
 
 
+def solve_from_grams(grams, mean_r, m, n, damping, clip_threshold):
+    """(c M_B^-1, c Y, c M_A^-1) for every pair, c the clip factor, from the fused step's Grams
+    (k, 9, r, r): B^T S B, B^T B, B^T S^-1 gB, gB^T S^-2 gB, A Q A^T, A A^T, gA A^T, gA Q^-1 A^T,
+    gA Q^-2 gA^T (S = diag sqrt(R), Q = diag sqrt(C)); `balanced_solve` and `clip_factor` in r x r
+    products only, without a host sync (see kernels/fused_step.py)."""
+    G1, G2, G3, G4, H1, H2, K, H3, H4 = grams.unbind(1)
+    sq_mr = torch.sqrt(mean_r)[:, None, None]
+    LB = cholesky(add_ridge(G1 / sq_mr, damping), sync=False)  # B^T P B + ridge
+    LA = cholesky(add_ridge(H1, damping), sync=False)  # A Q A^T + ridge
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device).expand_as(K)
+    MBi = torch.cholesky_solve(eye, LB)
+    MAi = torch.cholesky_solve(eye, LA)
+    Y = 0.5 * torch.cholesky_solve(torch.cholesky_solve(K.mT, LA).mT, LB)  # 1/2 M_B^-1 K M_A^-1
+    if clip_threshold is None:
+        return MBi, Y, MAi
+    # ||B dA + dB A||^2 = <B^T B, dA dA^T> + 2 <B^T dB, dA A^T> + <dB^T dB, A A^T>, with
+    # dA = M_B^-1 gAq - Y A and dB = gBp M_A^-1 - B Y (gAq = gA Q^-1, gBp = P^-1 gB):
+    BgBp = G3 * sq_mr  # B^T P^-1 gB
+    gBpgBp = G4 * (sq_mr * sq_mr)  # gB^T P^-2 gB
+    dAdAt = MBi @ H4 @ MBi - MBi @ H3 @ Y.mT - Y @ H3.mT @ MBi + Y @ H2 @ Y.mT
+    dAAt = MBi @ H3 - Y @ H2
+    BtdB = BgBp @ MAi - G2 @ Y
+    dBtdB = MAi @ gBpgBp @ MAi - MAi @ BgBp.mT @ Y - Y.mT @ BgBp @ MAi + Y.mT @ G2 @ Y
+    sq = (G2 * dAdAt).sum((-2, -1)) + 2 * (BtdB * dAAt).sum((-2, -1)) + (dBtdB * H2).sum((-2, -1))
+    rms = torch.sqrt(sq.clamp_min(0) / (m * n))
+    c = (clip_threshold / torch.clamp(rms, min=clip_threshold))[:, None, None]
+    return MBi * c, Y * c, MAi * c
+
+
 def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_decay, momentum=0.0,
                  sgd_scale=None, rebalance_sgd=False):
     """Move stacked factors A, B along directions dA, dB in place, with the bucket's `state`.

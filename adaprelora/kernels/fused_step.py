@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..functional import add_ridge, cholesky, rebalance_from_norms
+from ..functional import rebalance_from_norms, solve_from_grams
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -290,34 +290,8 @@ def _bucket_rescale_kernel(
 
 
 # %%
-# Batched r x r algebra (phase b, torch, no host sync)
-# ----------------------------------------------------
-
-
-def _solve_matrices(grams, mean_r, m, n, damping, clip_threshold):
-    """(c M_B^-1, c Y, c M_A^-1) for every pair, c the clip factor, from phase (a)'s Grams."""
-    G1, G2, G3, G4, H1, H2, K, H3, H4 = grams.unbind(1)
-    sq_mr = torch.sqrt(mean_r)[:, None, None]
-    LB = cholesky(add_ridge(G1 / sq_mr, damping), sync=False)  # B^T P B + ridge
-    LA = cholesky(add_ridge(H1, damping), sync=False)  # A Q A^T + ridge
-    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device).expand_as(K)
-    MBi = torch.cholesky_solve(eye, LB)
-    MAi = torch.cholesky_solve(eye, LA)
-    Y = 0.5 * torch.cholesky_solve(torch.cholesky_solve(K.mT, LA).mT, LB)  # 1/2 M_B^-1 K M_A^-1
-    if clip_threshold is None:
-        return MBi, Y, MAi
-    # ||B dA + dB A||^2 = <B^T B, dA dA^T> + 2 <B^T dB, dA A^T> + <dB^T dB, A A^T>, with
-    # dA = M_B^-1 gAq - Y A and dB = gBp M_A^-1 - B Y (gAq = gA Q^-1, gBp = P^-1 gB):
-    BgBp = G3 * sq_mr  # B^T P^-1 gB
-    gBpgBp = G4 * (sq_mr * sq_mr)  # gB^T P^-2 gB
-    dAdAt = MBi @ H4 @ MBi - MBi @ H3 @ Y.mT - Y @ H3.mT @ MBi + Y @ H2 @ Y.mT
-    dAAt = MBi @ H3 - Y @ H2
-    BtdB = BgBp @ MAi - G2 @ Y
-    dBtdB = MAi @ gBpgBp @ MAi - MAi @ BgBp.mT @ Y - Y.mT @ BgBp @ MAi + Y.mT @ G2 @ Y
-    sq = (G2 * dAdAt).sum((-2, -1)) + 2 * (BtdB * dAAt).sum((-2, -1)) + (dBtdB * H2).sum((-2, -1))
-    rms = torch.sqrt(sq.clamp_min(0) / (m * n))
-    c = (clip_threshold / torch.clamp(rms, min=clip_threshold))[:, None, None]
-    return MBi * c, Y * c, MAi * c
+# Batched r x r algebra (phase b): `functional.solve_from_grams`, torch ops with no host sync
+# ------------------------------------------------------------------------------------------
 
 
 # %%
@@ -405,7 +379,7 @@ def fused_bucket_step(
     # phase (b): r x r solves and the clip factor, batched over the bucket
     ok = stats[:, 1:].sum(1) == 0  # NaN (a non-finite read) fails the test
     mean_r = stats[:, 0] / m
-    MBi, Y, MAi = _solve_matrices(grams[:, :, :r, :r], mean_r, m, n, damping, clip_threshold)
+    MBi, Y, MAi = solve_from_grams(grams[:, :, :r, :r], mean_r, m, n, damping, clip_threshold)
     mats = torch.zeros((k, 3, R_PAD, R_PAD), device=device, dtype=f32)
     mats[:, 0, :r, :r], mats[:, 1, :r, :r], mats[:, 2, :r, :r] = MBi, Y, MAi
     new_step = step + ok.to(step.dtype)
