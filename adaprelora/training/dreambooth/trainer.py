@@ -63,8 +63,11 @@ def train(config: TrainConfig, stop_event: Optional[threading.Event] = None) -> 
 
     One event per optimizer step (with loss, lr, steps/s and any validation `samples`), a few
     `message` events during setup (loading, class-image generation, resume), and a last event with
-    `done=True` and `outputs`. Setting `stop_event` ends training after the current step: a final
-    checkpoint and the output files are saved and the last event has `stopped=True`.
+    `done=True` and `outputs`: {"output_dir", "diffusers", "kohya", "model_card"} paths, and
+    "checkpoint" when a final checkpoint was written (stopped runs); a run stopped before its first
+    step saves nothing and has only "output_dir". Setting `stop_event` ends training after the
+    current step: a final checkpoint and the output files are saved and the last event has
+    `stopped=True`.
 
     Output files in `config.output_dir`: `pytorch_lora_weights.safetensors` (diffusers),
     `<output_name>.safetensors` (kohya/A1111), `README.md`, `checkpoint-<step>/` folders,
