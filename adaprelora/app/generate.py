@@ -114,7 +114,9 @@ class BaseModel:
                 try:
                     pipe = DiffusionPipeline.from_pretrained(self.model_id, dtype=dtype)
                 except Exception as err:
-                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    from adaprelora.training.errors import first_line
+
+                    first = first_line(err)
                     raise RuntimeError(
                         f"The base model `{self.model_id}` could not be loaded ({first[:200]}). "
                         + how_to_use_local_model(self.model_id)
