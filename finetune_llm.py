@@ -7,15 +7,16 @@
     accelerate launch finetune_llm.py ...        # several GPUs
 
 Offline: --train_file/--validation_file (JSONL or CSV with the task's columns) replace the Hub data.
-The logic lives in adaprelora/training/llm.py.
+The logic lives in adaprelora/training/llm/.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 
-from adaprelora.training.common import parse_optimizer_args, run_cli
+from adaprelora.training.errors import run_cli
 from adaprelora.training.llm import LR_SCHEDULERS, TASK_NAMES, FinetuneConfig, finetune
+from adaprelora.training.options import parse_optimizer_args
 
 
 def parse_args(input_args=None) -> FinetuneConfig:

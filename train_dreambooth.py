@@ -12,11 +12,16 @@ done by `adaprelora.training.dreambooth.train()`, which the Gradio app drives as
 from __future__ import annotations
 
 from adaprelora import available_optimizers
-from adaprelora.training.common import parse_optimizer_args, run_cli
-from adaprelora.training.config import (
-    INTERPOLATION_MODES, LR_SCHEDULERS, MIXED_PRECISION, PRIOR_GENERATION_PRECISION, REPORT_TO, TrainConfig,
-    UserErrorArgumentParser, default_report_to,
+from adaprelora.training.dreambooth.config import (
+    INTERPOLATION_MODES,
+    MIXED_PRECISION,
+    PRIOR_GENERATION_PRECISION,
+    REPORT_TO,
+    TrainConfig,
+    default_report_to,
 )
+from adaprelora.training.errors import UserErrorArgumentParser, run_cli
+from adaprelora.training.options import LR_SCHEDULERS, parse_optimizer_args
 
 OPTIMIZERS = available_optimizers()
 

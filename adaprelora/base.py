@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import Iterable, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -34,6 +34,18 @@ class Bucket:
     n: int
     r: int
     state: dict = field(default_factory=dict)  # name -> stacked tensor (k, ...), compute dtype
+
+
+class StackedBucket(NamedTuple):
+    """A bucket's factors, gradients and scales stacked in the compute dtype (`_stack`)."""
+
+    pairs: list  # the bucket's LoraPairs, in order
+    A: torch.Tensor  # (k, r, n)
+    B: torch.Tensor  # (k, m, r)
+    gradA: torch.Tensor  # (k, r, n); zeros for a pair without gradients
+    gradB: torch.Tensor  # (k, m, r)
+    s: torch.Tensor  # (k, 1, 1) LoRA scales
+    present: torch.Tensor  # (k,) bool: the pair has both gradients
 
 
 @dataclass
@@ -223,7 +235,7 @@ class LoRAPairOptimizer(Optimizer):
     def _after_pairs(self) -> None:
         pass
 
-    def _stack(self, bucket: Bucket):
+    def _stack(self, bucket: Bucket) -> Optional[StackedBucket]:
         """Stack a bucket's factors, gradients and scales (compute dtype); None if no gradients."""
         ps = [self.pairs[i] for i in bucket.pair_ids]
         As, Bs = [p.A for p in ps], [p.B for p in ps]
@@ -241,8 +253,7 @@ class LoRAPairOptimizer(Optimizer):
         gradA = torch.stack(gAs).view(k, r, n).to(cdt)
         gradB = torch.stack(gBs).view(k, m, r).to(cdt)
         s = torch.tensor([p.scaling() for p in ps], dtype=cdt, device=A.device).reshape(-1, 1, 1)
-        present_t = torch.tensor(present, device=A.device)
-        return ps, A, B, gradA, gradB, s, present_t
+        return StackedBucket(ps, A, B, gradA, gradB, s, torch.tensor(present, device=A.device))
 
     @staticmethod
     def _finite(*tensors) -> torch.Tensor:
@@ -265,10 +276,11 @@ class LoRAPairOptimizer(Optimizer):
             self._warn_once("nonfinite", msg + " (warned once)")
 
     def _step_bucket(self, bucket: Bucket) -> None:
-        stacked = self._stack(bucket)
-        if stacked is None:
+        x = self._stack(bucket)
+        if x is None:
             return
-        ps, A, B, gradA, gradB, s, present = stacked
+        ps, A, B, s, present = x.pairs, x.A, x.B, x.s, x.present
+        gradA, gradB = x.gradA, x.gradB
         ok = self._finite(gradA, gradB) & present
         self._check_nonfinite(ok, present, ps)
         if not bool(ok.any()):
@@ -296,34 +308,10 @@ class LoRAPairOptimizer(Optimizer):
 
     def _apply_(self, bucket: Bucket, A, B, dA, dB, s, step) -> None:
         """Update the stacked factors A, B and the bucket's state in place (spec 3.5)."""
-        g, st = bucket.group, bucket.state
-        lr, wd = g["lr"], g["weight_decay"]
-        if self.variant == "adamw":
-            b1, b2 = g["betas"]
-            hyper = dict(lr=lr, beta1=b1, beta2=b2, eps=g["eps"], weight_decay=wd)
-            F.adamw_(A, dA, st["exp_avg_A"], st["exp_avg_sq_A"], step, **hyper)
-            F.adamw_(B, dB, st["exp_avg_B"], st["exp_avg_sq_B"], step, **hyper)
-            return
-        mom = g.get("momentum", 0.0)
-        if mom:
-            first = (step <= 1)[:, None, None]
-            for d, name in ((dA, "momentum_buffer_A"), (dB, "momentum_buffer_B")):
-                buf = st[name]
-                buf.copy_(torch.where(first, d, buf.mul_(mom).add_(d)))
-            dA, dB = st["momentum_buffer_A"], st["momentum_buffer_B"]
-        scale = lr * self._sgd_scale(s)
-        if wd:
-            A.mul_(1 - lr * wd)
-            B.mul_(1 - lr * wd)
-        A.sub_(scale * dA)
-        B.sub_(scale * dB)
-        if self._rebalance_sgd:
-            c = F.rebalance(A, B)[:, None, None]
-            A.div_(c)
-            B.mul_(c)
-            if mom:  # keep the buffers in the rebalanced coordinates (dA -> dA / c, dB -> dB c)
-                st["momentum_buffer_A"].div_(c)
-                st["momentum_buffer_B"].mul_(c)
+        g = bucket.group
+        F.factor_step_(A, B, dA, dB, bucket.state, step, variant=self.variant, lr=g["lr"], betas=g["betas"],
+                       eps=g["eps"], weight_decay=g["weight_decay"], momentum=g.get("momentum", 0.0),
+                       sgd_scale=self._sgd_scale(s), rebalance_sgd=self._rebalance_sgd)
 
     def _write_back(self, bucket: Bucket, ps, ok, A, B) -> None:
         """Copy the new stacked factors A, B into the parameters of the pairs that were updated

@@ -82,13 +82,18 @@ def available_optimizers() -> list[str]:
     return list(_REGISTRY)
 
 
+def canonical_name(name: str) -> str:
+    """An optimizer name as the registry spells it: case-insensitive, `_` and `-` alike."""
+    return str(name).strip().lower().replace("_", "-")
+
+
 def create_optimizer(name: str, model: nn.Module, *, lr: float, **kwargs) -> torch.optim.Optimizer:
     """Build optimizer `name` (case-insensitive, `_` and `-` alike) over `model`'s trainable tensors.
 
     Keyword arguments go to that optimizer (e.g. `weight_decay`, `betas`, `loraplus_lr_ratio`,
     `reg`, `stats`, `damping`, `variant`). An unknown name is a ValueError listing the choices.
     """
-    key = str(name).strip().lower().replace("_", "-")
+    key = canonical_name(name)
     if key not in _REGISTRY:
         raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(available_optimizers())}")
     if not isinstance(model, nn.Module):

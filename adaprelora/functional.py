@@ -2,8 +2,8 @@ r"""Pure maths of AdaPreLoRA and the baselines, batched over a bucket of k pairs
 
 Every function takes stacked tensors (A: (k, r, n), B: (k, m, r), gradients alike, p: (k, m),
 q: (k, n)) in the compute dtype (float32 or better) and returns new tensors (`adamw_` alone updates
-in place); none of them sees parameters, param groups or optimizer state dicts. `docs/algorithm.md` and
-`../shared/spec/adaprelora.md` give the derivations; the tests check each function against
+in place); none of them sees parameters, param groups or optimizer state dicts. `docs/algorithm.md` gives the
+derivations; the tests check each function against
 explicit float64 matrices.
 """
 from __future__ import annotations
@@ -24,14 +24,24 @@ def add_ridge(M: torch.Tensor, damping: float) -> torch.Tensor:
     return M + ridge[..., None, None] * _eye_like(M)
 
 
-def cholesky(M: torch.Tensor) -> torch.Tensor:
+def _jittered_cholesky(M: torch.Tensor) -> torch.Tensor:
+    """The retry of `cholesky`: M + 1e-6 max|diag M| I, factorised."""
+    scale = torch.diagonal(M, dim1=-2, dim2=-1).abs().amax(-1).clamp_min(TINY)
+    return torch.linalg.cholesky_ex(M + (1e-6 * scale)[..., None, None] * _eye_like(M))[0]
+
+
+def cholesky(M: torch.Tensor, *, sync: bool = True) -> torch.Tensor:
     """Batched Cholesky factor; a factor that fails (only for non-finite or wildly scaled input)
-    is retried with a larger jitter rather than raising mid-training."""
+    is retried with a larger jitter rather than raising mid-training.
+
+    `sync=True` asks the host whether any factor failed and retries only then; `sync=False` (the
+    fused Triton step) computes the retry for every matrix and selects it where needed, so the
+    host never waits for the device.
+    """
     L, info = torch.linalg.cholesky_ex(M)
-    if bool((info != 0).any()):
-        scale = torch.diagonal(M, dim1=-2, dim2=-1).abs().amax(-1).clamp_min(TINY)
-        L, _ = torch.linalg.cholesky_ex(M + (1e-6 * scale)[..., None, None] * _eye_like(M))
-    return L
+    if sync:
+        return _jittered_cholesky(M) if bool((info != 0).any()) else L
+    return torch.where((info != 0)[..., None, None], _jittered_cholesky(M), L)
 
 
 def adafactor_accumulators(R, C, row, col, step, decay_rate: float = -0.8, eps_factored: float = 1e-30):
@@ -202,9 +212,80 @@ def adamw_update(param, grad, exp_avg, exp_avg_sq, step, **hyper):
     return param, exp_avg, exp_avg_sq
 
 
+def solve_from_grams(grams, mean_r, m, n, damping, clip_threshold):
+    """(c M_B^-1, c Y, c M_A^-1) for every pair, c the clip factor, from the fused step's Grams
+    (k, 9, r, r): B^T S B, B^T B, B^T S^-1 gB, gB^T S^-2 gB, A Q A^T, A A^T, gA A^T, gA Q^-1 A^T,
+    gA Q^-2 gA^T (S = diag sqrt(R), Q = diag sqrt(C)); `balanced_solve` and `clip_factor` in r x r
+    products only, without a host sync (see kernels/fused_step.py)."""
+    G1, G2, G3, G4, H1, H2, K, H3, H4 = grams.unbind(1)
+    sq_mr = torch.sqrt(mean_r)[:, None, None]
+    LB = cholesky(add_ridge(G1 / sq_mr, damping), sync=False)  # B^T P B + ridge
+    LA = cholesky(add_ridge(H1, damping), sync=False)  # A Q A^T + ridge
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device).expand_as(K)
+    MBi = torch.cholesky_solve(eye, LB)
+    MAi = torch.cholesky_solve(eye, LA)
+    Y = 0.5 * torch.cholesky_solve(torch.cholesky_solve(K.mT, LA).mT, LB)  # 1/2 M_B^-1 K M_A^-1
+    if clip_threshold is None:
+        return MBi, Y, MAi
+    # ||B dA + dB A||^2 = <B^T B, dA dA^T> + 2 <B^T dB, dA A^T> + <dB^T dB, A A^T>, with
+    # dA = M_B^-1 gAq - Y A and dB = gBp M_A^-1 - B Y (gAq = gA Q^-1, gBp = P^-1 gB):
+    BgBp = G3 * sq_mr  # B^T P^-1 gB
+    gBpgBp = G4 * (sq_mr * sq_mr)  # gB^T P^-2 gB
+    dAdAt = MBi @ H4 @ MBi - MBi @ H3 @ Y.mT - Y @ H3.mT @ MBi + Y @ H2 @ Y.mT
+    dAAt = MBi @ H3 - Y @ H2
+    BtdB = BgBp @ MAi - G2 @ Y
+    dBtdB = MAi @ gBpgBp @ MAi - MAi @ BgBp.mT @ Y - Y.mT @ BgBp @ MAi + Y.mT @ G2 @ Y
+    sq = (G2 * dAdAt).sum((-2, -1)) + 2 * (BtdB * dAAt).sum((-2, -1)) + (dBtdB * H2).sum((-2, -1))
+    rms = torch.sqrt(sq.clamp_min(0) / (m * n))
+    c = (clip_threshold / torch.clamp(rms, min=clip_threshold))[:, None, None]
+    return MBi * c, Y * c, MAi * c
+
+
+def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_decay, momentum=0.0,
+                 sgd_scale=None, rebalance_sgd=False):
+    """Move stacked factors A, B along directions dA, dB in place, with the bucket's `state`.
+
+    "adamw": AdamW on each factor (moments "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B").
+    "sgd": A -= lr sgd_scale dA (likewise B) after decoupled weight decay, with heavy-ball momentum
+    ("momentum_buffer_A/B") when `momentum`, then, with `rebalance_sgd`, B c, A / c (`rebalance`).
+    `step` (k,) is the new step count; `sgd_scale` (k, 1, 1), ones when None.
+    """
+    if variant == "adamw":
+        b1, b2 = betas
+        hyper = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay)
+        adamw_(A, dA, state["exp_avg_A"], state["exp_avg_sq_A"], step, **hyper)
+        adamw_(B, dB, state["exp_avg_B"], state["exp_avg_sq_B"], step, **hyper)
+        return
+    if momentum:
+        first = (step <= 1)[:, None, None]
+        for d, name in ((dA, "momentum_buffer_A"), (dB, "momentum_buffer_B")):
+            buf = state[name]
+            buf.copy_(torch.where(first, d, buf.mul_(momentum).add_(d)))
+        dA, dB = state["momentum_buffer_A"], state["momentum_buffer_B"]
+    scale = lr if sgd_scale is None else lr * sgd_scale
+    if weight_decay:
+        A.mul_(1 - lr * weight_decay)
+        B.mul_(1 - lr * weight_decay)
+    A.sub_(scale * dA)
+    B.sub_(scale * dB)
+    if rebalance_sgd:
+        c = rebalance(A, B)[:, None, None]
+        A.div_(c)
+        B.mul_(c)
+        if momentum:  # keep the buffers in the rebalanced coordinates (dA -> dA / c, dB -> dB c)
+            state["momentum_buffer_A"].div_(c)
+            state["momentum_buffer_B"].mul_(c)
+
+
 def rebalance(A, B):
     """c = sqrt(||A|| / ||B||) per pair (ones where either is zero): B c, A / c leave B A unchanged."""
-    na = torch.linalg.vector_norm(A.flatten(1), dim=1)
-    nb = torch.linalg.vector_norm(B.flatten(1), dim=1)
-    ok = (na > 0) & (nb > 0)
-    return torch.where(ok, torch.sqrt(na / torch.where(ok, nb, torch.ones_like(nb))), torch.ones_like(na))
+    return rebalance_from_norms(torch.linalg.vector_norm(A.flatten(1), dim=1),
+                                torch.linalg.vector_norm(B.flatten(1), dim=1))
+
+
+def rebalance_from_norms(na, nb, ok=None):
+    """`rebalance`'s factor from the (k,) norms ||A||, ||B||; ones where either is zero or `ok` is False."""
+    good = (na > 0) & (nb > 0)
+    if ok is not None:
+        good = good & ok
+    return torch.where(good, torch.sqrt(na / torch.where(good, nb, torch.ones_like(nb))), torch.ones_like(na))

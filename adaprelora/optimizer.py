@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .base import LoRAPairOptimizer, StepContext
+from .base import LoRAPairOptimizer
 from .kernels import resolve_backend
+from .step import adaprelora_step
 
 
 class AdaPreLoRA(LoRAPairOptimizer):
@@ -120,9 +121,6 @@ class AdaPreLoRA(LoRAPairOptimizer):
     def _extra_pair_state(self, m: int, n: int, r: int) -> dict:
         return {"adafactor_row": (m,), "adafactor_col": (n,)}
 
-    def _sgd_scale(self, s: torch.Tensor) -> torch.Tensor:
-        return 1.0 / s  # the weight moves by lr * Delta, whatever alpha and r
-
     def _before_pairs(self) -> None:
         if self._collector is not None:
             self._collector.synchronize()
@@ -131,72 +129,47 @@ class AdaPreLoRA(LoRAPairOptimizer):
         if self._collector is not None:
             self._collector.reset()
 
-    def _energies(self, ctx: StepContext, inv_s, damping: float):
-        if self._collector is None:
-            return F.tangent_energies(ctx.A, ctx.B, ctx.gradA * inv_s, ctx.gradB * inv_s, damping)
-        rows, cols = self._collector.take(ctx.bucket.pair_ids)
-        if all(r is not None for r in rows):
-            return torch.stack(rows).to(ctx.A.dtype), torch.stack(cols).to(ctx.A.dtype)
-        self._warn_once("no-energies", "stats='exact': some LoRA layers had gradients but no hooked backward "
-                        "(hooks removed, or run outside the model): using tangent energies for them")
-        t_row, t_col = F.tangent_energies(ctx.A, ctx.B, ctx.gradA * inv_s, ctx.gradB * inv_s, damping)
-        row = torch.stack([t_row[j] if r is None else r.to(ctx.A.dtype) for j, r in enumerate(rows)])
-        col = torch.stack([t_col[j] if c is None else c.to(ctx.A.dtype) for j, c in enumerate(cols)])
-        return row, col
-
-    def _directions(self, ctx: StepContext):
-        g, st = ctx.bucket.group, ctx.bucket.state
-        inv_s = 1.0 / ctx.s
-        row, col = self._energies(ctx, inv_s, g["damping"])
-        finite = self._finite(row, col)
-        if not bool(finite[ctx.ok].all()):
-            self._check_nonfinite(finite & ctx.ok, ctx.ok.clone(), [self.pairs[i] for i in ctx.bucket.pair_ids])
-            ctx.ok = ctx.ok & finite
-            if not bool(ctx.ok.any()):
-                return None
-            ctx.step = st["step"] + ctx.ok.to(st["step"].dtype)
-        if not bool(ctx.ok.all()):
-            zero = torch.zeros((), dtype=row.dtype, device=row.device)
-            row = torch.where(ctx.ok[:, None], row, zero)
-            col = torch.where(ctx.ok[:, None], col, zero)
-        step = torch.clamp(ctx.step, min=1)
-        R, C, p, q = F.adafactor_accumulators(st["adafactor_row"], st["adafactor_col"], row, col, step,
-                                              g["decay_rate"], g["eps_factored"])
-        ctx.updates.update(adafactor_row=R, adafactor_col=C)
-        dA, dB = F.balanced_solve(ctx.A, ctx.B, ctx.gradA, ctx.gradB, p, q, g["damping"], inv_s=inv_s)
-        c = F.clip_factor(ctx.A, ctx.B, dA, dB, g["clip_threshold"])
-        if g["clip_threshold"] is not None:
-            c = c[:, None, None]
-            dA.mul_(c)
-            dB.mul_(c)
-        return dA, dB
-
-    def _step_bucket(self, bucket) -> None:
-        """Triton backend: one fused bucket step (kernels/fused_step.py) when the bucket qualifies
-        (both gradients present, fp32/bf16/fp16 contiguous factors); the torch path otherwise."""
-        if self.backend != "triton" or not self._fused_ok(bucket):
-            return super()._step_bucket(bucket)
-        from .kernels.fused_step import fused_bucket_step
-
-        ps = [self.pairs[i] for i in bucket.pair_ids]
-        g = bucket.group
+    def _energies(self, bucket, pairs):
+        """Row (k, m) and column (k, n) energies of a bucket: the exact ones the hooks collected,
+        else (stats="tangent", or a layer the hooks missed) the tangent ones from `.grad`."""
+        rows = cols = None
         if self._collector is not None:
             rows, cols = self._collector.take(bucket.pair_ids)
-            if any(r is None for r in rows):
-                return super()._step_bucket(bucket)
-        else:
-            stacked = self._stack(bucket)
-            _, A, B, gradA, gradB, s, _ = stacked
-            rows, cols = F.tangent_energies(A, B, gradA / s, gradB / s, g["damping"])
-        scale = torch.tensor([p.scaling() for p in ps], dtype=torch.float32, device=ps[0].A.device)
-        ok = fused_bucket_step(
-            [p.A for p in ps], [p.B for p in ps], [p.A.grad for p in ps], [p.B.grad for p in ps], rows, cols,
-            bucket.state, scale, g["lr"], variant=self.variant, betas=g["betas"], eps=g["eps"],
-            weight_decay=g["weight_decay"], momentum=g["momentum"], decay_rate=g["decay_rate"],
-            eps_factored=g["eps_factored"], clip_threshold=g["clip_threshold"], damping=g["damping"],
-            rebalance=self._rebalance_sgd)
+            if all(r is not None for r in rows):
+                return rows, cols
+            self._warn_once("no-energies", "stats='exact': some LoRA layers had gradients but no hooked backward "
+                            "(hooks removed, or run outside the model): using tangent energies for them")
+        x = self._stack(bucket)
+        inv_s = 1.0 / x.s
+        t_row, t_col = F.tangent_energies(x.A, x.B, x.gradA * inv_s, x.gradB * inv_s, bucket.group["damping"])
+        if rows is None:
+            return t_row, t_col
+        row = torch.stack([t_row[j] if r is None else r.to(x.A.dtype) for j, r in enumerate(rows)])
+        col = torch.stack([t_col[j] if c is None else c.to(x.A.dtype) for j, c in enumerate(cols)])
+        return row, col
+
+    def _step_bucket(self, bucket) -> None:
+        """One `adaprelora_step` over the bucket: the fused Triton kernels with backend="triton"
+        when the bucket qualifies (both gradients present, fp32/bf16/fp16 contiguous factors),
+        the torch implementation otherwise."""
+        ps = [self.pairs[i] for i in bucket.pair_ids]
+        gradA, gradB = [p.A.grad for p in ps], [p.B.grad for p in ps]
+        present = torch.tensor([ga is not None and gb is not None for ga, gb in zip(gradA, gradB)])
+        if not bool(present.any()):
+            return
+        rows, cols = self._energies(bucket, ps)
+        g = bucket.group
+        backend = "triton" if self.backend == "triton" and self._fused_ok(bucket) else "torch"
+        cdt = torch.promote_types(ps[0].A.dtype, torch.float32)  # float64 factors keep a float64 1/s
+        scale = torch.tensor([p.scaling() for p in ps], dtype=cdt, device=ps[0].A.device)
+        ok = adaprelora_step(
+            [p.A for p in ps], [p.B for p in ps], gradA, gradB, rows, cols, bucket.state, scale, g["lr"],
+            variant=self.variant, betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
+            momentum=g["momentum"], decay_rate=g["decay_rate"], eps_factored=g["eps_factored"],
+            clip_threshold=g["clip_threshold"], damping=g["damping"], rebalance=self._rebalance_sgd,
+            backend=backend)
         if self.nonfinite == "raise" or "nonfinite" not in self._warned:  # one sync, until warned
-            self._check_nonfinite(ok, torch.ones_like(ok), ps)
+            self._check_nonfinite(ok, present.to(ok.device), ps)
 
     def _fused_ok(self, bucket) -> bool:
         for i in bucket.pair_ids:

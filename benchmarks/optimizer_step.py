@@ -1,6 +1,6 @@
 """Optimizer step time, whole train-step time and optimizer state bytes, for every optimizer name.
 
-Sets of LoRA pairs (issue 2):
+Sets of LoRA pairs:
   sd15  the 128 attention projections of Stable Diffusion 1.5's UNet: q, k, v, out of self- and
         cross-attention in 16 transformer blocks at widths 320/640/1280 (5/5/6 blocks), cross-
         attention k/v reading the 768-wide text states; r = 4 and 16.
@@ -21,17 +21,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from peft import LoraConfig, get_peft_model  # noqa: E402
-
-from adaprelora import available_optimizers, create_optimizer  # noqa: E402
+from adaprelora import available_optimizers, create_optimizer
 
 
 def sd15_shapes():

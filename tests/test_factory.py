@@ -1,9 +1,8 @@
 """create_optimizer: every name trains, names are case-insensitive, unknown names are listed."""
 import pytest
-import torch
 
 from adaprelora import available_optimizers, create_optimizer
-from lora_models import forward_backward, make_lora_model
+from adaprelora.testing.lora_models import forward_backward, make_lora_model
 
 LRS = {"adaprelora": 1e-2, "adaprelora-sgd": 5e-2, "adamw": 1e-2, "loraplus": 2e-3, "scaled-gd": 2e-2,
        "scaled-adamw": 1e-2, "lora-pro": 1e-2}

@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from adaprelora.testing.tiny_lm import build_byte_tokenizer, save_tiny_lm
-from adaprelora.training.common import UserError
+from adaprelora.training.errors import UserError
 from adaprelora.training.llm import (
     IGNORE_INDEX,
     CausalLMCollator,
@@ -254,11 +253,7 @@ def test_config_rejects_a_train_file_without_a_validation_file(tmp_path):
 
 
 def test_cli_flags_map_onto_the_config():
-    sys.path.insert(0, str(ROOT))
-    try:
-        from finetune_llm import parse_args
-    finally:
-        sys.path.remove(str(ROOT))
+    from finetune_llm import parse_args  # the repository root is on pytest's pythonpath
     config = parse_args(["--task", "gsm8k", "--model_name_or_path", "m", "--output_dir", "o", "--bf16",
                          "--optimizer_args", "weight_decay=0.1", "betas=(0.9,0.99)", "--target_modules", "q_proj", "v_proj"])
     assert config.mixed_precision == "bf16" and config.optimizer == "adaprelora"

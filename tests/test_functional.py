@@ -26,10 +26,12 @@ def _tangent_basis(A, B):
     m = B.shape[0]
     cols = []
     for idx in range(r * n):
-        E = np.zeros(r * n); E[idx] = 1
+        E = np.zeros(r * n)
+        E[idx] = 1
         cols.append((B @ E.reshape(r, n)).ravel())
     for idx in range(m * r):
-        E = np.zeros(m * r); E[idx] = 1
+        E = np.zeros(m * r)
+        E[idx] = 1
         cols.append((E.reshape(m, r) @ A).ravel())
     return np.stack(cols, 1)
 
@@ -72,9 +74,11 @@ def test_chosen_element_minimises_the_H_weighted_imbalance(seed):
     u0, v0 = parts(np.zeros((r, r)))
     cols_u, cols_v = [], []
     for idx in range(r * r):
-        E = np.zeros(r * r); E[idx] = 1
+        E = np.zeros(r * r)
+        E[idx] = 1
         u, v = parts(E.reshape(r, r))
-        cols_u.append(u - u0); cols_v.append(v - v0)
+        cols_u.append(u - u0)
+        cols_v.append(v - v0)
     M = np.concatenate([np.stack(cols_u, 1), np.stack(cols_v, 1)])
     x_best, *_ = np.linalg.lstsq(M, -np.concatenate([u0, v0]), rcond=None)
     assert np.linalg.norm(x_best) < 1e-6 * max(1.0, np.linalg.norm(dA[0].numpy())), "a better-balanced element exists"

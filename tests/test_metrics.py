@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from adaprelora.training.metrics import (
+from adaprelora.training.llm.metrics import (
     GLUE_TASK_METRICS,
     accuracy,
     average_ranks,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from adaprelora import AdaPreLoRA, create_optimizer, find_lora_pairs
-from lora_models import SimpleNet, batch, forward_backward, make_lora_model
+from adaprelora.testing.lora_models import SimpleNet, batch, forward_backward, make_lora_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_state_dict_round_trip_reproduces_the_next_step_exactly(name):
     for m_, o_ in ((model, opt), (twin, twin_opt)):
         forward_backward(m_, 7)
         o_.step()
-    for (n1, p1), (n2, p2) in zip(model.named_parameters(), twin.named_parameters()):
+    for (n1, p1), (_, p2) in zip(model.named_parameters(), twin.named_parameters()):
         assert torch.equal(p1, p2), f"{name}: {n1} differs after a state_dict round trip"
 
 
@@ -231,7 +231,7 @@ def test_bf16_model_trains_and_keeps_fp32_state_through_a_round_trip():
     model = make_lora_model(seed=7, dtype=torch.bfloat16)
     opt = AdaPreLoRA(model, lr=1e-2)
     losses = []
-    for step in range(25):
+    for _ in range(25):
         ids, img, y = batch(0)
         loss = ((model(ids, img.bfloat16()).float() - y) ** 2).mean()
         loss.backward()

@@ -5,7 +5,7 @@ from peft import LoraConfig, get_peft_model
 
 from adaprelora import AdaPreLoRA, find_lora_pairs
 from adaprelora.pairs import pairs_from_tuples
-from lora_models import SimpleNet, make_lora_model
+from adaprelora.testing.lora_models import SimpleNet, make_lora_model
 
 
 def test_peft_linear_and_conv_pairs_are_found_sorted_with_their_scale():

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from adaprelora import available_optimizers
 from adaprelora.testing.tiny_sd import build_tiny_sd_pipeline
-from adaprelora.training.common import UserError
+from adaprelora.training.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "train_dreambooth.py")
@@ -246,8 +246,12 @@ def test_kohya_file_converts_back_to_the_same_weights(run_c, tiny_model):
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import LoraConfig
 
-    from adaprelora.training.export import (
-        TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, kohya_to_peft, load_kohya_lora, peft_state_dict,
+    from adaprelora.training.dreambooth.export import (
+        TEXT_ENCODER_TARGET_MODULES,
+        UNET_TARGET_MODULES,
+        kohya_to_peft,
+        load_kohya_lora,
+        peft_state_dict,
     )
 
     out, _, _ = run_c
@@ -303,7 +307,7 @@ def test_bad_input_is_one_clear_line(case, launch, tiny_model, instance_dir, tmp
 # In-process: train() as the app drives it
 # ------------------------------------------------------------------------------------------------
 def _config(tiny_model, instance_dir, output_dir, **kw):
-    from adaprelora.training.config import TrainConfig
+    from adaprelora.training.dreambooth import TrainConfig
 
     base = dict(pretrained_model_name_or_path=tiny_model, instance_data_dir=instance_dir,
                 instance_prompt="a photo of sks toy", output_dir=str(output_dir), resolution=32,
@@ -388,7 +392,7 @@ def test_training_options_run(tiny_model, instance_dir, tmp_path):
 
 
 def test_data_loading_exif_alpha_captions_and_crops(instance_dir):
-    from adaprelora.training.data import DreamBoothDataset, load_rgb, preprocess, scan_instance_images
+    from adaprelora.training.dreambooth.data import DreamBoothDataset, load_rgb, preprocess, scan_instance_images
 
     records, warnings = scan_instance_images(instance_dir)
     assert [os.path.basename(r.path) for r in records] == ["img0.png", "img1.jpg", "img2.webp"]
@@ -428,11 +432,7 @@ def test_config_cross_field_errors_name_the_flags(tiny_model, instance_dir, tmp_
 
 
 def test_parse_args_uses_diffusers_names_and_defaults():
-    sys.path.insert(0, str(ROOT))
-    try:
-        import train_dreambooth
-    finally:
-        sys.path.pop(0)
+    import train_dreambooth  # the repository root is on pytest's pythonpath
     args = train_dreambooth.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
                                         "--optimizer_args", "weight_decay=0.01", "betas=(0.9,0.99)"])
     assert (args.learning_rate, args.rank, args.train_batch_size, args.resolution) == (5e-4, 4, 4, 512)

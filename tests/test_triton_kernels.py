@@ -22,6 +22,7 @@ from adaprelora.kernels.energies import (  # noqa: E402
 )
 from adaprelora.kernels.fused_step import fused_bucket_step  # noqa: E402
 
+
 def _explicit(x, d):
     G = d.reshape(-1, d.shape[-1]).double().t() @ x.reshape(-1, x.shape[-1]).double()
     return (G * G).sum(1), (G * G).sum(0)

@@ -6,7 +6,7 @@ Gradio is imported on first use of these names, so `app.py` can configure it fir
 """
 from typing import Optional
 
-DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+from .defaults import DEFAULT_BASE_MODEL, PRESETS
 
 
 def parse_auth(value: Optional[str]) -> Optional[tuple[str, str]]:
@@ -28,4 +28,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["DEFAULT_BASE_MODEL", "build_demo", "launch", "parse_auth"]
+__all__ = ["DEFAULT_BASE_MODEL", "PRESETS", "build_demo", "launch", "parse_auth"]

@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from . import DEFAULT_BASE_MODEL
+from .defaults import DEFAULT_BASE_MODEL, GENERATE_DEFAULTS
+
 _ADAPTER = "app_lora"
 
 
@@ -113,7 +114,9 @@ class BaseModel:
                 try:
                     pipe = DiffusionPipeline.from_pretrained(self.model_id, dtype=dtype)
                 except Exception as err:
-                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    from adaprelora.training.errors import first_line
+
+                    first = first_line(err)
                     raise RuntimeError(
                         f"The base model `{self.model_id}` could not be loaded ({first[:200]}). "
                         + how_to_use_local_model(self.model_id)
@@ -139,11 +142,11 @@ class BaseModel:
 class GenerationRequest:
     prompt: str
     negative_prompt: str = ""
-    num_inference_steps: int = 30
-    guidance_scale: float = 7.5
-    seed: int = 0
-    lora_scale: float = 1.0
-    num_images: int = 1
+    num_inference_steps: int = GENERATE_DEFAULTS["num_inference_steps"]
+    guidance_scale: float = GENERATE_DEFAULTS["guidance_scale"]
+    seed: int = GENERATE_DEFAULTS["seed"]
+    lora_scale: float = GENERATE_DEFAULTS["lora_scale"]
+    num_images: int = GENERATE_DEFAULTS["num_images"]
     width: Optional[int] = None
     height: Optional[int] = None
 

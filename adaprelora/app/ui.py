@@ -16,20 +16,44 @@ shows each waiting user their position.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import ipaddress
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import gradio as gr
 
-from . import DEFAULT_BASE_MODEL
+from .defaults import DEFAULT_BASE_MODEL, GENERATE_DEFAULTS, PRESETS, TRAIN_DEFAULTS
 from .generate import BaseModel
-from .handlers import LORA_TABLE_HEADERS, NO_LORA, PRESETS, AppHandlers
+from .handlers import LORA_TABLE_HEADERS, NO_LORA, AppHandlers, table_row
 from .store import LoraStore
 
 GPU_QUEUE = "gpu"
 # In the page only (API calls skip it): ask before deleting; a cancelled dialog sends no name.
 _CONFIRM_DELETE = "(name) => (name && confirm(`Delete the LoRA ${name} and all its files?`)) ? name : null"
+
+
+def keyed(fn: Callable, outputs: dict[str, gr.components.Component]) -> dict:
+    """`fn=` and `outputs=` of an event whose handler returns (or yields) {output name: value}.
+
+    The handler names what it updates; the names are mapped to the components here, and outputs it
+    leaves out are not updated. The wrapper keeps `fn`'s signature, so the API's parameter names and
+    defaults (and `gr.Progress`) are the handler's own.
+    """
+    def to_components(update: dict) -> dict:
+        return {outputs[name]: value for name, value in update.items()}
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for update in fn(*args, **kwargs):
+                yield to_components(update)
+    else:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return to_components(fn(*args, **kwargs))
+    return {"fn": wrapper, "outputs": list(outputs.values())}
 
 
 def build_demo(
@@ -49,6 +73,7 @@ def build_demo(
     base = BaseModel(base_model, check_in_background=check_base_model_in_background)
     h = AppHandlers(store, base)
     optimizers = available_optimizers()
+    T, G = TRAIN_DEFAULTS, GENERATE_DEFAULTS
     infos = store.list()
     ready = [info.name for info in infos if info.ready]
 
@@ -78,13 +103,14 @@ def build_demo(
                         lora_name = gr.Textbox(label="LoRA name (optional)", placeholder="my-dog",
                                                elem_id="lora-name")
                         with gr.Row():
-                            steps = gr.Number(500, label="Training steps", precision=0, elem_id="train-steps")
-                            lr = gr.Number(1e-4, label="Learning rate", elem_id="train-lr")
-                            rank = gr.Number(8, label="LoRA rank", precision=0, elem_id="train-rank")
+                            steps = gr.Number(T["max_train_steps"], label="Training steps", precision=0,
+                                              elem_id="train-steps")
+                            lr = gr.Number(T["learning_rate"], label="Learning rate", elem_id="train-lr")
+                            rank = gr.Number(T["rank"], label="LoRA rank", precision=0, elem_id="train-rank")
                         with gr.Row():
-                            optimizer = gr.Dropdown(optimizers, value=optimizers[0], label="Optimizer",
+                            optimizer = gr.Dropdown(optimizers, value=T["optimizer"], label="Optimizer",
                                                     elem_id="train-optimizer")
-                            resolution = gr.Number(512, label="Resolution (multiple of 8)", precision=0,
+                            resolution = gr.Number(T["resolution"], label="Resolution (multiple of 8)", precision=0,
                                                    elem_id="train-resolution")
                         with gr.Accordion("More settings", open=False):
                             class_prompt = gr.Textbox(label="Class prompt (turns on prior preservation)",
@@ -93,10 +119,11 @@ def build_demo(
                             validation_prompt = gr.Textbox(label="Sample prompt (empty: the instance prompt)",
                                                            elem_id="validation-prompt")
                             with gr.Row():
-                                validation_steps = gr.Number(100, label="Sample every N steps", precision=0,
-                                                             elem_id="validation-steps")
-                                num_samples = gr.Number(2, label="Sample images each time", precision=0)
-                                seed = gr.Number(0, label="Seed", precision=0)
+                                validation_steps = gr.Number(T["validation_steps"], label="Sample every N steps",
+                                                             precision=0, elem_id="validation-steps")
+                                num_samples = gr.Number(T["num_samples"], label="Sample images each time",
+                                                        precision=0)
+                                seed = gr.Number(T["seed"], label="Seed", precision=0)
                     with gr.Column(scale=1):
                         with gr.Row():
                             train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
@@ -126,12 +153,13 @@ def build_demo(
                                                 elem_id="gen-prompt")
                         gen_negative = gr.Textbox(label="Negative prompt")
                         with gr.Row():
-                            gen_steps = gr.Number(30, label="Steps", precision=0, elem_id="gen-steps")
-                            gen_guidance = gr.Number(7.5, label="Guidance scale")
+                            gen_steps = gr.Number(G["num_inference_steps"], label="Steps", precision=0,
+                                                  elem_id="gen-steps")
+                            gen_guidance = gr.Number(G["guidance_scale"], label="Guidance scale")
                         with gr.Row():
-                            gen_seed = gr.Number(0, label="Seed (-1: random)", precision=0)
-                            gen_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale")
-                            gen_count = gr.Number(1, label="Images", precision=0)
+                            gen_seed = gr.Number(G["seed"], label="Seed (-1: random)", precision=0)
+                            gen_scale = gr.Slider(0, 2, value=G["lora_scale"], step=0.05, label="LoRA scale")
+                            gen_count = gr.Number(G["num_images"], label="Images", precision=0)
                         gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-button")
                     with gr.Column(scale=1):
                         gallery = gr.Gallery(label="Images", columns=2, height=420, format="png",
@@ -139,7 +167,7 @@ def build_demo(
                                              elem_id="gen-gallery")
 
             with gr.Tab("LoRAs", id="loras"):
-                table = gr.Dataframe(value=[h._table_row(i) for i in infos], headers=LORA_TABLE_HEADERS,
+                table = gr.Dataframe(value=[table_row(i) for i in infos], headers=LORA_TABLE_HEADERS,
                                      interactive=False, label="Trained LoRAs", elem_id="lora-table")
                 with gr.Row():
                     lora_select = gr.Dropdown([i.name for i in infos], value=infos[0].name if infos else None,
@@ -156,21 +184,25 @@ def build_demo(
                             lora_dl_kohya = gr.DownloadButton("Download kohya / A1111 LoRA", visible=False)
 
         # ---------------------------------------------------------------- wiring
-        widgets = dict(fn=h.lora_widgets, inputs=[lora_select], outputs=[table, gen_lora, lora_select],
-                       api_visibility="undocumented")
+        widgets = dict(inputs=[lora_select], api_visibility="undocumented",
+                       **keyed(h.lora_widgets, {"table": table, "gen_lora": gen_lora, "lora_select": lora_select}))
+        details_outputs = {"details": details, "lora_samples": lora_samples, "lora_diffusers": lora_dl_diffusers,
+                           "lora_kohya": lora_dl_kohya}
 
-        images.change(h.preview_uploads, inputs=[images], outputs=[preview, captions],
-                      api_name="preview_uploads", api_visibility="undocumented")
-        preset.change(h.apply_preset, inputs=[preset, instance_prompt],
-                      outputs=[instance_prompt, steps, lr, rank, train_text_encoder, validation_prompt],
-                      api_name="apply_preset", api_visibility="undocumented")
+        images.change(inputs=[images], api_name="preview_uploads", api_visibility="undocumented",
+                      **keyed(h.preview_uploads, {"preview": preview, "captions": captions}))
+        preset.change(inputs=[preset, instance_prompt], api_name="apply_preset", api_visibility="undocumented",
+                      **keyed(h.apply_preset, {"instance_prompt": instance_prompt, "max_train_steps": steps,
+                                               "learning_rate": lr, "rank": rank,
+                                               "train_text_encoder": train_text_encoder,
+                                               "validation_prompt": validation_prompt}))
 
         train_event = train_btn.click(
-            h.train,
             inputs=[images, instance_prompt, steps, lr, rank, optimizer, resolution, lora_name, captions,
                     class_prompt, train_text_encoder, validation_prompt, validation_steps, seed, num_samples],
-            outputs=[status, loss_plot, samples, dl_diffusers, dl_kohya, summary, job],
             api_name="train", concurrency_limit=1, concurrency_id=GPU_QUEUE,
+            **keyed(h.train, {"status": status, "loss_plot": loss_plot, "samples": samples, "diffusers": dl_diffusers,
+                              "kohya": dl_kohya, "summary": summary, "job": job}),
         )
         train_event.then(api_name="refresh_after_train", **widgets)
         stop_btn.click(h.stop, inputs=[job], outputs=[status], api_name="stop",
@@ -185,9 +217,7 @@ def build_demo(
         gr.on([refresh_btn.click, gen_refresh.click], h.loras, outputs=[lora_names], api_name="loras").then(
             api_name="lora_widgets", **widgets
         )
-        lora_select.change(h.lora_details, inputs=[lora_select],
-                           outputs=[details, lora_samples, lora_dl_diffusers, lora_dl_kohya],
-                           api_name="lora_details")
+        lora_select.change(inputs=[lora_select], api_name="lora_details", **keyed(h.lora_details, details_outputs))
         delete_btn.click(h.delete_lora, inputs=[lora_select], outputs=[lora_names], api_name="delete_lora",
                          js=_CONFIRM_DELETE).then(
             api_name="refresh_after_delete", **widgets
@@ -196,8 +226,8 @@ def build_demo(
         demo.load(h.base_model_status, outputs=[banner], api_name="base_model_status",
                   api_visibility="undocumented")
         demo.load(api_name="lora_widgets_on_load", **widgets).then(
-            h.lora_details, inputs=[lora_select], outputs=[details, lora_samples, lora_dl_diffusers, lora_dl_kohya],
-            api_name="lora_details_on_load", api_visibility="undocumented",
+            inputs=[lora_select], api_name="lora_details_on_load", api_visibility="undocumented",
+            **keyed(h.lora_details, details_outputs),
         )
     demo.adaprelora_output_root = store.output_root
     return demo

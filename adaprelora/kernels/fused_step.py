@@ -15,7 +15,7 @@ You will learn about:
 # Motivations
 # -----------
 #
-# The torch path (`adaprelora.base` + `adaprelora.functional`) stacks each bucket, then runs ~60
+# The torch path (`adaprelora.step._torch_adaprelora_step`) stacks each bucket, then runs ~60
 # small kernels per bucket, and syncs the host on the finiteness checks.  LoRA factors are tiny
 # (SD 1.5 attention, r = 16: 128 pairs of at most 1280 x 16), so that step is launch- and
 # sync-bound.  Per bucket of k pairs, the memory traffic of one step is (T = r (m + n) per pair):
@@ -46,11 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..functional import add_ridge
+from ..functional import rebalance_from_norms, solve_from_grams
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-TINY = torch.finfo(torch.float32).tiny
-_N_GRAMS = 9
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -292,44 +290,8 @@ def _bucket_rescale_kernel(
 
 
 # %%
-# Batched r x r algebra (phase b, torch, no host sync)
-# ----------------------------------------------------
-
-
-def _cholesky(M: torch.Tensor) -> torch.Tensor:
-    """`functional.cholesky` without its host sync: the jittered retry is computed for every
-    matrix and selected where the plain factorisation failed."""
-    L, info = torch.linalg.cholesky_ex(M)
-    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-    scale = torch.diagonal(M, dim1=-2, dim2=-1).abs().amax(-1).clamp_min(TINY)
-    L2, _ = torch.linalg.cholesky_ex(M + (1e-6 * scale)[..., None, None] * eye)
-    return torch.where((info != 0)[..., None, None], L2, L)
-
-
-def _solve_matrices(grams, mean_r, m, n, damping, clip_threshold):
-    """(c M_B^-1, c Y, c M_A^-1) for every pair, c the clip factor, from phase (a)'s Grams."""
-    G1, G2, G3, G4, H1, H2, K, H3, H4 = grams.unbind(1)
-    sq_mr = torch.sqrt(mean_r)[:, None, None]
-    LB = _cholesky(add_ridge(G1 / sq_mr, damping))  # B^T P B + ridge
-    LA = _cholesky(add_ridge(H1, damping))  # A Q A^T + ridge
-    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device).expand_as(K)
-    MBi = torch.cholesky_solve(eye, LB)
-    MAi = torch.cholesky_solve(eye, LA)
-    Y = 0.5 * torch.cholesky_solve(torch.cholesky_solve(K.mT, LA).mT, LB)  # 1/2 M_B^-1 K M_A^-1
-    if clip_threshold is None:
-        return MBi, Y, MAi
-    # ||B dA + dB A||^2 = <B^T B, dA dA^T> + 2 <B^T dB, dA A^T> + <dB^T dB, A A^T>, with
-    # dA = M_B^-1 gAq - Y A and dB = gBp M_A^-1 - B Y (gAq = gA Q^-1, gBp = P^-1 gB):
-    BgBp = G3 * sq_mr  # B^T P^-1 gB
-    gBpgBp = G4 * (sq_mr * sq_mr)  # gB^T P^-2 gB
-    dAdAt = MBi @ H4 @ MBi - MBi @ H3 @ Y.mT - Y @ H3.mT @ MBi + Y @ H2 @ Y.mT
-    dAAt = MBi @ H3 - Y @ H2
-    BtdB = BgBp @ MAi - G2 @ Y
-    dBtdB = MAi @ gBpgBp @ MAi - MAi @ BgBp.mT @ Y - Y.mT @ BgBp @ MAi + Y.mT @ G2 @ Y
-    sq = (G2 * dAdAt).sum((-2, -1)) + 2 * (BtdB * dAAt).sum((-2, -1)) + (dBtdB * H2).sum((-2, -1))
-    rms = torch.sqrt(sq.clamp_min(0) / (m * n))
-    c = (clip_threshold / torch.clamp(rms, min=clip_threshold))[:, None, None]
-    return MBi * c, Y * c, MAi * c
+# Batched r x r algebra (phase b): `functional.solve_from_grams`, torch ops with no host sync
+# ------------------------------------------------------------------------------------------
 
 
 # %%
@@ -417,7 +379,7 @@ def fused_bucket_step(
     # phase (b): r x r solves and the clip factor, batched over the bucket
     ok = stats[:, 1:].sum(1) == 0  # NaN (a non-finite read) fails the test
     mean_r = stats[:, 0] / m
-    MBi, Y, MAi = _solve_matrices(grams[:, :, :r, :r], mean_r, m, n, damping, clip_threshold)
+    MBi, Y, MAi = solve_from_grams(grams[:, :, :r, :r], mean_r, m, n, damping, clip_threshold)
     mats = torch.zeros((k, 3, R_PAD, R_PAD), device=device, dtype=f32)
     mats[:, 0, :r, :r], mats[:, 1, :r, :r], mats[:, 2, :r, :r] = MBi, Y, MAi
     new_step = step + ok.to(step.dtype)
@@ -458,8 +420,7 @@ def fused_bucket_step(
     if variant == "sgd" and rebalance:
         n_a = triton.cdiv(n, BLOCK)
         na, nb = torch.sqrt(norms[:, :n_a].sum(1)), torch.sqrt(norms[:, n_a:].sum(1))
-        good = ok & (na > 0) & (nb > 0)
-        c = torch.where(good, torch.sqrt(na / torch.where(good, nb, torch.ones_like(nb))), torch.ones_like(na))
+        c = rebalance_from_norms(na, nb, ok)
         _bucket_rescale_kernel[(k, n_tiles)](
             tabs[0], tabs[1], m1a, m1b, c, m, n, r,
             PARAM_DTYPE=_TL_DTYPES[dtype], HAS_MOMENTUM=bool(momentum), R_PAD=R_PAD, BLOCK=BLOCK, num_warps=4,

@@ -1,4 +1,4 @@
-"""Quality benchmark of the LoRA optimizers (issue 7): one command per suite.
+"""Quality benchmark of the LoRA optimizers: one command per suite.
 
     python -m benchmarks.quality conditioning --quick
     python -m benchmarks.quality classification --quick

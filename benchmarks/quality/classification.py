@@ -105,7 +105,8 @@ class _CachedBottom(torch.nn.Module):
 
 def _base_model(path):
     if "base_model" not in _CACHE:
-        from transformers import AutoModelForSequenceClassification, logging as hf_logging
+        from transformers import AutoModelForSequenceClassification
+        from transformers import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)

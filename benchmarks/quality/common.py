@@ -9,7 +9,7 @@ import platform
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -217,7 +217,7 @@ def plot_curves(path: str, series: dict, *, title: str, xlabel: str, ylabel: str
         return None
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for i, (label, (x, y)) in enumerate(series.items()):
+    for label, (x, y) in series.items():
         style = "-" if "adaprelora" in label else "--"
         line, = ax.plot(x, y, style, label=label, linewidth=2.0 if label.startswith("adaprelora") else 1.3)
         if bands and label in bands:

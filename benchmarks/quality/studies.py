@@ -14,8 +14,6 @@ import json
 import os
 import time
 
-import numpy as np
-
 from . import common as C
 from . import conditioning as S
 

@@ -196,13 +196,8 @@ def _lora_config_dict(model: torch.nn.Module) -> dict:
     return data
 
 
-def save_diffusers_lora(
-    output_dir: str,
-    unet: torch.nn.Module,
-    text_encoder: Optional[torch.nn.Module] = None,
-    metadata: Optional[dict[str, str]] = None,
-    weight_name: str = DIFFUSERS_WEIGHT_NAME,
-) -> str:
+def save_diffusers_lora(output_dir: str, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module] = None,
+                        metadata: Optional[dict[str, str]] = None, weight_name: str = DIFFUSERS_WEIGHT_NAME) -> str:
     """Write `unet`'s (and `text_encoder`'s) LoRA as diffusers' `pytorch_lora_weights.safetensors`
     with the adapter configs and `metadata` in the header. Returns the file path."""
     from diffusers import StableDiffusionPipeline
@@ -225,13 +220,8 @@ def save_diffusers_lora(
     return path
 
 
-def save_kohya_lora(
-    path: str,
-    unet: torch.nn.Module,
-    text_encoder: Optional[torch.nn.Module] = None,
-    metadata: Optional[dict[str, str]] = None,
-    dtype: torch.dtype = torch.float32,
-) -> str:
+def save_kohya_lora(path: str, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module] = None,
+                    metadata: Optional[dict[str, str]] = None, dtype: torch.dtype = torch.float32) -> str:
     """Write the LoRA in kohya/A1111 format to `path` (fp32 by default: the exact trained values;
     pass `dtype=torch.float16` for kohya's usual half-size files)."""
     from safetensors.torch import save_file

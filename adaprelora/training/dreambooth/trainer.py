@@ -2,8 +2,7 @@
 
 The command line (`train_dreambooth.py`) and the Gradio app drive the same code:
 
-    from adaprelora.training.config import TrainConfig
-    from adaprelora.training.dreambooth import train
+    from adaprelora.training.dreambooth import TrainConfig, train
 
     config = TrainConfig(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5",
                          instance_data_dir="dog/", instance_prompt="a photo of sks dog",
@@ -14,7 +13,7 @@ The command line (`train_dreambooth.py`) and the Gradio app drive the same code:
         if event.done:
             print(event.outputs["diffusers"], event.outputs["kohya"])
 
-`train()` raises `adaprelora.training.common.UserError` (one line, the flag named) for mistakes
+`train()` raises `adaprelora.training.errors.UserError` (one line, the flag named) for mistakes
 the user can fix: bad settings, a missing or empty image folder, no usable image, a missing
 prompt, an unknown optimizer, a model that cannot be loaded.
 
@@ -22,10 +21,10 @@ Stages, in the order `main()` of diffusers' `train_dreambooth_lora.py` runs them
 images are checked first (before anything heavy is imported or loaded), then the accelerator,
 class images for prior preservation, models and LoRA adapters, optimizer, data, scheduler,
 `accelerator.prepare`, resume, the training loop (checkpoints and validation images on the way),
-and the final files. This module orchestrates them and holds the loop; the stages with a life of
-their own live beside it: `dreambooth_models` (loading the pipeline parts, adding LoRA),
-`class_images` (prior preservation), `dreambooth_checkpoints` (LoRA-only checkpoints) and
-`validation_images`.
+and the final files. This module orchestrates them around the shared loop
+(`adaprelora.training.loop`); the stages with a life of their own live beside it: `models`
+(loading the pipeline parts, adding LoRA), `class_images` (prior preservation), `checkpoints`
+(LoRA-only checkpoints), `validation` and `export`.
 """
 from __future__ import annotations
 
@@ -35,66 +34,28 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
 
+from ..checkpoints import (
+    load_checkpoint,
+    remove_stale_temporary_checkpoints,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+)
+from ..errors import UserError
+from ..loop import TrainEvent, make_accelerator, peak_memory_bytes, release_accelerator, training_steps
+from ..options import attach_grad_scaler, build_lr_scheduler, build_optimizer
+from .checkpoints import register_lora_checkpoint_hooks
 from .class_images import ensure_class_images
-from .common import UserError, attach_grad_scaler, peak_memory_bytes, resolve_resume_checkpoint
 from .config import TrainConfig
-from .data import DreamBoothDataset, ImageRecord, collate_fn, scan_class_images, scan_instance_images
-from .dreambooth_checkpoints import register_lora_checkpoint_hooks, remove_stale_temporary_checkpoints, save_checkpoint
-from .dreambooth_models import add_lora_adapters, first_line, load_models
+from .data import DreamBoothDataset, ImageRecord, check_instance_data, collate_fn, scan_class_images
 from .export import save_diffusers_lora, save_kohya_lora, training_metadata, write_model_card
-from .validation_images import VALIDATION_DIR, write_validation_images
+from .models import add_lora_adapters, load_models
+from .validation import VALIDATION_DIR, write_validation_images
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainEvent:
-    """One progress report from `train()`.
-
-    Attributes:
-        step: optimizer steps done so far (counting those before a resume).
-        max_steps: total steps of the run (0 until known).
-        loss: training loss of this step (mean over gradient-accumulation micro-batches), or None
-            for events that are not a training step.
-        lr: learning rate after this step (of the first parameter group).
-        steps_per_sec: optimizer steps per second since training (re)started.
-        samples: paths of validation PNGs written at this step (empty on most steps).
-        message: a human-readable line ("loading models", "saved checkpoint-200", ...); "" on plain
-            training steps.
-        done: True on the last event only.
-        outputs: on the last event: {"output_dir", "diffusers", "kohya", "model_card"} paths, and
-            "checkpoint" when a final checkpoint was written (stopped runs). A run stopped before
-            its first step saves nothing: only "output_dir" is present.
-        warnings: user-facing warnings raised at this point (e.g. skipped unreadable images).
-        checkpoint: path of the checkpoint written at this step, if any.
-        phase: "setup", "class_images", "train", "validation" or "done".
-        epoch: current epoch (0-based).
-        stopped: True on the last event when `stop_event` ended the run early.
-        peak_memory_bytes: peak accelerator (CUDA) or process (CPU) memory, on the last event.
-        wall_time: seconds since `train()` started, on the last event.
-    """
-
-    step: int
-    max_steps: int
-    loss: Optional[float] = None
-    lr: Optional[float] = None
-    steps_per_sec: Optional[float] = None
-    samples: list[str] = field(default_factory=list)
-    message: str = ""
-    done: bool = False
-    outputs: dict = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    checkpoint: Optional[str] = None
-    phase: str = "train"
-    epoch: int = 0
-    stopped: bool = False
-    peak_memory_bytes: Optional[int] = None
-    wall_time: Optional[float] = None
 
 
 def train(config: TrainConfig, stop_event: Optional[threading.Event] = None) -> Iterator[TrainEvent]:
@@ -102,8 +63,11 @@ def train(config: TrainConfig, stop_event: Optional[threading.Event] = None) -> 
 
     One event per optimizer step (with loss, lr, steps/s and any validation `samples`), a few
     `message` events during setup (loading, class-image generation, resume), and a last event with
-    `done=True` and `outputs`. Setting `stop_event` ends training after the current step: a final
-    checkpoint and the output files are saved and the last event has `stopped=True`.
+    `done=True` and `outputs`: {"output_dir", "diffusers", "kohya", "model_card"} paths, and
+    "checkpoint" when a final checkpoint was written (stopped runs); a run stopped before its first
+    step saves nothing and has only "output_dir". Setting `stop_event` ends training after the
+    current step: a final checkpoint and the output files are saved and the last event has
+    `stopped=True`.
 
     Output files in `config.output_dir`: `pytorch_lora_weights.safetensors` (diffusers),
     `<output_name>.safetensors` (kohya/A1111), `README.md`, `checkpoint-<step>/` folders,
@@ -118,28 +82,6 @@ def train(config: TrainConfig, stop_event: Optional[threading.Event] = None) -> 
         yield from run.events()
     finally:
         run.close()
-
-
-# ------------------------------------------------------------------------------------------------
-# Helpers
-# ------------------------------------------------------------------------------------------------
-def check_instance_data(config: TrainConfig) -> tuple[list[ImageRecord], list[str]]:
-    """The usable instance images and warnings; `UserError` when none is usable or a prompt is
-    missing. Cheap (PIL only): the CLI and the app can call it before starting a run."""
-    records, warnings = scan_instance_images(
-        folder=None if config.instance_images else config.instance_data_dir,
-        files=config.instance_images,
-        captions=config.instance_captions,
-    )
-    if not config.instance_prompt:
-        uncaptioned = [r.path for r in records if not r.caption]
-        if uncaptioned:
-            where = f"folder {config.instance_data_dir!r}" if not config.instance_images else "the given images"
-            raise UserError(
-                f"--instance_prompt is required: {len(uncaptioned)} image(s) in {where} have no caption "
-                f"file (<image>.txt), e.g. {os.path.basename(uncaptioned[0])!r}"
-            )
-    return records, warnings
 
 
 class _DreamBoothRun:
@@ -167,26 +109,18 @@ class _DreamBoothRun:
         yield self._event(f"found {len(instance_records)} instance image(s)", warnings=warnings)
 
         # Accelerator
-        from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+        from accelerate.utils import ProjectConfiguration, set_seed
 
         os.makedirs(cfg.output_dir, exist_ok=True)
         remove_stale_temporary_checkpoints(cfg.output_dir)
         project_config = ProjectConfiguration(
             project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir)
         )
-        try:
-            self.accelerator = Accelerator(
-                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                mixed_precision=cfg.mixed_precision,
-                log_with=None if cfg.report_to == "none" else cfg.report_to,
-                project_config=project_config,
-                # The data order of epoch e depends only on (seed, e): a resumed run sees the same
-                # batches as an uninterrupted one.
-                dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-            )
-        except ValueError as err:
-            raise UserError(f"--mixed_precision {cfg.mixed_precision}: {first_line(err)}") from None
+        self.accelerator = make_accelerator(
+            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            seed=cfg.seed, log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_config=project_config,
+        )
         acc = self.accelerator
         if cfg.seed is not None:
             set_seed(cfg.seed)
@@ -239,22 +173,14 @@ class _DreamBoothRun:
         )
 
         # Scheduler and math around the number of training steps
-        from diffusers.optimization import get_scheduler
-
         updates_per_epoch = math.ceil(len(dataloader) / cfg.gradient_accumulation_steps)
         self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
-        num_epochs = math.ceil(self.max_steps / updates_per_epoch)
         if cfg.lr_scheduler != "constant" and cfg.lr_warmup_steps >= self.max_steps:
             logger.warning("--lr_warmup_steps %d is not below the %d training steps", cfg.lr_warmup_steps,
                            self.max_steps)
-        lr_scheduler = get_scheduler(
-            cfg.lr_scheduler,
-            optimizer=self.optimizer,
-            num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
-            num_training_steps=self.max_steps * acc.num_processes,
-            num_cycles=cfg.lr_num_cycles,
-            power=cfg.lr_power,
-        )
+        lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, warmup_steps=cfg.lr_warmup_steps,
+                                          total_steps=self.max_steps, num_processes=acc.num_processes,
+                                          num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
 
         # Prepare everything with our `accelerator`.
         if cfg.train_text_encoder:
@@ -276,19 +202,12 @@ class _DreamBoothRun:
             yield self._event(f"no checkpoint in {cfg.output_dir} to resume from: starting a new run")
         if resume is not None:
             step, path = resume
-            try:
-                acc.load_state(path)
-            except UserError:
-                raise
-            except Exception as err:
-                raise UserError(f"--resume_from_checkpoint: cannot load {path}: {first_line(err)}") from None
+            load_checkpoint(acc, path)
             self.global_step = self.last_checkpoint_step = step
             yield self._event(f"resumed from {path} at step {step}")
-        first_epoch = self.global_step // updates_per_epoch
-        skip_batches = (self.global_step % updates_per_epoch) * cfg.gradient_accumulation_steps
 
         # Train!
-        yield from self._train_loop(dataloader, lr_scheduler, first_epoch, num_epochs, skip_batches)
+        yield from self._train_loop(dataloader, lr_scheduler, updates_per_epoch)
 
         # Final files
         yield from self._finish()
@@ -310,8 +229,6 @@ class _DreamBoothRun:
         return self.accelerator.unwrap_model(model)
 
     def _create_optimizer(self):
-        from adaprelora import create_optimizer
-
         cfg, acc = self.config, self.accelerator
         lr = cfg.learning_rate
         if cfg.scale_lr:
@@ -319,10 +236,7 @@ class _DreamBoothRun:
         container = torch.nn.ModuleDict({"unet": self.unet})
         if cfg.train_text_encoder:
             container["text_encoder"] = self.text_encoder
-        try:
-            return create_optimizer(cfg.optimizer, container, lr=lr, **cfg.optimizer_args)
-        except (ValueError, TypeError) as err:
-            raise UserError(f"--optimizer {cfg.optimizer} / --optimizer_args: {first_line(err)}") from None
+        return build_optimizer(cfg.optimizer, container, lr, cfg.optimizer_args)
 
     def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
@@ -375,64 +289,33 @@ class _DreamBoothRun:
             return instance.mean() + cfg.prior_loss_weight * prior.mean()
         return per_sample.mean()
 
-    def _train_loop(self, dataloader, lr_scheduler, first_epoch, num_epochs, skip_batches) -> Iterator[TrainEvent]:
+    def _train_loop(self, dataloader, lr_scheduler, updates_per_epoch: int) -> Iterator[TrainEvent]:
         cfg, acc = self.config, self.accelerator
-        params_to_clip = [p for m in self._trained_models() for p in m.parameters() if p.requires_grad]
         yield self._event(f"training {self.max_steps} steps ({self.max_steps - self.global_step} to go)", phase="train")
-        loop_start = time.perf_counter()
-        steps_this_session = 0
-        accumulated, micro_batches = 0.0, 0
-        for epoch in range(first_epoch, num_epochs):
-            if self.global_step >= self.max_steps or self.stop_event.is_set():
-                break
-            for model in self._trained_models():
-                model.train()
-            dataloader.set_epoch(epoch)
-            self.dataset.set_epoch(epoch)
-            loader = dataloader
-            if epoch == first_epoch and skip_batches:
-                loader = acc.skip_first_batches(dataloader, skip_batches)
-            for batch in loader:
-                with acc.accumulate(*self._trained_models()):
-                    loss = self._loss(batch)
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_(params_to_clip, cfg.max_grad_norm)
-                    self.optimizer.step()
-                    lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                accumulated += float(loss.detach())
-                micro_batches += 1
-                if not acc.sync_gradients:
-                    continue
-
-                self.global_step += 1
-                steps_this_session += 1
-                step_loss = accumulated / max(1, micro_batches)
-                accumulated, micro_batches = 0.0, 0
-                lr = float(lr_scheduler.get_last_lr()[0])
-                elapsed = time.perf_counter() - loop_start
-                acc.log({"loss": step_loss, "lr": lr}, step=self.global_step)
-                if not math.isfinite(step_loss):
-                    logger.warning("step %d: the loss is %s", self.global_step, step_loss)
-
-                event = self._event(phase="train", loss=step_loss, lr=lr, epoch=epoch,
-                                    steps_per_sec=steps_this_session / elapsed if elapsed > 0 else None)
-                last = self.global_step >= self.max_steps
-                if self.global_step % cfg.checkpointing_steps == 0:
-                    event.checkpoint = self._save_checkpoint()
-                    event.message = f"saved {os.path.basename(event.checkpoint)}" if event.checkpoint else ""
-                if (cfg.validation_steps and self.global_step % cfg.validation_steps == 0 and not last
-                        and not self.stop_event.is_set()):
-                    event.samples = self._validate()
-                yield event
-                if last or self.stop_event.is_set():
-                    break
-            if self.global_step >= self.max_steps or self.stop_event.is_set():
-                break
+        steps = training_steps(
+            acc, models=self._trained_models(), dataloader=dataloader, optimizer=self.optimizer,
+            lr_scheduler=lr_scheduler, compute_loss=self._loss, start_step=self.global_step,
+            max_steps=self.max_steps, updates_per_epoch=updates_per_epoch, stop_event=self.stop_event,
+            clip_parameters=[p for m in self._trained_models() for p in m.parameters() if p.requires_grad],
+            max_grad_norm=cfg.max_grad_norm, on_epoch_start=self.dataset.set_epoch,
+        )
+        for event in steps:
+            self.global_step = event.step
+            acc.log({"loss": event.loss, "lr": event.lr}, step=self.global_step)
+            if not math.isfinite(event.loss):
+                logger.warning("step %d: the loss is %s", self.global_step, event.loss)
+            last = self.global_step >= self.max_steps
+            if self.global_step % cfg.checkpointing_steps == 0:
+                event.checkpoint = self._save_checkpoint()
+                event.message = f"saved {os.path.basename(event.checkpoint)}" if event.checkpoint else ""
+            if (cfg.validation_steps and self.global_step % cfg.validation_steps == 0 and not last
+                    and not self.stop_event.is_set()):
+                event.samples = self._validate()
+            yield event
 
     def _save_checkpoint(self) -> Optional[str]:
-        path = save_checkpoint(self.config, self.accelerator, self.global_step)
+        cfg = self.config
+        path = save_checkpoint(self.accelerator, cfg.output_dir, self.global_step, cfg.checkpoints_total_limit)
         self.last_checkpoint_step = self.global_step
         return path
 
@@ -484,21 +367,12 @@ class _DreamBoothRun:
     def close(self) -> None:
         """End trackers and free the accelerator's singleton state, so another run can start in
         this process (the app runs several, possibly with another mixed precision)."""
-        acc = self.accelerator
-        if acc is None:
+        if self.accelerator is None:
             return
-        try:
-            acc.end_training()
-        except Exception:  # pragma: no cover - tracker already closed
-            pass
-        acc.free_memory()
         for name in ("unet", "text_encoder", "vae", "optimizer"):
             if hasattr(self, name):
                 delattr(self, name)
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+        release_accelerator(self.accelerator)
         self.accelerator = None
 
 
@@ -513,70 +387,4 @@ def _tracker_config(cfg: TrainConfig) -> dict:
     return out
 
 
-def run_cli_training(config: TrainConfig) -> TrainEvent:
-    """Drive `train()` for the command line: messages and warnings on stderr, a tqdm bar with loss,
-    lr and steps/s, and a final line with the output paths, wall time and peak memory (stdout).
-    Only the main process prints. Returns the last event."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    from .common import format_bytes
-
-    is_main = os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
-    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING if is_main else logging.ERROR)
-    bar = None
-    last = None
-    try:
-        for event in train(config):
-            if last is None:
-                _quiet_libraries()  # after the cheap checks: bad input fails before heavy imports
-            last = event
-            if not is_main:
-                continue
-            write = (bar.write if bar is not None else print)
-            for warning in event.warnings:
-                write(f"warning: {warning}", file=sys.stderr)
-            if event.phase == "train" and event.loss is not None:
-                if bar is None:
-                    bar = tqdm(total=event.max_steps, initial=event.step - 1, desc="Steps", unit="step",
-                               dynamic_ncols=True)
-                postfix = {"loss": f"{event.loss:.4f}", "lr": f"{event.lr:.2e}"}
-                if event.steps_per_sec:
-                    postfix["steps/s"] = f"{event.steps_per_sec:.2f}"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(event.step - bar.n)
-            if event.message and not event.done:
-                write(event.message, file=sys.stderr)
-            for sample in event.samples:
-                if not event.done:
-                    write(f"sample: {sample}", file=sys.stderr)
-    finally:
-        if bar is not None:
-            bar.close()
-    if is_main and last is not None and last.done:
-        out = last.outputs
-        print(
-            f"{last.message}: LoRA saved to {out.get('diffusers')} (diffusers) and {out.get('kohya')} "
-            f"(kohya/A1111), model card {out.get('model_card')}; wall time {last.wall_time:.1f} s, "
-            f"peak memory {format_bytes(last.peak_memory_bytes or 0)}",
-            flush=True,
-        )
-    return last
-
-
-def _quiet_libraries() -> None:
-    """Keep library chatter (weight-loading bars, info logs) off the CLI's output."""
-    try:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-    except Exception:  # pragma: no cover - logging helpers moved
-        pass
-
-
-__all__ = ["TrainEvent", "check_instance_data", "run_cli_training", "train", "VALIDATION_DIR"]
+__all__ = ["TrainEvent", "train", "VALIDATION_DIR"]

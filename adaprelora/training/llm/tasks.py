@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from .common import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

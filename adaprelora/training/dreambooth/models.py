@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import UserError
+from ..errors import UserError, first_line
 from .config import TrainConfig
 from .export import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
 
@@ -32,12 +32,6 @@ class DreamBoothModels:
 def weight_dtype(mixed_precision: str) -> torch.dtype:
     """The dtype of the frozen weights for accelerate's `mixed_precision` setting."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def first_line(err: BaseException) -> str:
-    """An exception as one line, for `UserError` messages (library errors can span many)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _load_pretrained(cfg: TrainConfig, cls, subfolder: str, **kw):

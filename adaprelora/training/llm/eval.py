@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import metrics as task_metrics
-from .llm_tasks import TaskSpec
+from .tasks import TaskSpec
 
 
 def _glue_predictions(logits: torch.Tensor, spec: TaskSpec) -> torch.Tensor:

@@ -8,25 +8,21 @@ accelerate as usual.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
-from .common import rotate_checkpoints, save_checkpoint_atomically
-from .config import TrainConfig
+from ..checkpoints import register_checkpoint_hooks
 from .export import DIFFUSERS_WEIGHT_NAME, save_diffusers_lora
 
 
 def register_lora_checkpoint_hooks(accelerator, unet, text_encoder, weight_dtype: torch.dtype) -> None:
     """Make `accelerator.save_state` / `load_state` save and load the LoRA tensors only."""
-    acc = accelerator
-    unet_cls = type(acc.unwrap_model(unet))
-    te_cls = type(acc.unwrap_model(text_encoder))
+    unet_cls = type(accelerator.unwrap_model(unet))
+    te_cls = type(accelerator.unwrap_model(text_encoder))
 
     def split(models):
         unet = text_encoder = None
         for model in models:
-            model = acc.unwrap_model(model)
             if isinstance(model, unet_cls):
                 unet = model
             elif isinstance(model, te_cls):
@@ -35,24 +31,18 @@ def register_lora_checkpoint_hooks(accelerator, unet, text_encoder, weight_dtype
                 raise ValueError(f"unexpected model in checkpoint: {type(model).__name__}")
         return unet, text_encoder
 
-    def save_model_hook(models, weights, output_dir):
-        if acc.is_main_process:
-            unet, text_encoder = split(models)
-            save_diffusers_lora(output_dir, unet, text_encoder)
-        while weights:
-            weights.pop()  # the LoRA tensors above are all we need
+    def save_weights(models, output_dir):
+        save_diffusers_lora(output_dir, *split(models))
 
-    def load_model_hook(models, input_dir):
+    def load_weights(models, input_dir):
         unet, text_encoder = split(models)
-        models.clear()  # accelerate must not load full model weights (none were saved)
         load_lora_checkpoint(input_dir, unet, text_encoder)
         if weight_dtype != torch.float32:
             from diffusers.training_utils import cast_training_params
 
             cast_training_params([m for m in (unet, text_encoder) if m is not None], dtype=torch.float32)
 
-    acc.register_save_state_pre_hook(save_model_hook)
-    acc.register_load_state_pre_hook(load_model_hook)
+    register_checkpoint_hooks(accelerator, save_weights, load_weights)
 
 
 def load_lora_checkpoint(input_dir: str, unet, text_encoder=None) -> None:
@@ -74,24 +64,3 @@ def load_lora_checkpoint(input_dir: str, unet, text_encoder=None) -> None:
             raise ValueError("checkpoint has no text-encoder LoRA but --train_text_encoder is set")
         set_peft_model_state_dict(text_encoder, convert_state_dict_to_peft(convert_state_dict_to_diffusers(te_sd)),
                                   adapter_name="default")
-
-
-def save_checkpoint(cfg: TrainConfig, accelerator, step: int) -> Optional[str]:
-    """Write `checkpoint-<step>/` (main process only; None elsewhere), first rotating old ones out
-    so that at most `--checkpoints_total_limit` remain."""
-    path = None
-    if accelerator.is_main_process:
-        rotate_checkpoints(cfg.output_dir, cfg.checkpoints_total_limit, about_to_save=True)
-        path = save_checkpoint_atomically(accelerator.save_state, cfg.output_dir, step)
-    return path
-
-
-def remove_stale_temporary_checkpoints(output_dir: str) -> None:
-    """Remove `.tmp-checkpoint-*` folders a killed run left behind (never a completed checkpoint)."""
-    import shutil
-
-    if os.environ.get("RANK", "0") != "0":
-        return
-    for name in os.listdir(output_dir):
-        if name.startswith(".tmp-checkpoint-"):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)

@@ -14,13 +14,16 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .common import UserError
+from ..errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_EXTENSION = ".txt"
@@ -82,7 +85,7 @@ def _check_readable(paths: Iterable[str]) -> tuple[list[str], list[str]]:
         try:
             load_rgb(path)
         except Exception as err:  # PIL raises many types for broken files
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            reason = first_line(err)
             warnings.append(f"skipping unreadable image {path}: {reason}")
             continue
         good.append(path)
@@ -132,6 +135,25 @@ def scan_instance_images(
         caption = captions.get(path)
         caption = " ".join(caption.split()) if caption else None
         records.append(ImageRecord(path, caption or read_caption(path)))
+    return records, warnings
+
+
+def check_instance_data(config: TrainConfig) -> tuple[list[ImageRecord], list[str]]:
+    """The usable instance images and warnings; `UserError` when none is usable or a prompt is
+    missing. Cheap (PIL only): the CLI and the app can call it before starting a run."""
+    records, warnings = scan_instance_images(
+        folder=None if config.instance_images else config.instance_data_dir,
+        files=config.instance_images,
+        captions=config.instance_captions,
+    )
+    if not config.instance_prompt:
+        uncaptioned = [r.path for r in records if not r.caption]
+        if uncaptioned:
+            where = f"folder {config.instance_data_dir!r}" if not config.instance_images else "the given images"
+            raise UserError(
+                f"--instance_prompt is required: {len(uncaptioned)} image(s) in {where} have no caption "
+                f"file (<image>.txt), e.g. {os.path.basename(uncaptioned[0])!r}"
+            )
     return records, warnings
 
 

@@ -13,10 +13,9 @@ from typing import Iterator
 
 import torch
 
-from .common import UserError
+from ..errors import UserError, first_line
 from .config import TrainConfig
 from .data import scan_class_images
-from .dreambooth_models import first_line
 
 
 def ensure_class_images(cfg: TrainConfig, accelerator, stop_event: threading.Event) -> Iterator[str]:

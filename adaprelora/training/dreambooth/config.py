@@ -14,9 +14,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .common import UserError
+from ..errors import UserError
+from ..options import check_lr_scheduler, check_optimizer_name
 
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PRIOR_GENERATION_PRECISION = ("no", "fp32", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "none")
@@ -139,8 +139,6 @@ class TrainConfig:
         Harmless misuse only warns (`warnings.warn`), as diffusers does. Returns self.
         The images themselves are checked when the dataset is built.
         """
-        from adaprelora import available_optimizers
-
         def need(cond: bool, message: str) -> None:
             if not cond:
                 raise UserError(message)
@@ -178,8 +176,7 @@ class TrainConfig:
         need(self.noise_offset >= 0, f"--noise_offset must be 0 or more, got {self.noise_offset}")
         need(self.max_grad_norm >= 0, f"--max_grad_norm must be 0 (off) or more, got {self.max_grad_norm}")
         need(self.prior_loss_weight >= 0, f"--prior_loss_weight must be 0 or more, got {self.prior_loss_weight}")
-        need(self.lr_scheduler in LR_SCHEDULERS,
-             f"--lr_scheduler {self.lr_scheduler!r} is not one of: {', '.join(LR_SCHEDULERS)}")
+        check_lr_scheduler(self.lr_scheduler)
         need(self.mixed_precision in (None,) + MIXED_PRECISION,
              f"--mixed_precision {self.mixed_precision!r} is not one of: {', '.join(MIXED_PRECISION)}")
         need(self.image_interpolation_mode in INTERPOLATION_MODES,
@@ -196,10 +193,7 @@ class TrainConfig:
                 "(PyTorch's scaled-dot-product attention is used without the flag)"
             )
 
-        key = str(self.optimizer).strip().lower().replace("_", "-")
-        if key not in available_optimizers():
-            raise UserError(f"--optimizer: unknown optimizer {self.optimizer!r}; choose one of: "
-                            f"{', '.join(available_optimizers())}")
+        check_optimizer_name(self.optimizer)
         if not isinstance(self.optimizer_args, dict):
             raise UserError("--optimizer_args must be key=value pairs")
 
@@ -233,12 +227,5 @@ class TrainConfig:
         return self
 
 
-class UserErrorArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are `UserError`s, so `run_cli` prints them as one line."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise UserError(f"{message} (see {self.prog} --help)")
-
-
-__all__ = ["TrainConfig", "UserErrorArgumentParser", "LR_SCHEDULERS", "MIXED_PRECISION", "REPORT_TO",
-           "INTERPOLATION_MODES", "PRIOR_GENERATION_PRECISION", "default_report_to"]
+__all__ = ["TrainConfig", "MIXED_PRECISION", "REPORT_TO", "INTERPOLATION_MODES", "PRIOR_GENERATION_PRECISION",
+           "default_report_to"]

@@ -1,4 +1,4 @@
-"""Task data for `finetune`: the splits (local files or the Hub), their tokenization and batching.
+"""Task data for the LLM trainer: the splits (local files or the Hub), their tokenization and batching.
 
 GLUE becomes sentence (pair) classification inputs; GSM8K becomes causal-LM examples whose loss
 covers only the answer, plus left-padded prompts for generation. The prompt format lives here so
@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .common import UserError
-from .llm_tasks import TaskSpec, check_columns, check_labels
+from ..errors import UserError, first_line
+from .tasks import TaskSpec, check_columns, check_labels
 
 if TYPE_CHECKING:
-    from .llm import FinetuneConfig
+    from .config import FinetuneConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def _load_file(path: str, spec: TaskSpec):
     try:
         data = datasets.load_dataset(builder, data_files={"data": path}, split="data", **kwargs)
     except Exception as err:  # malformed JSON/CSV: one line naming the file
-        raise UserError(f"{path}: could not be read as {builder} ({type(err).__name__}: {err})".splitlines()[0]) from None
+        raise UserError(f"{path}: could not be read as {builder} ({type(err).__name__}: {first_line(err)})") from None
     check_columns(data.column_names, spec, where=path)
     return data
 
@@ -59,9 +59,8 @@ def load_task_splits(config: FinetuneConfig, spec: TaskSpec) -> dict:
         try:
             hub = datasets.load_dataset(spec.hub_path, spec.hub_config)
         except Exception as err:  # offline, no such dataset...: say what to do instead
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UserError(
-                f"could not load {spec.hub_path} ({spec.hub_config}) from the Hub: {first}; "
+                f"could not load {spec.hub_path} ({spec.hub_config}) from the Hub: {first_line(err)}; "
                 "pass --train_file and --validation_file to train offline"
             ) from None
         splits = {name: hub[name] for name in (spec.train_split,) + spec.eval_splits}

@@ -1,4 +1,4 @@
-"""Tiny PEFT LoRA models shared by the optimizer tests (in the spirit of PEFT's SimpleNet)."""
+"""Tiny PEFT LoRA models for the optimizer tests and benchmarks (in the spirit of PEFT's SimpleNet)."""
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn

@@ -1,0 +1,143 @@
+"""`checkpoint-<step>/` folders both trainers write: list, rotate, save atomically, resume, LoRA only.
+
+A checkpoint is `accelerator.save_state` (optimizer, scheduler, RNG) whose model weights are
+replaced by the trained tensors alone: `register_checkpoint_hooks` takes each trainer's own
+save/load functions for those. Folders are written under a temporary name and renamed when
+complete, so every `checkpoint-*` folder loads; temporaries a killed run left are removed at start.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Callable, Optional
+
+from .errors import UserError
+
+CHECKPOINT_PREFIX = "checkpoint-"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TMP_PREFIX = f".tmp-{CHECKPOINT_PREFIX}"
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Completed checkpoints in `output_dir` as (step, path), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_RE.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def rotate_checkpoints(output_dir: str, total_limit: Optional[int], about_to_save: bool = True) -> list[str]:
+    """Delete the oldest checkpoints so that, after one more save, at most `total_limit` remain."""
+    if not total_limit or total_limit <= 0:
+        return []
+    existing = list_checkpoints(output_dir)
+    keep = total_limit - 1 if about_to_save else total_limit
+    removed = []
+    for _, path in existing[: max(0, len(existing) - keep)]:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def resolve_resume_checkpoint(output_dir: str, value: Optional[str]) -> Optional[tuple[int, str]]:
+    """`--resume_from_checkpoint latest|<name>|<path>` -> (step, path), or None when there is none.
+
+    "latest" with no checkpoint yet starts fresh (diffusers' behaviour); a named checkpoint that does
+    not exist is a user error.
+    """
+    if not value:
+        return None
+    if value == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = value if os.path.isdir(value) else os.path.join(output_dir, value)
+    match = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    if not os.path.isdir(path) or not match:
+        raise UserError(
+            f"--resume_from_checkpoint: no checkpoint {value!r} (expected 'latest' or a folder "
+            f"named checkpoint-<step> in {output_dir})"
+        )
+    return int(match.group(1)), path
+
+
+def save_checkpoint_atomically(save_fn: Callable[[str], None], output_dir: str, step: int) -> str:
+    """Write a checkpoint into a temporary folder, then rename it to `checkpoint-<step>`.
+
+    A run killed mid-save leaves only a `.tmp-*` folder behind, never a half-written checkpoint
+    under the final name, so every `checkpoint-*` folder is loadable.
+    """
+    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
+    tmp = os.path.join(output_dir, f"{_TMP_PREFIX}{step}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp, exist_ok=True)
+    save_fn(tmp)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def remove_stale_temporary_checkpoints(output_dir: str) -> None:
+    """Remove `.tmp-checkpoint-*` folders a killed run left behind (never a completed checkpoint)."""
+    if os.environ.get("RANK", "0") != "0" or not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(_TMP_PREFIX):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int]) -> Optional[str]:
+    """Write `checkpoint-<step>/` (main process; None elsewhere), first rotating old ones out so
+    that at most `total_limit` remain. Every process calls it: it waits for the others around."""
+    path = None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        rotate_checkpoints(output_dir, total_limit, about_to_save=True)
+        path = save_checkpoint_atomically(accelerator.save_state, output_dir, step)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def load_checkpoint(accelerator, path: str) -> None:
+    """`accelerator.load_state(path)`; a checkpoint that does not load is a `UserError`."""
+    from .errors import first_line
+
+    try:
+        accelerator.load_state(path)
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"--resume_from_checkpoint: cannot load {path}: {first_line(err)}") from None
+
+
+def register_checkpoint_hooks(accelerator, save_weights: Callable[[list, str], None],
+                              load_weights: Callable[[list, str], None]) -> None:
+    """Make `accelerator.save_state` / `load_state` keep only the trained tensors of the models.
+
+    `save_weights(models, folder)` writes them (main process only) and `load_weights(models,
+    folder)` reads them back; both get the unwrapped models. accelerate then saves and loads no
+    full model weights, only the optimizer, scheduler and RNG states.
+    """
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_weights([accelerator.unwrap_model(m) for m in models], output_dir)
+        weights.clear()  # the tensors written above are all a checkpoint needs
+
+    def load_hook(models, input_dir):
+        unwrapped = [accelerator.unwrap_model(m) for m in models]
+        models.clear()  # accelerate must not load full model weights (none were saved)
+        load_weights(unwrapped, input_dir)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+__all__ = ["CHECKPOINT_PREFIX", "list_checkpoints", "load_checkpoint", "register_checkpoint_hooks",
+           "remove_stale_temporary_checkpoints", "resolve_resume_checkpoint", "rotate_checkpoints",
+           "save_checkpoint", "save_checkpoint_atomically"]

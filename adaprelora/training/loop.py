@@ -1,0 +1,202 @@
+"""The training loop both trainers share, and the event it reports progress with.
+
+`training_steps` runs epochs of micro-batches under `accelerator.accumulate` (backward, clipping,
+optimizer and scheduler steps), skips the batches a resumed run has already seen, stops at
+`max_steps` or when `stop_event` is set, and yields one `TrainEvent` per optimizer step. A trainer
+adds its own work between the events (logging, checkpoints, validation) and passes them on, so the
+CLIs and the app drive every trainer the same way: `for event in train(config, stop_event): ...`.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+
+
+@dataclass
+class TrainEvent:
+    """One progress report of a trainer's `train()`.
+
+    Attributes:
+        step: optimizer steps done so far (counting those before a resume).
+        max_steps: total steps of the run (0 until known).
+        loss: training loss of this step (mean over gradient-accumulation micro-batches), or None
+            for events that are not a training step.
+        lr: learning rate after this step (of the first parameter group).
+        steps_per_sec: optimizer steps per second since training (re)started.
+        samples: paths of validation PNGs written at this step (empty on most steps).
+        message: a human-readable line ("loading models", "saved checkpoint-200", ...); "" on plain
+            training steps.
+        done: True on the last event only.
+        outputs: on the last event, the files the run wrote (each trainer documents its keys).
+        warnings: user-facing warnings raised at this point (e.g. skipped unreadable images).
+        checkpoint: path of the checkpoint written at this step, if any.
+        phase: "setup", "class_images", "train", "validation", "eval" or "done".
+        epoch: current epoch (0-based).
+        stopped: True on the last event when `stop_event` ended the run early.
+        peak_memory_bytes: peak accelerator (CUDA) or process (CPU) memory, on the last event.
+        wall_time: seconds since `train()` started, on the last event.
+        metrics: on the last event of a run that evaluates, the evaluation metrics.
+        summary: on the last event of a run that writes one, its summary (e.g. `metrics.json`).
+    """
+
+    step: int
+    max_steps: int
+    loss: Optional[float] = None
+    lr: Optional[float] = None
+    steps_per_sec: Optional[float] = None
+    samples: list[str] = field(default_factory=list)
+    message: str = ""
+    done: bool = False
+    outputs: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    checkpoint: Optional[str] = None
+    phase: str = "train"
+    epoch: int = 0
+    stopped: bool = False
+    peak_memory_bytes: Optional[int] = None
+    wall_time: Optional[float] = None
+    metrics: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+
+def training_steps(
+    accelerator,
+    *,
+    models: list[torch.nn.Module],
+    dataloader,
+    optimizer,
+    lr_scheduler,
+    compute_loss: Callable[[dict], torch.Tensor],
+    start_step: int,
+    max_steps: int,
+    updates_per_epoch: int,
+    stop_event: threading.Event,
+    clip_parameters: Iterable[torch.nn.Parameter] = (),
+    max_grad_norm: Optional[float] = None,
+    reduce_loss: bool = False,
+    on_epoch_start: Optional[Callable[[int], None]] = None,
+) -> Iterator[TrainEvent]:
+    """Train from `start_step` to `max_steps` optimizer steps; one event per optimizer step.
+
+    `compute_loss(batch)` returns the loss of one micro-batch. Gradients are clipped to
+    `max_grad_norm` (None or 0: no clipping) over `clip_parameters` when they are synchronised.
+    The step's loss is the mean over its micro-batches, across processes too when `reduce_loss`.
+    A resumed run starts in the epoch of `start_step` and skips the batches already trained on;
+    the data order of an epoch depends only on the epoch (seedable sampler), so it sees what an
+    uninterrupted run would. Stops after the current step when `stop_event` is set.
+    """
+    clip_parameters = list(clip_parameters)
+    first_epoch = start_step // updates_per_epoch
+    skip_batches = (start_step % updates_per_epoch) * accelerator.gradient_accumulation_steps
+    num_epochs = math.ceil(max_steps / updates_per_epoch)
+    step = start_step
+    loop_start = time.perf_counter()
+    micro_losses: list[torch.Tensor] = []
+    for epoch in range(first_epoch, num_epochs):
+        if step >= max_steps or stop_event.is_set():
+            return
+        for model in models:
+            model.train()
+        dataloader.set_epoch(epoch)
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        loader = dataloader
+        if epoch == first_epoch and skip_batches:
+            loader = accelerator.skip_first_batches(dataloader, skip_batches)
+        for batch in loader:
+            with accelerator.accumulate(*models):
+                loss = compute_loss(batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and max_grad_norm:
+                    accelerator.clip_grad_norm_(clip_parameters, max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_losses.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            step_loss = _step_loss(accelerator, micro_losses, reduce_loss)
+            micro_losses = []
+            elapsed = time.perf_counter() - loop_start
+            yield TrainEvent(step=step, max_steps=max_steps, loss=step_loss, lr=float(lr_scheduler.get_last_lr()[0]),
+                             epoch=epoch, phase="train",
+                             steps_per_sec=(step - start_step) / elapsed if elapsed > 0 else None)
+            if step >= max_steps or stop_event.is_set():
+                return
+
+
+def _step_loss(accelerator, micro_losses: list[torch.Tensor], across_processes: bool) -> float:
+    if across_processes:
+        mean = torch.stack([x.float() for x in micro_losses]).mean()
+        return accelerator.reduce(mean, reduction="mean").item()
+    return sum(float(x) for x in micro_losses) / len(micro_losses)
+
+
+def make_accelerator(*, mixed_precision: Optional[str], gradient_accumulation_steps: int, seed: Optional[int],
+                     **kwargs):
+    """An `Accelerator` whose data order of epoch e depends only on (seed, e), so a resumed run sees
+    the same batches as an uninterrupted one. An unusable `--mixed_precision` is a `UserError`."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from .errors import UserError, first_line
+
+    try:
+        return Accelerator(
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+            **kwargs,
+        )
+    except ValueError as err:  # e.g. fp16 without a GPU
+        raise UserError(f"--mixed_precision {mixed_precision}: {first_line(err)}") from None
+
+
+def release_accelerator(accelerator) -> None:
+    """End trackers and free accelerate's process-wide state, so another run can start in this
+    process (the app and the benchmarks run several, possibly with another mixed precision).
+
+    accelerate refuses a second `Accelerator(mixed_precision=...)` that differs from the first.
+    Only the single-process case is reset: a distributed launch runs one job per process anyway.
+    """
+    try:
+        accelerator.end_training()
+    except Exception:  # pragma: no cover - tracker already closed
+        pass
+    accelerator.free_memory()
+    if accelerator.num_processes != 1:
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+def peak_memory_bytes(device: Optional[torch.device] = None) -> int:
+    """Peak accelerator memory if on CUDA, else this process's peak resident set size."""
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except Exception:  # pragma: no cover - non-POSIX
+        return 0
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+__all__ = ["TrainEvent", "format_bytes", "make_accelerator", "peak_memory_bytes", "release_accelerator",
+           "training_steps"]

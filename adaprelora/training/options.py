@@ -1,0 +1,85 @@
+"""Settings both trainers share: optimizer name and arguments, learning-rate schedules, loss scaling."""
+from __future__ import annotations
+
+import ast
+from typing import Iterable, Optional
+
+from .errors import UserError, first_line
+
+# Learning-rate schedules both trainers accept (transformers' `get_scheduler` names).
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                 "inverse_sqrt")
+
+
+def check_optimizer_name(name: str) -> str:
+    """`--optimizer` as the factory spells it; `UserError` listing the choices when unknown."""
+    from adaprelora import available_optimizers
+    from adaprelora.factory import canonical_name
+
+    key = canonical_name(name)
+    if key not in available_optimizers():
+        raise UserError(f"--optimizer: unknown optimizer {name!r}; choose one of: {', '.join(available_optimizers())}")
+    return key
+
+
+def check_lr_scheduler(name: str) -> None:
+    if name not in LR_SCHEDULERS:
+        raise UserError(f"--lr_scheduler {name!r} is not one of: {', '.join(LR_SCHEDULERS)}")
+
+
+def parse_optimizer_args(items: Optional[Iterable[str]]) -> dict:
+    """Parse `--optimizer_args key=value ...` (kohya style). Values are Python literals when they
+    parse as one (`0.1`, `True`, `(0.9, 0.99)`), else strings (`variant=sgd`)."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--optimizer_args expects key=value pairs, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key.isidentifier():
+            raise UserError(f"--optimizer_args: {key!r} is not a valid argument name")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        out[key] = value
+    return out
+
+
+def build_optimizer(name: str, model, lr: float, optimizer_args: dict):
+    """`create_optimizer` with its argument errors as a `UserError` naming the flags."""
+    from adaprelora import create_optimizer
+
+    try:
+        return create_optimizer(name, model, lr=lr, **optimizer_args)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"--optimizer {name} / --optimizer_args: {first_line(err)}") from None
+
+
+def build_lr_scheduler(name: str, optimizer, *, warmup_steps: int, total_steps: int, num_processes: int = 1,
+                       num_cycles: int = 1, power: float = 1.0):
+    """The schedule `name` over `total_steps` optimizer steps.
+
+    accelerate steps a prepared scheduler once per process at each optimizer step, so the step
+    counts are multiplied by `num_processes`. `num_cycles` applies to cosine_with_restarts and
+    `power` to polynomial.
+    """
+    from transformers import get_scheduler
+
+    specific = {"cosine_with_restarts": {"num_cycles": num_cycles}, "polynomial": {"power": power}}
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps * num_processes,
+                         num_training_steps=total_steps * num_processes,
+                         scheduler_specific_kwargs=specific.get(name, {}))
+
+
+def attach_grad_scaler(optimizer, scaler) -> None:
+    """Tell an optimizer that reads gradients during backward (AdaPreLoRA's exact energies) which
+    loss scaler is in use, so it can undo the fp16 loss scale. A no-op for other optimizers."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    setter = getattr(inner, "set_grad_scaler", None)
+    if setter is not None and scaler is not None:
+        setter(scaler)
+
+
+__all__ = ["LR_SCHEDULERS", "attach_grad_scaler", "build_lr_scheduler", "build_optimizer", "check_lr_scheduler",
+           "check_optimizer_name", "parse_optimizer_args"]
