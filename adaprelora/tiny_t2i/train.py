@@ -192,8 +192,8 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer):
 
 def run(cfg: TinyT2IConfig) -> dict:
     """Train everything and write `cfg.output_dir` (written to a temporary sibling, then moved in)."""
-    from .quality import evaluate_base, write_model_card, write_samples_grid
     from .judge import judge_accuracy, save_judge, train_judge
+    from .quality import evaluate_base, write_model_card, write_samples_grid
 
     torch.set_num_threads(cfg.threads)
     start = time.time()
@@ -221,7 +221,7 @@ def run(cfg: TinyT2IConfig) -> dict:
     del images, means, stds
 
     t = time.time()
-    judge = train_judge(steps=cfg.judge_steps, seed=cfg.seed + 5, progress=lambda s, l: bar.update(1))
+    judge = train_judge(steps=cfg.judge_steps, seed=cfg.seed + 5, progress=lambda _step, _loss: bar.update(1))
     judge_metrics = judge_accuracy(judge)
     timings["judge_s"] = time.time() - t
     bar.close()
