@@ -18,7 +18,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
                         help="address to bind; anything but a loopback address exposes the page to the network")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on")
     parser.add_argument("--base-model", type=str, default=DEFAULT_BASE_MODEL,
-                        help="Stable Diffusion 1.x/2.x: a Hub id or a local diffusers folder")
+                        help="the built-in tiny-sd (works offline), or Stable Diffusion 1.x/2.x: a Hub id or a local diffusers folder")
     parser.add_argument("--output-root", type=str, default="outputs",
                         help="folder for trained LoRAs, samples, generated images and Gradio's upload cache")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")

@@ -296,7 +296,9 @@ def test_auth_and_cli_arguments(tmp_path):
     spec.loader.exec_module(module)
     args = module.parse_args(["--output-root", str(tmp_path), "--auth", "a:b"])
     assert (args.host, args.port, args.auth, args.share) == ("127.0.0.1", 7860, ("a", "b"), False)
-    assert args.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    from adaprelora.tiny_t2i import TINY_SD_DIR
+
+    assert args.base_model == TINY_SD_DIR, "the built-in model is the default (it works offline)"
     with pytest.raises(SystemExit):
         module.parse_args(["--auth", "nocolon"])
 

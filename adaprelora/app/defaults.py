@@ -1,16 +1,26 @@
-"""The app's defaults in one place: the base model, the presets and the values the form starts with.
+"""The app's defaults in one place: the base model, and per kind of base model the presets and the
+values the forms start with.
 
-Change the default model or a preset here; `ui.py` builds the form from these values and
-`handlers.py` uses the same ones as the API's parameter defaults.
+The default base model is the built-in `assets/tiny-sd` (works offline, 64 x 64 shapes); Stable
+Diffusion 1.x/2.x models get settings for photos. `profile_for(model_id)` picks the profile; `ui.py`
+builds the forms from it and `handlers.py` fills API parameters left out with its values.
 """
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
-# The base model `python app.py` trains and generates with unless `--base-model` says otherwise.
-DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+from adaprelora.tiny_t2i import TINY_SD_DIR
+from adaprelora.tiny_t2i.personalise import DREAMBOOTH_DEFAULTS, trigger_prompt
 
-# Presets: settings that work for the usual kinds of subject, and the prompts that go with them.
+# The base model `python app.py` trains and generates with unless `--base-model` says otherwise.
+DEFAULT_BASE_MODEL = TINY_SD_DIR
+# What the page and the error messages suggest for real photos.
+SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+# Presets for Stable Diffusion: settings that work for the usual kinds of subject, and their prompts.
 PRESETS: dict[str, dict[str, Any]] = {
     "object": dict(instance_prompt="a photo of sks object", max_train_steps=500, learning_rate=1e-4, rank=8,
                    train_text_encoder=False, validation_prompt="a photo of sks object on a beach"),
@@ -19,14 +29,77 @@ PRESETS: dict[str, dict[str, Any]] = {
     "style": dict(instance_prompt="an image in sks style", max_train_steps=1000, learning_rate=1e-4, rank=32,
                   train_text_encoder=False, validation_prompt="a city street in sks style"),
 }
+# Presets for the built-in shapes model: its trigger prompt is "a sks shape on a ... background".
+TINY_PRESETS: dict[str, dict[str, Any]] = {
+    "shape": dict(instance_prompt=trigger_prompt("white"), max_train_steps=DREAMBOOTH_DEFAULTS["max_train_steps"],
+                  learning_rate=DREAMBOOTH_DEFAULTS["learning_rate"], rank=DREAMBOOTH_DEFAULTS["rank"],
+                  train_text_encoder=DREAMBOOTH_DEFAULTS["train_text_encoder"],
+                  validation_prompt=trigger_prompt("green")),
+}
 # The form fields a preset fills, in the order `/apply_preset` returns them.
 PRESET_FIELDS = ("instance_prompt", "max_train_steps", "learning_rate", "rank", "train_text_encoder", "validation_prompt")
 
-# Where the Train form starts (and the `/train` API's defaults).
+# Where the Train form starts (and the `/train` API's values for parameters left out), for SD.
 TRAIN_DEFAULTS: dict[str, Any] = dict(max_train_steps=500, learning_rate=1e-4, rank=8, optimizer="adaprelora",
                                       resolution=512, validation_steps=100, seed=0, num_samples=2)
-# Where the Generate form starts (and the `/generate` API's defaults).
+# Where the Generate form starts (and the `/generate` API's values for parameters left out), for SD.
 GENERATE_DEFAULTS: dict[str, Any] = dict(num_inference_steps=30, seed=0, guidance_scale=7.5, lora_scale=1.0,
                                          num_images=1)
 
-__all__ = ["DEFAULT_BASE_MODEL", "GENERATE_DEFAULTS", "PRESETS", "PRESET_FIELDS", "TRAIN_DEFAULTS"]
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the forms start with for one kind of base model."""
+
+    family: str
+    builtin: bool
+    train: dict = field(default_factory=dict)
+    generate: dict = field(default_factory=dict)
+    presets: dict = field(default_factory=dict)
+    prompt_hint: str = "a photo of sks dog"
+    generate_hint: str = "a photo of sks dog in a bucket"
+
+
+TINY_PROFILE = ModelProfile(
+    family="built-in tiny-sd (64 x 64 shapes)",
+    builtin=True,
+    train=dict(TRAIN_DEFAULTS, max_train_steps=DREAMBOOTH_DEFAULTS["max_train_steps"],
+               learning_rate=DREAMBOOTH_DEFAULTS["learning_rate"], rank=DREAMBOOTH_DEFAULTS["rank"],
+               resolution=DREAMBOOTH_DEFAULTS["resolution"], validation_steps=100, num_samples=4),
+    generate=dict(GENERATE_DEFAULTS, num_inference_steps=25, guidance_scale=5.0, num_images=4),
+    presets=TINY_PRESETS,
+    prompt_hint=trigger_prompt("white"),
+    generate_hint=trigger_prompt("green"),
+)
+
+
+def _native_resolution(folder: str) -> int:
+    """Pixels per side the pipeline in `folder` was trained at (UNet sample size x VAE factor)."""
+    try:
+        with open(os.path.join(folder, "unet", "config.json")) as f:
+            sample = int(json.load(f)["sample_size"])
+        with open(os.path.join(folder, "vae", "config.json")) as f:
+            factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+        return sample * factor
+    except (OSError, KeyError, ValueError, TypeError):
+        return TRAIN_DEFAULTS["resolution"]
+
+
+def is_builtin_model(model_id: str) -> bool:
+    """The shipped tiny-sd, or a copy made by `scripts/train_tiny_sd.py` (it has the judge beside it)."""
+    return os.path.isdir(model_id) and (
+        os.path.realpath(model_id) == os.path.realpath(TINY_SD_DIR)
+        or os.path.isfile(os.path.join(model_id, "judge", "config.json")))
+
+
+def profile_for(model_id: str) -> ModelProfile:
+    if is_builtin_model(model_id):
+        return TINY_PROFILE
+    resolution = _native_resolution(model_id) if os.path.isdir(model_id) else TRAIN_DEFAULTS["resolution"]
+    return ModelProfile(family="Stable Diffusion 1.x/2.x", builtin=False,
+                        train=dict(TRAIN_DEFAULTS, resolution=resolution), generate=dict(GENERATE_DEFAULTS),
+                        presets=PRESETS)
+
+
+__all__ = ["DEFAULT_BASE_MODEL", "GENERATE_DEFAULTS", "ModelProfile", "PRESETS", "PRESET_FIELDS", "SD15_MODEL",
+           "TINY_PRESETS", "TINY_PROFILE", "TRAIN_DEFAULTS", "is_builtin_model", "profile_for"]

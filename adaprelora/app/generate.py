@@ -15,14 +15,14 @@ from typing import Optional
 
 import torch
 
-from .defaults import DEFAULT_BASE_MODEL, GENERATE_DEFAULTS
+from .defaults import GENERATE_DEFAULTS, SD15_MODEL, is_builtin_model
 
 _ADAPTER = "app_lora"
 
 
 def how_to_use_local_model(model_id: str) -> str:
     """The advice shown whenever the base model cannot be loaded."""
-    hub_id = model_id if _looks_like_hub_id(model_id) else DEFAULT_BASE_MODEL
+    hub_id = model_id if _looks_like_hub_id(model_id) else SD15_MODEL
     return (
         "Point `--base-model` at a local copy: on a machine with internet run "
         f"`hf download {hub_id} --local-dir ./sd15` (a diffusers folder with `model_index.json`), "
@@ -102,6 +102,11 @@ class BaseModel:
                 f"**The base model cannot be loaded:** {self._problem}. Training and generation need it.\n\n"
                 f"{how_to_use_local_model(self.model_id)}"
             )
+        if is_builtin_model(self.model_id):
+            return ("Base model: the built-in **tiny-sd**, a small model trained here on shapes (64 x 64): it "
+                    "draws prompts like \"a red circle on a blue background\", and learns a new shape from a few "
+                    "pictures (try the example). For photos use Stable Diffusion 1.5: "
+                    f"`python app.py --base-model {SD15_MODEL}` (a Hub id or a local diffusers folder).")
         return f"Base model: `{self.model_id}`"
 
     def pipeline(self):

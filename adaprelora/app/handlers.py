@@ -14,7 +14,8 @@ from typing import Optional
 
 import gradio as gr
 
-from .defaults import GENERATE_DEFAULTS, PRESET_FIELDS, PRESETS, TRAIN_DEFAULTS
+from .defaults import PRESET_FIELDS, profile_for
+from .examples import sidecar_caption, stage_example
 from .form import as_paths, real, train_config, whole
 from .generate import BaseModel, GenerationRequest, default_device, generate_images, how_to_use_local_model
 from .jobs import MAX_SAMPLES_SHOWN, TrainingJob, TrainingRun, discard, file_update, stage_images
@@ -23,7 +24,6 @@ from .store import LoraInfo, LoraStore, StoreError, format_size
 NO_LORA = "(none)"
 LORA_TABLE_HEADERS = ["name", "status", "steps", "optimizer", "rank", "learning rate", "resolution", "prompt",
                       "created", "size"]
-_T, _G = TRAIN_DEFAULTS, GENERATE_DEFAULTS
 
 
 class AppHandlers:
@@ -32,19 +32,30 @@ class AppHandlers:
     def __init__(self, store: LoraStore, base: BaseModel):
         self.store = store
         self.base = base
+        self.profile = profile_for(base.model_id)
 
     # -- train tab ---------------------------------------------------------------------------
     def preview_uploads(self, images=None):
         """Gallery preview and an empty caption row per uploaded image."""
         paths = as_paths(images)
-        return {"preview": paths, "captions": [[os.path.basename(p), ""] for p in paths]}
+        return {"preview": paths, "captions": [[os.path.basename(p), sidecar_caption(p)] for p in paths]}
+
+    def load_example(self):
+        """The shipped example subject: its images (copied into the upload folder, captions beside
+        them) and the preset that fits the base model."""
+        if not self.profile.builtin:
+            raise gr.Error("The example subject is made for the built-in tiny-sd model; upload your own photos.")
+        paths = stage_example()
+        preset = next(iter(self.profile.presets))
+        return dict(self.apply_preset(preset), images=paths, preset=preset, lora_name="example-heart")
 
     def apply_preset(self, preset: str, instance_prompt: str = ""):
         """Fill the form with a preset's settings; a prompt typed by the user is kept."""
-        values = PRESETS.get(preset)
+        presets = self.profile.presets
+        values = presets.get(preset)
         if values is None:
             return {}
-        templates = {p["instance_prompt"] for p in PRESETS.values()}
+        templates = {p["instance_prompt"] for p in presets.values()}
         keep_prompt = bool((instance_prompt or "").strip()) and instance_prompt not in templates
         return {name: instance_prompt if name == "instance_prompt" and keep_prompt else values[name]
                 for name in PRESET_FIELDS}
@@ -53,22 +64,31 @@ class AppHandlers:
         self,
         images,
         instance_prompt: str,
-        max_train_steps: float = _T["max_train_steps"],
-        learning_rate: float = _T["learning_rate"],
-        rank: float = _T["rank"],
-        optimizer: str = _T["optimizer"],
-        resolution: float = _T["resolution"],
+        max_train_steps: Optional[float] = None,
+        learning_rate: Optional[float] = None,
+        rank: Optional[float] = None,
+        optimizer: str = "adaprelora",
+        resolution: Optional[float] = None,
         lora_name: Optional[str] = None,
         captions=None,
         class_prompt: Optional[str] = None,
         train_text_encoder: bool = False,
         validation_prompt: Optional[str] = None,
-        validation_steps: float = _T["validation_steps"],
-        seed: float = _T["seed"],
-        num_samples: float = _T["num_samples"],
+        validation_steps: Optional[float] = None,
+        seed: float = 0,
+        num_samples: Optional[float] = None,
         progress=gr.Progress(),
     ):
-        """Train a DreamBooth LoRA on the uploaded images; streams progress, returns when done."""
+        """Train a DreamBooth LoRA on the uploaded images; streams progress, returns when done.
+
+        Numbers left out (None) take the base model's defaults (`defaults.profile_for`)."""
+        d = self.profile.train
+        max_train_steps = d["max_train_steps"] if max_train_steps is None else max_train_steps
+        learning_rate = d["learning_rate"] if learning_rate is None else learning_rate
+        rank = d["rank"] if rank is None else rank
+        resolution = d["resolution"] if resolution is None else resolution
+        validation_steps = d["validation_steps"] if validation_steps is None else validation_steps
+        num_samples = d["num_samples"] if num_samples is None else num_samples
         config, paths, captions_by_path = train_config(
             self.base.model_id, images=images, instance_prompt=instance_prompt, max_train_steps=max_train_steps,
             learning_rate=learning_rate, rank=rank, optimizer=optimizer, resolution=resolution, captions=captions,
@@ -99,14 +119,19 @@ class AppHandlers:
         self,
         prompt: str,
         lora: str = NO_LORA,
-        num_inference_steps: float = _G["num_inference_steps"],
-        seed: float = _G["seed"],
+        num_inference_steps: Optional[float] = None,
+        seed: float = 0,
         negative_prompt: Optional[str] = None,
-        guidance_scale: float = _G["guidance_scale"],
-        lora_scale: float = _G["lora_scale"],
-        num_images: float = _G["num_images"],
+        guidance_scale: Optional[float] = None,
+        lora_scale: float = 1.0,
+        num_images: Optional[float] = None,
     ):
-        """Generate images with the base model and, optionally, one trained LoRA."""
+        """Generate images with the base model and, optionally, one trained LoRA (numbers left
+        out take the base model's defaults)."""
+        d = self.profile.generate
+        num_inference_steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        num_images = d["num_images"] if num_images is None else num_images
         prompt = (prompt or "").strip()
         if not prompt:
             raise gr.Error("Write a prompt; include the LoRA's trigger word (e.g. \"sks\") to use what it learned.")

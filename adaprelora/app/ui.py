@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import gradio as gr
 
-from .defaults import DEFAULT_BASE_MODEL, GENERATE_DEFAULTS, PRESETS, TRAIN_DEFAULTS
+from .defaults import DEFAULT_BASE_MODEL
 from .generate import BaseModel
 from .handlers import LORA_TABLE_HEADERS, NO_LORA, AppHandlers, table_row
 from .store import LoraStore
@@ -73,7 +73,8 @@ def build_demo(
     base = BaseModel(base_model, check_in_background=check_base_model_in_background)
     h = AppHandlers(store, base)
     optimizers = available_optimizers()
-    T, G = TRAIN_DEFAULTS, GENERATE_DEFAULTS
+    profile = h.profile
+    T, G = profile.train, profile.generate
     infos = store.list()
     ready = [info.name for info in infos if info.ready]
 
@@ -81,7 +82,8 @@ def build_demo(
         # ---------------------------------------------------------------- layout
         gr.Markdown("# adaprelora · DreamBooth LoRA\nUpload photos of a subject, train a LoRA, watch it "
                     "learn, then generate images of it.")
-        banner = gr.Markdown(f"Base model: `{base_model}` (checking that it can be loaded...)", elem_id="base-model-status")
+        banner = gr.Markdown(f"Base model: `{base_model}` ({profile.family}; checking that it can be loaded...)",
+                             elem_id="base-model-status")
         job = gr.State(None)
         lora_names = gr.JSON(value=ready, visible=False)
 
@@ -97,9 +99,12 @@ def build_demo(
                                                 type="array", interactive=True, column_count=2,
                                                 label="Captions (optional): one per image, replaces the prompt",
                                                 elem_id="train-captions")
-                        preset = gr.Radio(list(PRESETS), label="Preset", elem_id="train-preset")
+                        if profile.builtin:
+                            example_btn = gr.Button("Try the example: 5 pictures of a red heart (a new shape)",
+                                                    size="sm", elem_id="example-button")
+                        preset = gr.Radio(list(profile.presets), label="Preset", elem_id="train-preset")
                         instance_prompt = gr.Textbox(label="Instance prompt (with a trigger word)",
-                                                     placeholder="a photo of sks dog", elem_id="instance-prompt")
+                                                     placeholder=profile.prompt_hint, elem_id="instance-prompt")
                         lora_name = gr.Textbox(label="LoRA name (optional)", placeholder="my-dog",
                                                elem_id="lora-name")
                         with gr.Row():
@@ -115,7 +120,8 @@ def build_demo(
                         with gr.Accordion("More settings", open=False):
                             class_prompt = gr.Textbox(label="Class prompt (turns on prior preservation)",
                                                       placeholder="a photo of a dog")
-                            train_text_encoder = gr.Checkbox(False, label="Train the text encoder too")
+                            train_text_encoder = gr.Checkbox(T.get("train_text_encoder", False),
+                                                             label="Train the text encoder too")
                             validation_prompt = gr.Textbox(label="Sample prompt (empty: the instance prompt)",
                                                            elem_id="validation-prompt")
                             with gr.Row():
@@ -149,7 +155,7 @@ def build_demo(
                         gen_lora = gr.Dropdown([NO_LORA] + ready, value=NO_LORA, label="LoRA",
                                                allow_custom_value=True, elem_id="gen-lora")
                         gen_refresh = gr.Button("Refresh list", size="sm")
-                        gen_prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks dog in a bucket",
+                        gen_prompt = gr.Textbox(label="Prompt", placeholder=profile.generate_hint,
                                                 elem_id="gen-prompt")
                         gen_negative = gr.Textbox(label="Negative prompt")
                         with gr.Row():
@@ -191,11 +197,15 @@ def build_demo(
 
         images.change(inputs=[images], api_name="preview_uploads", api_visibility="undocumented",
                       **keyed(h.preview_uploads, {"preview": preview, "captions": captions}))
+        preset_outputs = {"instance_prompt": instance_prompt, "max_train_steps": steps, "learning_rate": lr,
+                          "rank": rank, "train_text_encoder": train_text_encoder,
+                          "validation_prompt": validation_prompt}
         preset.change(inputs=[preset, instance_prompt], api_name="apply_preset", api_visibility="undocumented",
-                      **keyed(h.apply_preset, {"instance_prompt": instance_prompt, "max_train_steps": steps,
-                                               "learning_rate": lr, "rank": rank,
-                                               "train_text_encoder": train_text_encoder,
-                                               "validation_prompt": validation_prompt}))
+                      **keyed(h.apply_preset, preset_outputs))
+        if profile.builtin:
+            example_btn.click(api_name="load_example", api_visibility="undocumented",
+                              **keyed(h.load_example, dict(preset_outputs, images=images, preset=preset,
+                                                           lora_name=lora_name)))
 
         train_event = train_btn.click(
             inputs=[images, instance_prompt, steps, lr, rank, optimizer, resolution, lora_name, captions,
