@@ -1,7 +1,10 @@
 """The app in a real browser: headless Chromium (Debian `chromium` + `chromium-driver`) via selenium.
 
-Opens the page, uploads photos, trains 2 steps at 32 px, waits for the samples and the download
-buttons, generates with the new LoRA, and saves a screenshot of each tab under `docs/`.
+On the built-in tiny-sd model, as a new user would: opens the page, clicks the one-click example
+(pictures of a red heart, a shape the base model never saw), trains with the default settings,
+waits for the samples and the download buttons, generates with the new LoRA and without it, lets the
+model's judge check that the heart appears only with the LoRA, and saves a screenshot of each tab
+under `docs/` (real pictures, used by the README).
 Skipped, with the reason, only when Chromium or chromedriver is not installed.
 """
 from __future__ import annotations
@@ -30,17 +33,27 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    from adaprelora.app import build_demo
-    from adaprelora.testing.tiny_sd import tiny_sd_pipeline_dir
+    import torch
 
-    demo = build_demo(tiny_sd_pipeline_dir(), str(tmp_path_factory.mktemp("browser-output-root")),
-                      check_base_model_in_background=False)
+    from adaprelora.app import DEFAULT_BASE_MODEL, build_demo
+
+    root = tmp_path_factory.mktemp("browser-output-root")
+    previous = os.environ.get("GRADIO_TEMP_DIR"), torch.get_num_threads()
+    os.environ["GRADIO_TEMP_DIR"] = str(root / ".gradio-cache")  # as app.py does: uploads inside the root
+    torch.set_num_threads(1)
+    demo = build_demo(DEFAULT_BASE_MODEL, str(root), check_base_model_in_background=False)
     port = _free_port()
-    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                        allowed_paths=[str(root)])
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield f"http://127.0.0.1:{port}/", root
     finally:
         demo.close()
+        torch.set_num_threads(previous[1])
+        if previous[0] is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous[0]
 
 
 @pytest.fixture(scope="module")
@@ -60,24 +73,6 @@ def browser(tmp_path_factory):
         yield driver
     finally:
         driver.quit()
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    import numpy as np
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("browser-photos")
-    paths = []
-    for i, colour in enumerate([(200, 80, 40), (60, 140, 200), (90, 180, 90)]):
-        yy, xx = np.mgrid[0:64, 0:64]
-        img = np.zeros((64, 64, 3), dtype=np.uint8)
-        img[...] = colour
-        img[(yy - 32) ** 2 + (xx - 32) ** 2 < (12 + 4 * i) ** 2] = (240, 240, 240)
-        path = folder / f"subject{i}.png"
-        Image.fromarray(img).save(path)
-        paths.append(str(path))
-    return paths
 
 
 def _wait(driver, condition, message: str):
@@ -123,28 +118,48 @@ def _screenshot(driver, name: str) -> str:
     return path
 
 
-def test_upload_train_watch_generate_in_a_real_browser(app_url, browser, photos):
+def _generated_images(root, since: set) -> list:
+    from PIL import Image
+
+    new = sorted(set(str(p) for p in (root / "generated").rglob("*.png")) - since)
+    return [Image.open(p).convert("RGB") for p in new]
+
+
+def _generate(driver, root, lora: str, prompt: str) -> list:
+    before = set(str(p) for p in (root / "generated").rglob("*.png")) if (root / "generated").exists() else set()
+    _choose(driver, "gen-lora", lora)
+    _set_text(driver, "#gen-prompt textarea", prompt)
+    _css(driver, "#gen-button")[0].click()
+    _wait(driver, lambda d: (root / "generated").exists() and len(_generated_images(root, before)) >= 4,
+          "no generated image was written")
+    _wait(driver, lambda d: _css(d, "#gen-gallery img"), "no generated image appeared")
+    return _generated_images(root, before)
+
+
+def test_example_train_watch_generate_in_a_real_browser(app_url, browser):
+    from adaprelora.tiny_t2i import TINY_SD_DIR
+    from adaprelora.tiny_t2i.judge import judge_images, load_judge
+
+    url, root = app_url
     driver = browser
-    driver.get(app_url)
-    _wait(driver, lambda d: _css(d, "#train-images input[type='file']"), "the upload field never appeared")
-    _wait(driver, lambda d: "Base model:" in _css(d, "#base-model-status")[0].text
+    driver.get(url)
+    _wait(driver, lambda d: _css(d, "#example-button"), "the example button never appeared")
+    _wait(driver, lambda d: "tiny-sd" in _css(d, "#base-model-status")[0].text
           and "checking" not in _css(d, "#base-model-status")[0].text, "the base-model banner never settled")
+    assert "--base-model" in _css(driver, "#base-model-status")[0].text, "the page says how to use SD 1.5"
 
-    # Upload, preview, settings.
-    _css(driver, "#train-images input[type='file']")[0].send_keys("\n".join(photos))
-    _wait(driver, lambda d: len(_css(d, "#train-preview img")) >= len(photos), "the upload preview stayed empty")
-    _set_text(driver, "#instance-prompt textarea", "a photo of sks ball")
-    _set_text(driver, "#lora-name textarea", "browser-ball")
-    _set_text(driver, "#train-steps input", 2)
-    _set_text(driver, "#train-resolution input", 32)
-    next(b for b in _css(driver, "button") if "More settings" in b.text).click()
-    _wait(driver, lambda d: _css(d, "#validation-steps input") and _css(d, "#validation-steps input")[0].is_displayed(),
-          "the settings accordion did not open")
-    _set_text(driver, "#validation-steps input", 1)
+    # One click fills the images, their captions and the settings.
+    _css(driver, "#example-button")[0].click()
+    _wait(driver, lambda d: len(_css(d, "#train-preview img")) >= 5, "the example images did not load")
+    _wait(driver, lambda d: "sks shape" in _css(d, "#instance-prompt textarea")[0].get_attribute("value"),
+          "the example did not fill the prompt")
+    _wait(driver, lambda d: "a sks shape on a" in _css(d, "#train-captions")[0].text,
+          "the example's captions did not fill the table")
 
-    # Train and watch: samples appear, the download buttons show up at the end.
+    # Train with the defaults and watch: samples appear, the download buttons show up at the end.
+    steps = int(_css(driver, "#train-steps input")[0].get_attribute("value"))
     _css(driver, "#train-button")[0].click()
-    _wait(driver, lambda d: "finished at step 2" in _css(d, "#train-status")[0].text,
+    _wait(driver, lambda d: f"finished at step {steps}" in _css(d, "#train-status")[0].text,
           "training did not finish in the page")
     _wait(driver, lambda d: len(_css(d, "#train-samples img")) >= 2, "no sample images appeared")
     _wait(driver, lambda d: _css(d, "#download-diffusers") and _css(d, "#download-diffusers")[0].is_displayed()
@@ -153,21 +168,23 @@ def test_upload_train_watch_generate_in_a_real_browser(app_url, browser, photos)
     driver.execute_script("window.scrollTo(0, 0)")
     _screenshot(driver, "screenshot_train.png")
 
-    # Generate with the new LoRA.
+    # Generate without the LoRA, then with it: the judge sees the heart only with it.
+    judge = load_judge(os.path.join(TINY_SD_DIR, "judge"))
     _click_tab(driver, "Generate")
     _wait(driver, lambda d: _css(d, "#gen-prompt textarea") and _css(d, "#gen-prompt textarea")[0].is_displayed(),
           "the Generate tab did not open")
-    _choose(driver, "gen-lora", "browser-ball")
-    _set_text(driver, "#gen-prompt textarea", "a photo of sks ball on the grass")
-    _set_text(driver, "#gen-steps input", 2)
-    _css(driver, "#gen-button")[0].click()
-    _wait(driver, lambda d: _css(d, "#gen-gallery img"), "no generated image appeared")
+    plain = _generate(driver, root, "(none)", "a sks shape on a blue background")
+    with_lora = _generate(driver, root, "example-heart", "a sks shape on a blue background")
     caption = _wait(driver, lambda d: " ".join(e.text for e in _css(d, "#gen-gallery")), "no gallery text")
-    assert "browser-ball" in caption, f"the image was made with the LoRA: {caption!r}"
+    assert "example-heart" in caption, f"the image was made with the LoRA: {caption!r}"
+    hearts_plain = sum(v.shape == "heart" for v in judge_images(judge, plain))
+    hearts_lora = sum(v.shape == "heart" for v in judge_images(judge, with_lora))
+    assert hearts_plain <= 1, f"{hearts_plain} of {len(plain)} base-model images already look like the heart"
+    assert hearts_lora >= 2, f"only {hearts_lora} of {len(with_lora)} images with the LoRA show the heart"
     _screenshot(driver, "screenshot_generate.png")
 
     # The LoRAs tab lists it with its settings.
     _click_tab(driver, "LoRAs")
-    _wait(driver, lambda d: "browser-ball" in _css(d, "#lora-table")[0].text, "the LoRA is not in the table")
+    _wait(driver, lambda d: "example-heart" in _css(d, "#lora-table")[0].text, "the LoRA is not in the table")
     _wait(driver, lambda d: "adaprelora" in _css(d, "#lora-details")[0].text, "the LoRA's settings are not shown")
     _screenshot(driver, "screenshot_loras.png")

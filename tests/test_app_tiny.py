@@ -1,0 +1,75 @@
+"""The app on its default base model, the built-in tiny-sd, over HTTP with gradio_client: train on
+the shipped example subject with the default settings, then generate with and without the LoRA;
+the model's judge sees the subject only with it. Also: the page's defaults fit the model in use."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+gr = pytest.importorskip("gradio")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from adaprelora.app import DEFAULT_BASE_MODEL, build_demo  # noqa: E402
+from adaprelora.app.defaults import TINY_PROFILE, profile_for  # noqa: E402
+from adaprelora.app.examples import example_images  # noqa: E402
+from adaprelora.tiny_t2i import TINY_SD_DIR  # noqa: E402
+from adaprelora.tiny_t2i.judge import judge_images, load_judge  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = str(tmp_path_factory.mktemp("tiny-output-root"))
+    demo = build_demo(DEFAULT_BASE_MODEL, root, check_base_model_in_background=False)
+    port = _free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        yield {"client": Client(f"http://127.0.0.1:{port}/", verbose=False), "root": root}
+    finally:
+        demo.close()
+        torch.set_num_threads(previous)
+
+
+def test_defaults_fit_the_model_in_use(tmp_path):
+    assert DEFAULT_BASE_MODEL == TINY_SD_DIR
+    assert profile_for(TINY_SD_DIR) is TINY_PROFILE
+    assert TINY_PROFILE.train["resolution"] == 64
+    sd = profile_for("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert not sd.builtin and sd.train["resolution"] == 512 and "object" in sd.presets
+
+
+def _images(gallery):
+    from PIL import Image
+
+    return [Image.open(item["image"]).convert("RGB") for item in gallery]
+
+
+def test_train_the_example_then_generate_the_subject_only_with_the_lora(app):
+    client = app["client"]
+    files = example_images()
+    captions = [[os.path.basename(p), open(os.path.splitext(p)[0] + ".txt").read().strip()] for p in files]
+    prompt = TINY_PROFILE.presets["shape"]["instance_prompt"]
+    # Steps, learning rate, rank and resolution left out: the built-in model's defaults.
+    updates = list(client.submit([handle_file(p) for p in files], prompt, lora_name="heart",
+                                 captions={"headers": ["image", "caption"], "data": captions}, api_name="/train"))
+    assert updates, "the /train stream gave no update"
+    assert "heart" in client.predict(api_name="/loras")
+
+    judge = load_judge(os.path.join(TINY_SD_DIR, "judge"))
+    gallery = client.predict("a sks shape on a purple background", "heart", 25, 1, num_images=6, api_name="/generate")
+    plain = client.predict("a sks shape on a purple background", "(none)", 25, 1, num_images=6, api_name="/generate")
+    with_lora = judge_images(judge, _images(gallery))
+    without = judge_images(judge, _images(plain))
+    hearts = sum(v.shape == "heart" for v in with_lora)
+    assert hearts >= 3, f"the judge saw the heart in only {hearts} of 6 images made with the LoRA"
+    assert sum(v.shape == "heart" for v in without) <= 1, "the base model alone already draws the heart"
