@@ -83,6 +83,28 @@ def _fmt(q: dict) -> str:
     return f"{q['shape']:.2f} / {q['colour']:.2f} / {q['background']:.2f} / {q['all']:.2f}"
 
 
+def _dreambooth_md(rows) -> str:
+    """The model card's DreamBooth table from `report["dreambooth"]` (a list of measured runs)."""
+    if not rows:
+        return ""
+    lines = ["", "DreamBooth LoRA on reserved subjects (5 images each, trigger prompt \"a sks shape on a {colour} "
+             "background\" for 7 backgrounds x 3 seeds; prior = all-three score on 28 ordinary prompts without "
+             "the trigger, base model first):", "",
+             "| subject | settings | subject fidelity | background | similarity | prior |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['subject']} | {r['settings']} | {r['subject_fidelity']:.2f} | {r['background']:.2f} | "
+                     f"{r['similarity']:.3f} | {r['prior']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def rewrite_model_card(folder: str) -> None:
+    """Write `README.md` again from the folder's `training_report.json` (after adding measurements)."""
+    import json
+
+    with open(os.path.join(folder, "training_report.json")) as f:
+        write_model_card(folder, json.load(f))
+
+
 def write_model_card(folder: str, report: dict) -> None:
     """`README.md` of the model folder: data, architecture, training, measured quality."""
     cfg, p, q, t = report["config"], report["parameters"], report["quality"], report["timings"]
@@ -146,7 +168,7 @@ Generated images, DDIM {cfg['num_inference_steps']} steps, guidance {cfg['guidan
 |---|---|---|
 | training combinations | {q['train']['n']} | {_fmt(q['train'])} |
 | held-out combinations | {q['held_out']['n']} | {_fmt(q['held_out'])} |
-{report.get('dreambooth_md', '')}
+{_dreambooth_md(report.get('dreambooth'))}
 ![samples](samples.png)
 
 `samples.png`: 12 training-combination prompts, then 6 held-out ones, prompt under each image.
@@ -159,4 +181,5 @@ nothing to it). Made for demos and tests of LoRA training, not for pictures of t
         f.write(text)
 
 
-__all__ = ["eval_prompts", "evaluate_base", "generate", "grid", "score", "write_model_card", "write_samples_grid"]
+__all__ = ["eval_prompts", "evaluate_base", "generate", "grid", "rewrite_model_card", "score", "write_model_card",
+           "write_samples_grid"]
