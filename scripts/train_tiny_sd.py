@@ -25,11 +25,16 @@ def parse_args(argv=None) -> TinyT2IConfig:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
     p.add_argument("--time_limit_minutes", type=float, default=None, help="stop UNet training after this")
+    p.add_argument("--init_from", default=None,
+                   help="continue from this tiny-sd folder: keep its VAE (and judge with --judge_steps 0), train "
+                        "its text encoder and UNet further")
+    p.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
     p.add_argument("--quick", action="store_true", help="a few steps of every stage (a smoke test, not a model)")
     a = p.parse_args(argv)
     cfg = TinyT2IConfig(output_dir=a.output_dir, seed=a.seed, num_images=a.num_images, vae_steps=a.vae_steps,
                         unet_steps=a.unet_steps, judge_steps=a.judge_steps, batch_size=a.batch_size, lr=a.lr,
-                        threads=a.threads, time_limit_minutes=a.time_limit_minutes)
+                        threads=a.threads, time_limit_minutes=a.time_limit_minutes,
+                        init_from=a.init_from, warmup_steps=a.warmup_steps)
     if a.quick:
         cfg.num_images, cfg.vae_steps, cfg.unet_steps, cfg.judge_steps = 256, 3, 3, 3
         cfg.batch_size, cfg.warmup_steps, cfg.eval_per_split, cfg.num_inference_steps = 8, 1, 4, 2

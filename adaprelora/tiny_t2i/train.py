@@ -48,6 +48,9 @@ class TinyT2IConfig:
     num_inference_steps: int = 25
     threads: int = 2
     time_limit_minutes: Optional[float] = None
+    # Continue from an earlier tiny-sd folder: its VAE and judge are kept, its text encoder and UNet
+    # trained further (a fresh optimizer and schedule).
+    init_from: Optional[str] = None
     extra: dict = field(default_factory=dict)
 
 
@@ -126,13 +129,13 @@ def reconstruction_psnr(vae, images: torch.Tensor) -> float:
 
 
 def train_denoiser(data, means, stds, tokenizer, cfg: TinyT2IConfig, scaling_factor: float, bar=None,
-                   deadline: Optional[float] = None):
-    """Train text encoder + UNet jointly; returns their EMA copies and the loss log."""
+                   deadline: Optional[float] = None, unet=None, text_encoder=None):
+    """Train text encoder + UNet jointly (new ones unless given); returns their EMA copies and the loss log."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(cfg.seed + 2)
-    unet = models.build_unet()
-    text_encoder = models.build_text_encoder(tokenizer)
+    unet = unet if unet is not None else models.build_unet()
+    text_encoder = text_encoder if text_encoder is not None else models.build_text_encoder(tokenizer)
     noise_scheduler = DDPMScheduler(**{k: v for k, v in models.scheduler_config().items()
                                        if k not in ("set_alpha_to_one", "steps_offset")})
     alphas = noise_scheduler.alphas_cumprod
@@ -206,22 +209,40 @@ def run(cfg: TinyT2IConfig) -> dict:
     data, images = make_dataset(cfg.seed, cfg.num_images)
     timings["data_s"] = time.time() - t
     t = time.time()
-    vae = train_vae(images, cfg, bar)
+    previous = None
+    if cfg.init_from:
+        from diffusers import StableDiffusionPipeline
+
+        previous = StableDiffusionPipeline.from_pretrained(cfg.init_from)
+        vae, tokenizer = previous.vae.eval(), previous.tokenizer
+        scaling_factor = float(vae.config.scaling_factor)
+        bar.update(cfg.vae_steps)
+    else:
+        vae = train_vae(images, cfg, bar)
+        tokenizer = models.build_tokenizer()
     timings["vae_s"] = time.time() - t
     t = time.time()
     means, stds = encode_all(vae, images)
-    scaling_factor = float(1.0 / means.std())
-    vae.register_to_config(scaling_factor=scaling_factor)
+    if previous is None:
+        scaling_factor = float(1.0 / means.std())
+        vae.register_to_config(scaling_factor=scaling_factor)
     psnr = reconstruction_psnr(vae, images[-256:])
     timings["encode_s"] = time.time() - t
-    tokenizer = models.build_tokenizer()
     t = time.time()
-    unet, text_encoder, losses = train_denoiser(data, means, stds, tokenizer, cfg, scaling_factor, bar, deadline)
+    unet, text_encoder, losses = train_denoiser(
+        data, means, stds, tokenizer, cfg, scaling_factor, bar, deadline,
+        unet=previous.unet.train() if previous else None,
+        text_encoder=previous.text_encoder.train() if previous else None)
     timings["unet_s"] = time.time() - t
     del images, means, stds
 
     t = time.time()
-    judge = train_judge(steps=cfg.judge_steps, seed=cfg.seed + 5, progress=lambda _step, _loss: bar.update(1))
+    if cfg.init_from and cfg.judge_steps == 0:
+        from .judge import load_judge
+
+        judge = load_judge(os.path.join(cfg.init_from, "judge"))
+    else:
+        judge = train_judge(steps=cfg.judge_steps, seed=cfg.seed + 5, progress=lambda _step, _loss: bar.update(1))
     judge_metrics = judge_accuracy(judge)
     timings["judge_s"] = time.time() - t
     bar.close()
@@ -252,6 +273,11 @@ def run(cfg: TinyT2IConfig) -> dict:
         "timings": timings,
         "torch_threads": cfg.threads,
     }
+    if cfg.init_from and os.path.isfile(os.path.join(cfg.init_from, "training_report.json")):
+        with open(os.path.join(cfg.init_from, "training_report.json")) as f:
+            earlier = json.load(f)
+        report["earlier_stages"] = earlier.get("earlier_stages", []) + [
+            {k: earlier.get(k) for k in ("config", "unet_steps_done", "final_loss", "vae_psnr_db", "quality", "timings")}]
     with open(os.path.join(tmp, "training_report.json"), "w") as f:
         json.dump(report, f, indent=2)
     write_model_card(tmp, report)
