@@ -7,16 +7,21 @@
 - `<output_name>.safetensors`: kohya-ss / AUTOMATIC1111 / ComfyUI keys: `lora_unet_<module>` and
   `lora_te_<module>` (dots as underscores) with `.lora_down.weight` (A), `.lora_up.weight` (B) and
   a scalar `.alpha` (the scale is alpha / rank).
-- Both files carry the training settings in their safetensors header (`ss_*` keys as kohya writes
-  them, plus `adaprelora_config`, the whole TrainConfig as JSON).
+- Both files carry the training settings in their safetensors header (`ss_*` and `modelspec.*` keys
+  as kohya writes them, plus `adaprelora_config`, the whole TrainConfig as JSON); the kohya file
+  also has kohya's content hashes `sshs_model_hash` and `sshs_legacy_hash`.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
+import time
 from typing import Optional
 
 import torch
+
+from .kohya_metadata import BaseModelKind, base_model_metadata, dataset_metadata, kohya_hashes, modelspec_metadata
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -141,10 +146,32 @@ def load_kohya_lora(path: str, unet: torch.nn.Module, text_encoder: Optional[tor
 # ------------------------------------------------------------------------------------------------
 # Metadata and files
 # ------------------------------------------------------------------------------------------------
-def training_metadata(config, extra: Optional[dict] = None) -> dict[str, str]:
-    """safetensors header entries (strings only) describing the run, kohya's `ss_*` names where
-    kohya has one, plus `adaprelora_config` (the whole TrainConfig as JSON)."""
+def training_metadata(
+    config,
+    extra: Optional[dict] = None,
+    *,
+    base: Optional[BaseModelKind] = None,
+    instance_records=None,
+    class_records=None,
+    started_at: Optional[float] = None,
+    finished_at: Optional[float] = None,
+) -> dict[str, str]:
+    """safetensors header entries (strings only) describing the run: kohya's `ss_*` names where
+    kohya has one, the `modelspec.*` keys (see `kohya_metadata`), and `adaprelora_config` (the
+    whole TrainConfig as JSON).
+
+    `base` is the base model's family (SD 1.x when not given); `instance_records` and
+    `class_records` (the images trained on) give the image counts and caption tag frequencies;
+    `started_at` / `finished_at` are `time.time()` values (now when not given).
+    """
+    now = time.time()
+    base = base or BaseModelKind()
+    finished_at = now if finished_at is None else finished_at
     meta = {
+        "ss_session_id": str(random.randint(0, 2**32 - 1)),
+        "ss_training_started_at": str(now if started_at is None else started_at),
+        "ss_training_finished_at": str(finished_at),
+        **base_model_metadata(base),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.effective_lora_alpha),
@@ -174,6 +201,11 @@ def training_metadata(config, extra: Optional[dict] = None) -> dict[str, str]:
         "ss_instance_prompt": str(config.instance_prompt or ""),
         "adaprelora_config": json.dumps(_jsonable_config(config), sort_keys=True, default=str),
     }
+    if instance_records:
+        meta.update(dataset_metadata(instance_records, config.instance_prompt, class_records or [],
+                                     config.class_prompt if config.with_prior_preservation else None))
+    meta.update(modelspec_metadata(base, title=config.effective_output_name, resolution=config.resolution,
+                                   timestamp=finished_at, trigger_phrase=config.instance_prompt))
     for key, value in (extra or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value, default=str)
     return meta
@@ -231,8 +263,10 @@ def save_kohya_lora(path: str, unet: torch.nn.Module, text_encoder: Optional[tor
     if text_encoder is not None:
         te_alpha = float(text_encoder.peft_config["default"].lora_alpha)
         tensors.update(peft_to_kohya(None, peft_state_dict(text_encoder), te_alpha, dtype))
-    header = {"format": "pt", "modelspec.architecture": "stable-diffusion-v1/lora"}
+    header = {"format": "pt", "modelspec.architecture": BaseModelKind().architecture}
     header.update(metadata or {})
+    # Content hashes as kohya writes them (LoRA browsers index files by them).
+    header["sshs_model_hash"], header["sshs_legacy_hash"] = kohya_hashes(tensors, header)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _save_file_atomically(save_file, tensors, path, header)
     return path

@@ -52,6 +52,7 @@ from .class_images import ensure_class_images
 from .config import TrainConfig
 from .data import DreamBoothDataset, ImageRecord, check_instance_data, collate_fn, scan_class_images
 from .export import save_diffusers_lora, save_kohya_lora, training_metadata, write_model_card
+from .kohya_metadata import BaseModelKind, detect_base_model, read_pipeline_class
 from .models import add_lora_adapters, load_models
 from .validation import VALIDATION_DIR, write_validation_images
 
@@ -91,6 +92,9 @@ class _DreamBoothRun:
         self.config = config
         self.stop_event = stop_event
         self.start_time = time.perf_counter()
+        self.started_at = time.time()  # wall clock, for the files' `ss_training_started_at`
+        self.instance_records: list[ImageRecord] = []
+        self.class_records: list[ImageRecord] = []
         self.accelerator = None
         self.global_step = 0
         self.max_steps = config.max_train_steps or 0
@@ -106,6 +110,7 @@ class _DreamBoothRun:
         cfg = self.config
         # Check the images before anything heavy: a bad folder fails in a fraction of a second.
         instance_records, warnings = check_instance_data(cfg)
+        self.instance_records = instance_records
         yield self._event(f"found {len(instance_records)} instance image(s)", warnings=warnings)
 
         # Accelerator
@@ -138,6 +143,7 @@ class _DreamBoothRun:
                 yield self._event("class images checked", warnings=class_warnings)
             if not class_records:
                 raise UserError(f"--class_data_dir: no usable class image in folder {cfg.class_data_dir!r}")
+            self.class_records = class_records
 
         # Load scheduler and models
         yield self._event(f"loading {cfg.pretrained_model_name_or_path}")
@@ -218,6 +224,16 @@ class _DreamBoothRun:
         self.tokenizer, self.noise_scheduler = models.tokenizer, models.noise_scheduler
         self.text_encoder, self.vae, self.unet = models.text_encoder, models.vae, models.unet
         self.weight_dtype = models.weight_dtype
+
+    def _base_model_kind(self) -> BaseModelKind:
+        """SD 1.x, 2.x or SDXL, from the loaded parts' configs (for the files' metadata)."""
+        cfg = self.config
+        return detect_base_model(
+            unet_config=self._unwrap(self.unet).config,
+            text_encoder_config=self._unwrap(self.text_encoder).config,
+            prediction_type=self.noise_scheduler.config.prediction_type,
+            pipeline_class=read_pipeline_class(cfg.pretrained_model_name_or_path, cfg.revision),
+        )
 
     def _trained_models(self) -> list[torch.nn.Module]:
         models = [self.unet]
@@ -352,8 +368,9 @@ class _DreamBoothRun:
                 samples = self._validate()
             unet = self._unwrap(self.unet)
             text_encoder = self._unwrap(self.text_encoder) if cfg.train_text_encoder else None
-            meta = training_metadata(cfg, {"ss_steps": str(self.global_step),
-                                           "ss_training_finished_at": str(int(time.time()))})
+            meta = training_metadata(cfg, {"ss_steps": str(self.global_step)}, base=self._base_model_kind(),
+                                     instance_records=self.instance_records, class_records=self.class_records,
+                                     started_at=self.started_at)
             outputs["diffusers"] = save_diffusers_lora(cfg.output_dir, unet, text_encoder, meta)
             kohya_path = os.path.join(cfg.output_dir, f"{cfg.effective_output_name}.safetensors")
             outputs["kohya"] = save_kohya_lora(kohya_path, unet, text_encoder, meta)
