@@ -1,6 +1,7 @@
 """Writing trained LoRA adapters: the diffusers file, the kohya/A1111 file, metadata, model card.
 
-- `pytorch_lora_weights.safetensors`: diffusers keys (`unet.…`, `text_encoder.…`), loadable with
+- `pytorch_lora_weights.safetensors`: diffusers keys (`unet.…`, `text_encoder.text_model.…`, the
+  layout transformers 4 setups expect and diffusers maps on transformers 5 too), loadable with
   `pipe.load_lora_weights(output_dir)`; the adapters' LoraConfig (rank, alpha) is stored under
   diffusers' `lora_adapter_metadata` header key so a `--lora_alpha` other than `--rank` reloads
   exactly.
@@ -49,8 +50,17 @@ def diffusers_lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _te_kohya_module_name(module: str) -> str:
-    # transformers 5's CLIPTextModel has no `text_model.` level; A1111/kohya names keep it.
+    # transformers 5's CLIPTextModel has no `text_model.` level; transformers 4 (most diffusers
+    # setups) and A1111/kohya names keep it, and diffusers on transformers 5 maps it back.
     return module if module.startswith("text_model.") else f"text_model.{module}"
+
+
+def text_encoder_keys_for(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state`'s text-encoder keys in `model`'s own layout: with or without the `text_model.` level
+    (files keep it; transformers 5's CLIPTextModel has none)."""
+    if hasattr(model, "text_model"):
+        return {_te_kohya_module_name(k): v for k, v in state.items()}
+    return {k.removeprefix("text_model."): v for k, v in state.items()}
 
 
 def peft_to_kohya(
@@ -220,12 +230,26 @@ def _jsonable_config(config) -> dict:
     return data
 
 
+_ALWAYS_WRITTEN = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
+
+
 def _lora_config_dict(model: torch.nn.Module) -> dict:
+    """The adapter's LoraConfig as diffusers stores it in the file, reduced to the fields that differ
+    from peft's defaults (plus rank, alpha and targets): an older peft, which does not know the
+    newer fields, then still builds the config (diffusers refuses a config it cannot build)."""
+    from peft import LoraConfig
+
     data = model.peft_config["default"].to_dict()
-    for key, value in list(data.items()):
+    defaults = LoraConfig().to_dict()
+    out = {}
+    for key, value in data.items():
         if isinstance(value, set):
-            data[key] = sorted(value)
-    return data
+            value = sorted(value)
+        default = defaults.get(key)
+        default = sorted(default) if isinstance(default, set) else default
+        if key in _ALWAYS_WRITTEN or (key in defaults and key != "peft_version" and value != default):
+            out[key] = value
+    return out
 
 
 def save_diffusers_lora(output_dir: str, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module] = None,
@@ -238,7 +262,8 @@ def save_diffusers_lora(output_dir: str, unet: torch.nn.Module, text_encoder: Op
 
     kwargs = {"unet_lora_layers": diffusers_lora_layers(unet), "unet_lora_adapter_metadata": _lora_config_dict(unet)}
     if text_encoder is not None:
-        kwargs["text_encoder_lora_layers"] = diffusers_lora_layers(text_encoder)
+        kwargs["text_encoder_lora_layers"] = {_te_kohya_module_name(k): v
+                                              for k, v in diffusers_lora_layers(text_encoder).items()}
         kwargs["text_encoder_lora_adapter_metadata"] = _lora_config_dict(text_encoder)
     StableDiffusionPipeline.save_lora_weights(output_dir, weight_name=weight_name, safe_serialization=True, **kwargs)
     path = os.path.join(output_dir, weight_name)
@@ -360,6 +385,7 @@ def write_model_card(
 
 __all__ = [
     "DIFFUSERS_WEIGHT_NAME", "TEXT_ENCODER_TARGET_MODULES", "UNET_TARGET_MODULES", "diffusers_lora_layers",
+    "text_encoder_keys_for",
     "kohya_to_peft", "load_kohya_lora", "peft_state_dict", "peft_to_kohya", "save_diffusers_lora",
     "save_kohya_lora", "training_metadata", "write_model_card",
 ]

@@ -55,6 +55,7 @@ from .export import save_diffusers_lora, save_kohya_lora, training_metadata, wri
 from .kohya_metadata import BaseModelKind, detect_base_model, read_pipeline_class
 from .models import add_lora_adapters, load_models
 from .validation import VALIDATION_DIR, write_validation_images
+from .verify import verify_exports
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,10 @@ def train(config: TrainConfig, stop_event: Optional[threading.Event] = None) -> 
     One event per optimizer step (with loss, lr, steps/s and any validation `samples`), a few
     `message` events during setup (loading, class-image generation, resume), and a last event with
     `done=True` and `outputs`: {"output_dir", "diffusers", "kohya", "model_card"} paths, and
-    "checkpoint" when a final checkpoint was written (stopped runs); a run stopped before its first
+    "checkpoint" when a final checkpoint was written (stopped runs), "verified" (one line: did both
+    files, loaded into a fresh base model with diffusers' `load_lora_weights`, reproduce the trained
+    model; a mismatch is also in the event's `warnings`) and "export_check" (the details), unless
+    `skip_export_check`; a run stopped before its first
     step saves nothing and has only "output_dir". Setting `stop_event` ends training after the
     current step: a final checkpoint and the output files are saved and the last event has
     `stopped=True`.
@@ -353,6 +357,7 @@ class _DreamBoothRun:
         stopped = self.stop_event.is_set() and self.global_step < self.max_steps
         outputs: dict = {"output_dir": os.path.abspath(cfg.output_dir)}
         samples: list[str] = []
+        warnings: list[str] = []
         acc.wait_for_everyone()
         if stopped and self.global_step > 0 and self.last_checkpoint_step != self.global_step:
             outputs["checkpoint"] = self._save_checkpoint()
@@ -375,11 +380,34 @@ class _DreamBoothRun:
             kohya_path = os.path.join(cfg.output_dir, f"{cfg.effective_output_name}.safetensors")
             outputs["kohya"] = save_kohya_lora(kohya_path, unet, text_encoder, meta)
             outputs["model_card"] = write_model_card(cfg.output_dir, cfg, outputs, self.samples, self.global_step)
+            if not cfg.skip_export_check:
+                yield self._event("checking the written files against the trained model", phase="verify")
+                warnings = self._check_exports(outputs)
         acc.wait_for_everyone()
         wall = time.perf_counter() - self.start_time
         message = ("stopped" if stopped else "finished") + f" at step {self.global_step}"
+        if outputs.get("verified"):
+            message += f"; {outputs['verified']}"
         yield self._event(message, phase="done", done=True, outputs=outputs, samples=samples, stopped=stopped,
-                          peak_memory_bytes=peak_memory_bytes(acc.device), wall_time=wall)
+                          peak_memory_bytes=peak_memory_bytes(acc.device), wall_time=wall, warnings=warnings)
+
+    def _check_exports(self, outputs: dict) -> list[str]:
+        """Reload both files into a fresh base model and compare with the trained one; the result goes
+        into `outputs` ("verified": one line, "export_check": the details). Returns the warnings."""
+        cfg = self.config
+        files = {kind: outputs[kind] for kind in ("diffusers", "kohya")}
+        try:
+            report = verify_exports(cfg, files, self._unwrap(self.unet), self._unwrap(self.text_encoder),
+                                    self.tokenizer, dtype=self.weight_dtype,
+                                    text_encoder_trained=cfg.train_text_encoder)
+        except Exception as err:  # e.g. the base model cannot be loaded a second time
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            logger.warning("EXPORT CHECK: could not load the base model again to check the files: %s", reason)
+            outputs["verified"] = f"export check not done ({reason})"
+            return [f"the exported files could not be checked: {reason}"]
+        outputs["verified"] = report.summary()
+        outputs["export_check"] = report.to_dict()
+        return report.warnings()
 
     def close(self) -> None:
         """End trackers and free the accelerator's singleton state, so another run can start in
