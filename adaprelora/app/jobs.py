@@ -126,7 +126,8 @@ class TrainingRun:
         from adaprelora.training.errors import UserError
 
         hidden = file_update(None)
-        yield {"status": f"Starting training of **{self.info.name}** (loading the model)...", "loss_plot": None,
+        verb = "Resuming" if self.config.resume_from_checkpoint else "Starting"
+        yield {"status": f"{verb} training of **{self.info.name}** (loading the model)...", "loss_plot": None,
                "samples": [], "diffusers": hidden, "kohya": hidden, "summary": None, "job": self.job}
         events = train(self.config, stop_event=self.job.stop_event)
         try:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import tempfile
 import time
 from typing import Optional
 
@@ -265,15 +267,25 @@ def save_diffusers_lora(output_dir: str, unet: torch.nn.Module, text_encoder: Op
         kwargs["text_encoder_lora_layers"] = {_te_kohya_module_name(k): v
                                               for k, v in diffusers_lora_layers(text_encoder).items()}
         kwargs["text_encoder_lora_adapter_metadata"] = _lora_config_dict(text_encoder)
-    StableDiffusionPipeline.save_lora_weights(output_dir, weight_name=weight_name, safe_serialization=True, **kwargs)
+    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, weight_name)
-    if metadata:
-        # Add our training settings to the header diffusers wrote (its adapter metadata kept).
-        with safe_open(path, framework="pt") as fh:
-            header = dict(fh.metadata() or {})
-        tensors = load_file(path)
-        header.update(metadata)
-        _save_file_atomically(save_file, tensors, path, header)
+    # Written in a temporary folder and moved in place: a process killed meanwhile never leaves a
+    # half-written file under the final name.
+    tmp_dir = tempfile.mkdtemp(prefix=".tmp-lora-", dir=output_dir)
+    try:
+        StableDiffusionPipeline.save_lora_weights(tmp_dir, weight_name=weight_name, safe_serialization=True,
+                                                  **kwargs)
+        tmp_path = os.path.join(tmp_dir, weight_name)
+        if metadata:
+            # Add our training settings to the header diffusers wrote (its adapter metadata kept).
+            with safe_open(tmp_path, framework="pt") as fh:
+                header = dict(fh.metadata() or {})
+            tensors = load_file(tmp_path)
+            header.update(metadata)
+            _save_file_atomically(save_file, tensors, tmp_path, header)
+        os.replace(tmp_path, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
 
 
