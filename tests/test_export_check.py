@@ -145,3 +145,15 @@ def test_a_file_that_differs_or_does_not_load_is_a_loud_failure(instance_dir, tm
     # The trained models are left as they were (adapters active, train/eval modes kept).
     again = check({"diffusers": diffusers_path})
     assert again.ok and again.files[0].max_diff == good.files[0].max_diff
+
+
+def test_a_killed_runs_temporary_export_files_are_removed_but_nothing_else(tmp_path):
+    from adaprelora.training.dreambooth.export import remove_stale_temporary_exports
+
+    (tmp_path / ".tmp-lora-abc").mkdir()
+    (tmp_path / ".tmp-lora-abc" / "pytorch_lora_weights.safetensors").write_bytes(b"half")
+    (tmp_path / "toy.safetensors.tmp-123").write_bytes(b"half")
+    (tmp_path / "toy.safetensors").write_bytes(b"kept")
+    (tmp_path / "checkpoint-4").mkdir()
+    remove_stale_temporary_exports(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "toy.safetensors"]

@@ -162,6 +162,7 @@ def test_trained_files_carry_every_kohya_and_modelspec_key(trained_run):
         meta = _metadata(path)
         assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
         assert meta["ss_network_module"] == "networks.lora"
+        assert meta["ss_sd_model_name"] == "pipeline", "kohya writes a local model's folder name"
         assert before <= float(meta["ss_training_started_at"]) <= float(meta["ss_training_finished_at"]) <= after
         assert meta["ss_resolution"] == "(32, 32)", "kohya writes str() of its (width, height) tuple"
         assert meta["ss_num_train_images"] == "3" and meta["ss_num_reg_images"] == "0"

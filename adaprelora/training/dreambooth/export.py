@@ -188,7 +188,8 @@ def training_metadata(
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.effective_lora_alpha),
         "ss_network_dropout": str(config.lora_dropout),
-        "ss_sd_model_name": str(config.pretrained_model_name_or_path),
+        # kohya: the folder's (or file's) name for a local model, the Hub id otherwise
+        "ss_sd_model_name": _model_name(config.pretrained_model_name_or_path),
         "ss_output_name": config.effective_output_name,
         "ss_training_comment": "DreamBooth LoRA trained with adaprelora",
         "ss_optimizer": f"adaprelora.create_optimizer({config.optimizer!r})",
@@ -221,6 +222,11 @@ def training_metadata(
     for key, value in (extra or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value, default=str)
     return meta
+
+
+def _model_name(name_or_path) -> str:
+    name = str(name_or_path)
+    return os.path.basename(os.path.normpath(name)) if os.path.exists(name) else name
 
 
 def _jsonable_config(config) -> dict:
@@ -287,6 +293,18 @@ def save_diffusers_lora(output_dir: str, unet: torch.nn.Module, text_encoder: Op
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+def remove_stale_temporary_exports(output_dir: str) -> None:
+    """Remove the temporary folders and files of exports a killed run left behind in `output_dir`."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name.startswith(".tmp-lora-") and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif ".safetensors.tmp-" in name and os.path.isfile(path):
+            os.remove(path)
 
 
 def save_kohya_lora(path: str, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module] = None,
@@ -399,5 +417,5 @@ __all__ = [
     "DIFFUSERS_WEIGHT_NAME", "TEXT_ENCODER_TARGET_MODULES", "UNET_TARGET_MODULES", "diffusers_lora_layers",
     "text_encoder_keys_for",
     "kohya_to_peft", "load_kohya_lora", "peft_state_dict", "peft_to_kohya", "save_diffusers_lora",
-    "save_kohya_lora", "training_metadata", "write_model_card",
+    "remove_stale_temporary_exports", "save_kohya_lora", "training_metadata", "write_model_card",
 ]

@@ -51,7 +51,13 @@ from .checkpoints import register_lora_checkpoint_hooks
 from .class_images import ensure_class_images
 from .config import TrainConfig
 from .data import DreamBoothDataset, ImageRecord, check_instance_data, collate_fn, scan_class_images
-from .export import save_diffusers_lora, save_kohya_lora, training_metadata, write_model_card
+from .export import (
+    remove_stale_temporary_exports,
+    save_diffusers_lora,
+    save_kohya_lora,
+    training_metadata,
+    write_model_card,
+)
 from .kohya_metadata import BaseModelKind, detect_base_model, read_pipeline_class
 from .models import add_lora_adapters, load_models
 from .validation import VALIDATION_DIR, write_validation_images
@@ -122,6 +128,7 @@ class _DreamBoothRun:
 
         os.makedirs(cfg.output_dir, exist_ok=True)
         remove_stale_temporary_checkpoints(cfg.output_dir)
+        remove_stale_temporary_exports(cfg.output_dir)
         project_config = ProjectConfiguration(
             project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir)
         )
