@@ -103,6 +103,10 @@ def parse_args(input_args=None):
     add("--num_validation_images", type=int, default=4, help="Sample images per validation prompt.")
     add("--validation_steps", type=int, default=100, help="Make sample images every N steps (and at the end).")
     add("--validation_inference_steps", type=int, default=25, help="Denoising steps of sample images.")
+    # Export
+    add("--skip_export_check", action="store_true", default=False,
+        help="Do not reload the written LoRA files into a fresh base model to check that they reproduce the "
+             "trained model (the check runs by default at the end of every run).")
     args = parser.parse_args(input_args)
     args.optimizer_args = parse_optimizer_args(args.optimizer_args)
     return args

@@ -183,6 +183,7 @@ def test_unet_only_run_outputs_checkpoints_and_samples(run_a):
     final = proc.stdout.strip().splitlines()[-1]
     assert "pytorch_lora_weights.safetensors" in final and "toy-lora.safetensors" in final
     assert "wall time" in final and "peak memory" in final
+    assert "verified: diffusers file ok, kohya file ok (max diff" in final, final
 
 
 def test_resume_continues_steps_and_restores_optimizer_state(run_a, launch, tiny_model, instance_dir, tmp_path):
@@ -229,6 +230,8 @@ def test_text_encoder_prior_preservation_and_reload(run_c, tiny_model):
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in kohya)
     assert all(float(v) == 8.0 for k, v in kohya.items() if k.endswith(".alpha"))
     assert _metadata(out / "sks_toy.safetensors")["ss_network_alpha"] == "8.0"
+    final = proc.stdout.strip().splitlines()[-1]
+    assert "verified: diffusers file ok, kohya file ok (max diff" in final, final
 
     # Reloading the diffusers file changes the output; the kohya file (read by diffusers' own
     # kohya converter) gives the same model as the diffusers file.
@@ -439,6 +442,7 @@ def test_parse_args_uses_diffusers_names_and_defaults():
     assert (args.lr_scheduler, args.lr_warmup_steps, args.checkpointing_steps) == ("constant", 500, 500)
     assert (args.output_dir, args.num_validation_images, args.optimizer) == ("lora-dreambooth-model", 4, "adaprelora")
     assert args.optimizer_args == {"weight_decay": 0.01, "betas": (0.9, 0.99)}
+    assert args.skip_export_check is False
     with pytest.raises(UserError, match="--optimizer"):
         train_dreambooth.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
                                      "--optimizer", "sgd9000"])

@@ -188,7 +188,9 @@ def train_config(base_model: str, *, images, instance_prompt, max_train_steps, l
         num_validation_images=n_samples,
         seed=whole(seed, "Seed"),
         train_batch_size=1,
-        checkpointing_steps=min(500, steps),
+        # About ten LoRA-only checkpoints per run (small files; two are kept), so that a run whose
+        # app died can be resumed without losing much.
+        checkpointing_steps=max(1, min(500, steps // 10)),
         checkpoints_total_limit=2,
         mixed_precision="fp16" if device_type == "cuda" else "no",
         report_to="none",

@@ -8,6 +8,7 @@ the inputs, `jobs` runs the training, `generate` makes images, `store` keeps the
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Optional
@@ -19,7 +20,7 @@ from .examples import sidecar_caption, stage_example
 from .form import as_paths, real, train_config, whole
 from .generate import BaseModel, GenerationRequest, default_device, generate_images, how_to_use_local_model
 from .jobs import MAX_SAMPLES_SHOWN, TrainingJob, TrainingRun, discard, file_update, stage_images
-from .store import LoraInfo, LoraStore, StoreError, format_size
+from .store import INTERRUPTED, LoraInfo, LoraStore, StoreError, format_size
 
 NO_LORA = "(none)"
 LORA_TABLE_HEADERS = ["name", "status", "steps", "optimizer", "rank", "learning rate", "resolution", "prompt",
@@ -103,7 +104,39 @@ class AppHandlers:
         except Exception as err:
             discard(self.store, info)
             raise gr.Error(f"Could not copy the uploaded images: {err}") from None
+        info.meta["train_config"] = _config_record(config)  # what a resume after a crash needs
+        self.store.save_meta(info)
         self.base.release()  # the trainer loads its own copy of the model
+        yield from TrainingRun(self.store, info, config, TrainingJob(name=info.name)).updates(progress)
+
+    def resume_lora(self, name: Optional[str] = None, progress=gr.Progress()):
+        """Continue an interrupted run (its process died) from its last checkpoint, exactly as the
+        run would have gone on; streams progress like /train."""
+        from adaprelora.training.dreambooth import TrainConfig
+
+        if not name:
+            raise gr.Error("Pick an interrupted LoRA in the LoRAs tab to resume.")
+        try:
+            info = self.store.get(name)
+        except StoreError as err:
+            raise gr.Error(str(err)) from None
+        if not info.resumable:
+            why = ("it has no checkpoint to continue from (it died before the first one): delete it and train again"
+                   if info.status == INTERRUPTED else f"it is {info.status_label}, not interrupted")
+            raise gr.Error(f"LoRA {name!r} cannot be resumed: {why}.")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in info.meta["train_config"].items() if k in known})
+        if config.pretrained_model_name_or_path != self.base.model_id:
+            raise gr.Error(f"LoRA {name!r} was trained on {config.pretrained_model_name_or_path!r}, but this app runs "
+                           f"{self.base.model_id!r}: start the app with --base-model "
+                           f"{config.pretrained_model_name_or_path} to resume it.")
+        config.output_dir, config.resume_from_checkpoint = info.path, "latest"
+        self._check_base_model()
+        try:
+            self.store.reopen(info)
+        except StoreError as err:
+            raise gr.Error(str(err)) from None
+        self.base.release()
         yield from TrainingRun(self.store, info, config, TrainingJob(name=info.name)).updates(progress)
 
     def stop(self, job: Optional[TrainingJob] = None):
@@ -192,8 +225,11 @@ class AppHandlers:
             info = self.store.get(name)
         except StoreError as err:
             raise gr.Error(str(err)) from None
-        meta = {k: v for k, v in info.meta.items() if k not in ("loss_history", "samples")}
+        meta = {k: v for k, v in info.meta.items() if k not in ("loss_history", "samples", "train_config")}
         meta["size"] = format_size(info.size_bytes())
+        if info.status == INTERRUPTED:
+            meta["status"] = info.status_label
+            meta["resumable"] = info.resumable
         samples = []
         for item in info.meta.get("samples") or []:
             path = os.path.join(info.path, str(item.get("path", "")))
@@ -224,9 +260,16 @@ def table_row(info: LoraInfo) -> list:
     m = info.meta
     steps = m.get("steps_done")
     steps = f"{steps}/{m.get('max_train_steps')}" if steps is not None else str(m.get("max_train_steps", ""))
-    return [info.name, info.status, steps, m.get("optimizer", ""), m.get("rank", ""),
+    return [info.name, info.status_label, steps, m.get("optimizer", ""), m.get("rank", ""),
             f"{m.get('learning_rate', '')}", m.get("resolution", ""), m.get("instance_prompt", ""),
             str(m.get("created", "")).replace("T", " "), format_size(info.size_bytes())]
+
+
+def _config_record(config) -> dict:
+    """The run's whole TrainConfig as JSON values, paths inside the LoRA folder (for a resume)."""
+    import json
+
+    return json.loads(json.dumps(config.to_dict(), default=str))
 
 
 def _run_meta(config, base: BaseModel, paths: list[str]) -> dict:

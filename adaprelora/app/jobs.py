@@ -126,7 +126,8 @@ class TrainingRun:
         from adaprelora.training.errors import UserError
 
         hidden = file_update(None)
-        yield {"status": f"Starting training of **{self.info.name}** (loading the model)...", "loss_plot": None,
+        verb = "Resuming" if self.config.resume_from_checkpoint else "Starting"
+        yield {"status": f"{verb} training of **{self.info.name}** (loading the model)...", "loss_plot": None,
                "samples": [], "diffusers": hidden, "kohya": hidden, "summary": None, "job": self.job}
         events = train(self.config, stop_event=self.job.stop_event)
         try:
@@ -189,9 +190,15 @@ class TrainingRun:
             "kohya": in_root(kohya_file),
             "samples": [in_root(p) for p, _ in self.samples],
         }
+        verified = (self.last.outputs.get("verified") if self.last is not None else None) or ""
+        if verified:
+            summary["verified"] = verified
+        for warning in (self.last.warnings if self.last is not None and self.last.done else []):
+            gr.Warning(str(warning))
         verb = "stopped" if self.status == STOPPED else "finished"
-        return {"status": f"Training of **{self.info.name}** {verb} at step {steps}. "
-                          "Download the files below, or use it in the Generate tab.",
+        return {"status": f"Training of **{self.info.name}** {verb} at step {steps}"
+                          + (f" ({verified})" if verified else "")
+                          + ". Download the files below, or use it in the Generate tab.",
                 "loss_plot": loss_frame(self.history), "samples": self.samples[-MAX_SAMPLES_SHOWN:],
                 "diffusers": file_update(diffusers_file), "kohya": file_update(kohya_file),
                 "summary": summary, "job": self.job}
@@ -219,6 +226,8 @@ class TrainingRun:
         info.meta["steps_done"] = self.last.step if self.last is not None else 0
         info.meta["final_loss"] = self.history[-1][1] if self.history else None
         info.meta["loss_history"] = self.history[-2000:]
+        if self.last is not None and self.last.outputs.get("verified"):
+            info.meta["verified"] = self.last.outputs["verified"]
         self.store.finish(info, self.status)
         if self.status == FAILED and info.weights_path is None and not _has_checkpoint(info.path):
             discard(self.store, info)

@@ -28,7 +28,8 @@ DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 # Status values kept in the metadata file. A run still marked "training" when a new app starts
-# belongs to a process that died: it is shown as "interrupted".
+# belongs to a process that died: it is marked "interrupted", listed as "interrupted at step N"
+# (and resumable) when it left a checkpoint, as "failed" when it died before the first one.
 TRAINING, DONE, STOPPED, FAILED, INTERRUPTED = "training", "done", "stopped", "failed", "interrupted"
 
 
@@ -71,8 +72,33 @@ class LoraInfo:
         """Usable for generation: training ended (done or stopped) and weights exist."""
         return self.status in (DONE, STOPPED) and self.weights_path is not None
 
+    @property
+    def last_checkpoint(self) -> Optional[tuple[int, str]]:
+        """(step, folder) of the newest complete `checkpoint-<step>/`, or None."""
+        from adaprelora.training.checkpoints import list_checkpoints
+
+        found = list_checkpoints(self.path)
+        return found[-1] if found else None
+
+    @property
+    def resumable(self) -> bool:
+        """A run whose process died after its first checkpoint, with its settings recorded."""
+        return self.status == INTERRUPTED and bool(self.meta.get("train_config")) and self.last_checkpoint is not None
+
+    @property
+    def status_label(self) -> str:
+        """The status as the LoRAs tab lists it: "interrupted at step N" for a resumable run,
+        "failed" for one that died before its first checkpoint."""
+        if self.status == INTERRUPTED:
+            checkpoint = self.last_checkpoint
+            return f"interrupted at step {checkpoint[0]}" if checkpoint else FAILED
+        return self.status
+
     def output_file(self, kind: str) -> Optional[str]:
-        """Absolute path of output `kind` ('diffusers' or 'kohya') if it exists."""
+        """Absolute path of output `kind` ('diffusers' or 'kohya') if it exists and the run ended
+        (done or stopped): a run that died may have left a half-written file."""
+        if self.status not in (DONE, STOPPED):
+            return None
         rel = (self.meta.get("outputs") or {}).get(kind)
         if not rel:
             return self.weights_path if kind == "diffusers" else None
@@ -141,6 +167,16 @@ class LoraStore:
             self.save_meta(info)
             return info
         raise StoreError(f"too many LoRAs named {base!r}; choose another name")
+
+    def reopen(self, info: LoraInfo) -> None:
+        """Mark an interrupted run as training again (its resume), so it cannot be deleted meanwhile."""
+        with self._lock:
+            if info.name in self._active:
+                raise StoreError(f"LoRA {info.name!r} is already training")
+            self._active.add(info.name)
+        info.meta["status"] = TRAINING
+        info.meta.pop("finished", None)
+        self.save_meta(info)
 
     def finish(self, info: LoraInfo, status: str) -> None:
         """Record how a run ended and release it (it may now be deleted)."""

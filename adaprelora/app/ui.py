@@ -10,6 +10,8 @@ Named endpoints, for `gradio_client`:
     /generate(prompt, lora, num_inference_steps, seed, negative_prompt, guidance_scale,
               lora_scale, num_images) -> gallery          image files
     /delete_lora(name) -> list[str]
+    /resume_lora(name)                                    continues an interrupted run from its last
+                                                          checkpoint; streams like /train
 
 Training and generation share one queue with one slot ("gpu"): one job at a time, and the page
 shows each waiting user their position.
@@ -180,6 +182,7 @@ def build_demo(
                                               label="LoRA", allow_custom_value=True, elem_id="lora-select")
                     refresh_btn = gr.Button("Refresh", size="sm")
                     delete_btn = gr.Button("Delete", variant="stop", size="sm", elem_id="delete-button")
+                    resume_btn = gr.Button("Resume", size="sm", elem_id="resume-button")
                 with gr.Row():
                     with gr.Column():
                         details = gr.JSON(label="Settings", elem_id="lora-details")
@@ -215,6 +218,11 @@ def build_demo(
                               "kohya": dl_kohya, "summary": summary, "job": job}),
         )
         train_event.then(api_name="refresh_after_train", **widgets)
+        resume_btn.click(  # an interrupted run: progress and files appear in the Train tab
+            inputs=[lora_select], api_name="resume_lora", concurrency_limit=1, concurrency_id=GPU_QUEUE,
+            **keyed(h.resume_lora, {"status": status, "loss_plot": loss_plot, "samples": samples,
+                                    "diffusers": dl_diffusers, "kohya": dl_kohya, "summary": summary, "job": job}),
+        ).then(api_name="refresh_after_resume", **widgets)
         stop_btn.click(h.stop, inputs=[job], outputs=[status], api_name="stop",
                        concurrency_limit=None, concurrency_id="stop")
 

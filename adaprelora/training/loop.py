@@ -35,7 +35,8 @@ class TrainEvent:
         outputs: on the last event, the files the run wrote (each trainer documents its keys).
         warnings: user-facing warnings raised at this point (e.g. skipped unreadable images).
         checkpoint: path of the checkpoint written at this step, if any.
-        phase: "setup", "class_images", "train", "validation", "eval" or "done".
+        phase: "setup", "class_images", "train", "validation", "eval", "verify" (checking the written
+            files) or "done".
         epoch: current epoch (0-based).
         stopped: True on the last event when `stop_event` ended the run early.
         peak_memory_bytes: peak accelerator (CUDA) or process (CPU) memory, on the last event.

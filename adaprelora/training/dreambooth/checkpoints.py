@@ -12,7 +12,7 @@ import os
 import torch
 
 from ..checkpoints import register_checkpoint_hooks
-from .export import DIFFUSERS_WEIGHT_NAME, save_diffusers_lora
+from .export import DIFFUSERS_WEIGHT_NAME, save_diffusers_lora, text_encoder_keys_for
 
 
 def register_lora_checkpoint_hooks(accelerator, unet, text_encoder, weight_dtype: torch.dtype) -> None:
@@ -62,5 +62,8 @@ def load_lora_checkpoint(input_dir: str, unet, text_encoder=None) -> None:
     if text_encoder is not None:
         if not te_sd:
             raise ValueError("checkpoint has no text-encoder LoRA but --train_text_encoder is set")
-        set_peft_model_state_dict(text_encoder, convert_state_dict_to_peft(convert_state_dict_to_diffusers(te_sd)),
-                                  adapter_name="default")
+        te_sd = text_encoder_keys_for(text_encoder, convert_state_dict_to_peft(convert_state_dict_to_diffusers(te_sd)))
+        result = set_peft_model_state_dict(text_encoder, te_sd, adapter_name="default")
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"checkpoint has text-encoder LoRA tensors the model does not: {unexpected[:3]}")

@@ -50,8 +50,10 @@ def run_cli_training(config: TrainConfig) -> TrainEvent:
     if is_main and last is not None and last.done:
         out = last.outputs
         print(
-            f"{last.message}: LoRA saved to {out.get('diffusers')} (diffusers) and {out.get('kohya')} "
-            f"(kohya/A1111), model card {out.get('model_card')}; wall time {last.wall_time:.1f} s, "
+            f"{'stopped' if last.stopped else 'finished'} at step {last.step}: LoRA saved to {out.get('diffusers')} (diffusers) and {out.get('kohya')} "
+            f"(kohya/A1111), model card {out.get('model_card')}; "
+            + (f"{out['verified']}; " if out.get("verified") else "")
+            + f"wall time {last.wall_time:.1f} s, "
             f"peak memory {format_bytes(last.peak_memory_bytes or 0)}",
             flush=True,
         )

@@ -99,6 +99,8 @@ class TrainConfig:
     num_validation_images: int = 4
     validation_steps: Optional[int] = 100
     validation_inference_steps: int = 25
+    # Export
+    skip_export_check: bool = False
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "TrainConfig":

@@ -1,22 +1,30 @@
 """Writing trained LoRA adapters: the diffusers file, the kohya/A1111 file, metadata, model card.
 
-- `pytorch_lora_weights.safetensors`: diffusers keys (`unet.…`, `text_encoder.…`), loadable with
+- `pytorch_lora_weights.safetensors`: diffusers keys (`unet.…`, `text_encoder.text_model.…`, the
+  layout transformers 4 setups expect and diffusers maps on transformers 5 too), loadable with
   `pipe.load_lora_weights(output_dir)`; the adapters' LoraConfig (rank, alpha) is stored under
   diffusers' `lora_adapter_metadata` header key so a `--lora_alpha` other than `--rank` reloads
   exactly.
 - `<output_name>.safetensors`: kohya-ss / AUTOMATIC1111 / ComfyUI keys: `lora_unet_<module>` and
   `lora_te_<module>` (dots as underscores) with `.lora_down.weight` (A), `.lora_up.weight` (B) and
   a scalar `.alpha` (the scale is alpha / rank).
-- Both files carry the training settings in their safetensors header (`ss_*` keys as kohya writes
-  them, plus `adaprelora_config`, the whole TrainConfig as JSON).
+- Both files carry the training settings in their safetensors header (`ss_*` and `modelspec.*` keys
+  as kohya writes them, plus `adaprelora_config`, the whole TrainConfig as JSON); the kohya file
+  also has kohya's content hashes `sshs_model_hash` and `sshs_legacy_hash`.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
+import tempfile
+import time
 from typing import Optional
 
 import torch
+
+from .kohya_metadata import BaseModelKind, base_model_metadata, dataset_metadata, kohya_hashes, modelspec_metadata
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -44,8 +52,17 @@ def diffusers_lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _te_kohya_module_name(module: str) -> str:
-    # transformers 5's CLIPTextModel has no `text_model.` level; A1111/kohya names keep it.
+    # transformers 5's CLIPTextModel has no `text_model.` level; transformers 4 (most diffusers
+    # setups) and A1111/kohya names keep it, and diffusers on transformers 5 maps it back.
     return module if module.startswith("text_model.") else f"text_model.{module}"
+
+
+def text_encoder_keys_for(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state`'s text-encoder keys in `model`'s own layout: with or without the `text_model.` level
+    (files keep it; transformers 5's CLIPTextModel has none)."""
+    if hasattr(model, "text_model"):
+        return {_te_kohya_module_name(k): v for k, v in state.items()}
+    return {k.removeprefix("text_model."): v for k, v in state.items()}
 
 
 def peft_to_kohya(
@@ -141,15 +158,38 @@ def load_kohya_lora(path: str, unet: torch.nn.Module, text_encoder: Optional[tor
 # ------------------------------------------------------------------------------------------------
 # Metadata and files
 # ------------------------------------------------------------------------------------------------
-def training_metadata(config, extra: Optional[dict] = None) -> dict[str, str]:
-    """safetensors header entries (strings only) describing the run, kohya's `ss_*` names where
-    kohya has one, plus `adaprelora_config` (the whole TrainConfig as JSON)."""
+def training_metadata(
+    config,
+    extra: Optional[dict] = None,
+    *,
+    base: Optional[BaseModelKind] = None,
+    instance_records=None,
+    class_records=None,
+    started_at: Optional[float] = None,
+    finished_at: Optional[float] = None,
+) -> dict[str, str]:
+    """safetensors header entries (strings only) describing the run: kohya's `ss_*` names where
+    kohya has one, the `modelspec.*` keys (see `kohya_metadata`), and `adaprelora_config` (the
+    whole TrainConfig as JSON).
+
+    `base` is the base model's family (SD 1.x when not given); `instance_records` and
+    `class_records` (the images trained on) give the image counts and caption tag frequencies;
+    `started_at` / `finished_at` are `time.time()` values (now when not given).
+    """
+    now = time.time()
+    base = base or BaseModelKind()
+    finished_at = now if finished_at is None else finished_at
     meta = {
+        "ss_session_id": str(random.randint(0, 2**32 - 1)),
+        "ss_training_started_at": str(now if started_at is None else started_at),
+        "ss_training_finished_at": str(finished_at),
+        **base_model_metadata(base),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.effective_lora_alpha),
         "ss_network_dropout": str(config.lora_dropout),
-        "ss_sd_model_name": str(config.pretrained_model_name_or_path),
+        # kohya: the folder's (or file's) name for a local model, the Hub id otherwise
+        "ss_sd_model_name": _model_name(config.pretrained_model_name_or_path),
         "ss_output_name": config.effective_output_name,
         "ss_training_comment": "DreamBooth LoRA trained with adaprelora",
         "ss_optimizer": f"adaprelora.create_optimizer({config.optimizer!r})",
@@ -174,9 +214,19 @@ def training_metadata(config, extra: Optional[dict] = None) -> dict[str, str]:
         "ss_instance_prompt": str(config.instance_prompt or ""),
         "adaprelora_config": json.dumps(_jsonable_config(config), sort_keys=True, default=str),
     }
+    if instance_records:
+        meta.update(dataset_metadata(instance_records, config.instance_prompt, class_records or [],
+                                     config.class_prompt if config.with_prior_preservation else None))
+    meta.update(modelspec_metadata(base, title=config.effective_output_name, resolution=config.resolution,
+                                   timestamp=finished_at, trigger_phrase=config.instance_prompt))
     for key, value in (extra or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value, default=str)
     return meta
+
+
+def _model_name(name_or_path) -> str:
+    name = str(name_or_path)
+    return os.path.basename(os.path.normpath(name)) if os.path.exists(name) else name
 
 
 def _jsonable_config(config) -> dict:
@@ -188,12 +238,26 @@ def _jsonable_config(config) -> dict:
     return data
 
 
+_ALWAYS_WRITTEN = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
+
+
 def _lora_config_dict(model: torch.nn.Module) -> dict:
+    """The adapter's LoraConfig as diffusers stores it in the file, reduced to the fields that differ
+    from peft's defaults (plus rank, alpha and targets): an older peft, which does not know the
+    newer fields, then still builds the config (diffusers refuses a config it cannot build)."""
+    from peft import LoraConfig
+
     data = model.peft_config["default"].to_dict()
-    for key, value in list(data.items()):
+    defaults = LoraConfig().to_dict()
+    out = {}
+    for key, value in data.items():
         if isinstance(value, set):
-            data[key] = sorted(value)
-    return data
+            value = sorted(value)
+        default = defaults.get(key)
+        default = sorted(default) if isinstance(default, set) else default
+        if key in _ALWAYS_WRITTEN or (key in defaults and key != "peft_version" and value != default):
+            out[key] = value
+    return out
 
 
 def save_diffusers_lora(output_dir: str, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module] = None,
@@ -206,18 +270,41 @@ def save_diffusers_lora(output_dir: str, unet: torch.nn.Module, text_encoder: Op
 
     kwargs = {"unet_lora_layers": diffusers_lora_layers(unet), "unet_lora_adapter_metadata": _lora_config_dict(unet)}
     if text_encoder is not None:
-        kwargs["text_encoder_lora_layers"] = diffusers_lora_layers(text_encoder)
+        kwargs["text_encoder_lora_layers"] = {_te_kohya_module_name(k): v
+                                              for k, v in diffusers_lora_layers(text_encoder).items()}
         kwargs["text_encoder_lora_adapter_metadata"] = _lora_config_dict(text_encoder)
-    StableDiffusionPipeline.save_lora_weights(output_dir, weight_name=weight_name, safe_serialization=True, **kwargs)
+    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, weight_name)
-    if metadata:
-        # Add our training settings to the header diffusers wrote (its adapter metadata kept).
-        with safe_open(path, framework="pt") as fh:
-            header = dict(fh.metadata() or {})
-        tensors = load_file(path)
-        header.update(metadata)
-        _save_file_atomically(save_file, tensors, path, header)
+    # Written in a temporary folder and moved in place: a process killed meanwhile never leaves a
+    # half-written file under the final name.
+    tmp_dir = tempfile.mkdtemp(prefix=".tmp-lora-", dir=output_dir)
+    try:
+        StableDiffusionPipeline.save_lora_weights(tmp_dir, weight_name=weight_name, safe_serialization=True,
+                                                  **kwargs)
+        tmp_path = os.path.join(tmp_dir, weight_name)
+        if metadata:
+            # Add our training settings to the header diffusers wrote (its adapter metadata kept).
+            with safe_open(tmp_path, framework="pt") as fh:
+                header = dict(fh.metadata() or {})
+            tensors = load_file(tmp_path)
+            header.update(metadata)
+            _save_file_atomically(save_file, tensors, tmp_path, header)
+        os.replace(tmp_path, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+def remove_stale_temporary_exports(output_dir: str) -> None:
+    """Remove the temporary folders and files of exports a killed run left behind in `output_dir`."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name.startswith(".tmp-lora-") and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif ".safetensors.tmp-" in name and os.path.isfile(path):
+            os.remove(path)
 
 
 def save_kohya_lora(path: str, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module] = None,
@@ -231,8 +318,10 @@ def save_kohya_lora(path: str, unet: torch.nn.Module, text_encoder: Optional[tor
     if text_encoder is not None:
         te_alpha = float(text_encoder.peft_config["default"].lora_alpha)
         tensors.update(peft_to_kohya(None, peft_state_dict(text_encoder), te_alpha, dtype))
-    header = {"format": "pt", "modelspec.architecture": "stable-diffusion-v1/lora"}
+    header = {"format": "pt", "modelspec.architecture": BaseModelKind().architecture}
     header.update(metadata or {})
+    # Content hashes as kohya writes them (LoRA browsers index files by them).
+    header["sshs_model_hash"], header["sshs_legacy_hash"] = kohya_hashes(tensors, header)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _save_file_atomically(save_file, tensors, path, header)
     return path
@@ -326,6 +415,7 @@ def write_model_card(
 
 __all__ = [
     "DIFFUSERS_WEIGHT_NAME", "TEXT_ENCODER_TARGET_MODULES", "UNET_TARGET_MODULES", "diffusers_lora_layers",
+    "text_encoder_keys_for",
     "kohya_to_peft", "load_kohya_lora", "peft_state_dict", "peft_to_kohya", "save_diffusers_lora",
-    "save_kohya_lora", "training_metadata", "write_model_card",
+    "remove_stale_temporary_exports", "save_kohya_lora", "training_metadata", "write_model_card",
 ]

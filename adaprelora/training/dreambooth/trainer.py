@@ -51,9 +51,17 @@ from .checkpoints import register_lora_checkpoint_hooks
 from .class_images import ensure_class_images
 from .config import TrainConfig
 from .data import DreamBoothDataset, ImageRecord, check_instance_data, collate_fn, scan_class_images
-from .export import save_diffusers_lora, save_kohya_lora, training_metadata, write_model_card
+from .export import (
+    remove_stale_temporary_exports,
+    save_diffusers_lora,
+    save_kohya_lora,
+    training_metadata,
+    write_model_card,
+)
+from .kohya_metadata import BaseModelKind, detect_base_model, read_pipeline_class
 from .models import add_lora_adapters, load_models
 from .validation import VALIDATION_DIR, write_validation_images
+from .verify import verify_exports
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +72,10 @@ def train(config: TrainConfig, stop_event: Optional[threading.Event] = None) -> 
     One event per optimizer step (with loss, lr, steps/s and any validation `samples`), a few
     `message` events during setup (loading, class-image generation, resume), and a last event with
     `done=True` and `outputs`: {"output_dir", "diffusers", "kohya", "model_card"} paths, and
-    "checkpoint" when a final checkpoint was written (stopped runs); a run stopped before its first
+    "checkpoint" when a final checkpoint was written (stopped runs), "verified" (one line: did both
+    files, loaded into a fresh base model with diffusers' `load_lora_weights`, reproduce the trained
+    model; a mismatch is also in the event's `warnings`) and "export_check" (the details), unless
+    `skip_export_check`; a run stopped before its first
     step saves nothing and has only "output_dir". Setting `stop_event` ends training after the
     current step: a final checkpoint and the output files are saved and the last event has
     `stopped=True`.
@@ -91,6 +102,9 @@ class _DreamBoothRun:
         self.config = config
         self.stop_event = stop_event
         self.start_time = time.perf_counter()
+        self.started_at = time.time()  # wall clock, for the files' `ss_training_started_at`
+        self.instance_records: list[ImageRecord] = []
+        self.class_records: list[ImageRecord] = []
         self.accelerator = None
         self.global_step = 0
         self.max_steps = config.max_train_steps or 0
@@ -106,6 +120,7 @@ class _DreamBoothRun:
         cfg = self.config
         # Check the images before anything heavy: a bad folder fails in a fraction of a second.
         instance_records, warnings = check_instance_data(cfg)
+        self.instance_records = instance_records
         yield self._event(f"found {len(instance_records)} instance image(s)", warnings=warnings)
 
         # Accelerator
@@ -113,6 +128,7 @@ class _DreamBoothRun:
 
         os.makedirs(cfg.output_dir, exist_ok=True)
         remove_stale_temporary_checkpoints(cfg.output_dir)
+        remove_stale_temporary_exports(cfg.output_dir)
         project_config = ProjectConfiguration(
             project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir)
         )
@@ -138,6 +154,7 @@ class _DreamBoothRun:
                 yield self._event("class images checked", warnings=class_warnings)
             if not class_records:
                 raise UserError(f"--class_data_dir: no usable class image in folder {cfg.class_data_dir!r}")
+            self.class_records = class_records
 
         # Load scheduler and models
         yield self._event(f"loading {cfg.pretrained_model_name_or_path}")
@@ -218,6 +235,16 @@ class _DreamBoothRun:
         self.tokenizer, self.noise_scheduler = models.tokenizer, models.noise_scheduler
         self.text_encoder, self.vae, self.unet = models.text_encoder, models.vae, models.unet
         self.weight_dtype = models.weight_dtype
+
+    def _base_model_kind(self) -> BaseModelKind:
+        """SD 1.x, 2.x or SDXL, from the loaded parts' configs (for the files' metadata)."""
+        cfg = self.config
+        return detect_base_model(
+            unet_config=self._unwrap(self.unet).config,
+            text_encoder_config=self._unwrap(self.text_encoder).config,
+            prediction_type=self.noise_scheduler.config.prediction_type,
+            pipeline_class=read_pipeline_class(cfg.pretrained_model_name_or_path, cfg.revision),
+        )
 
     def _trained_models(self) -> list[torch.nn.Module]:
         models = [self.unet]
@@ -337,6 +364,7 @@ class _DreamBoothRun:
         stopped = self.stop_event.is_set() and self.global_step < self.max_steps
         outputs: dict = {"output_dir": os.path.abspath(cfg.output_dir)}
         samples: list[str] = []
+        warnings: list[str] = []
         acc.wait_for_everyone()
         if stopped and self.global_step > 0 and self.last_checkpoint_step != self.global_step:
             outputs["checkpoint"] = self._save_checkpoint()
@@ -352,17 +380,41 @@ class _DreamBoothRun:
                 samples = self._validate()
             unet = self._unwrap(self.unet)
             text_encoder = self._unwrap(self.text_encoder) if cfg.train_text_encoder else None
-            meta = training_metadata(cfg, {"ss_steps": str(self.global_step),
-                                           "ss_training_finished_at": str(int(time.time()))})
+            meta = training_metadata(cfg, {"ss_steps": str(self.global_step)}, base=self._base_model_kind(),
+                                     instance_records=self.instance_records, class_records=self.class_records,
+                                     started_at=self.started_at)
             outputs["diffusers"] = save_diffusers_lora(cfg.output_dir, unet, text_encoder, meta)
             kohya_path = os.path.join(cfg.output_dir, f"{cfg.effective_output_name}.safetensors")
             outputs["kohya"] = save_kohya_lora(kohya_path, unet, text_encoder, meta)
             outputs["model_card"] = write_model_card(cfg.output_dir, cfg, outputs, self.samples, self.global_step)
+            if not cfg.skip_export_check:
+                yield self._event("checking the written files against the trained model", phase="verify")
+                warnings = self._check_exports(outputs)
         acc.wait_for_everyone()
         wall = time.perf_counter() - self.start_time
         message = ("stopped" if stopped else "finished") + f" at step {self.global_step}"
+        if outputs.get("verified"):
+            message += f"; {outputs['verified']}"
         yield self._event(message, phase="done", done=True, outputs=outputs, samples=samples, stopped=stopped,
-                          peak_memory_bytes=peak_memory_bytes(acc.device), wall_time=wall)
+                          peak_memory_bytes=peak_memory_bytes(acc.device), wall_time=wall, warnings=warnings)
+
+    def _check_exports(self, outputs: dict) -> list[str]:
+        """Reload both files into a fresh base model and compare with the trained one; the result goes
+        into `outputs` ("verified": one line, "export_check": the details). Returns the warnings."""
+        cfg = self.config
+        files = {kind: outputs[kind] for kind in ("diffusers", "kohya")}
+        try:
+            report = verify_exports(cfg, files, self._unwrap(self.unet), self._unwrap(self.text_encoder),
+                                    self.tokenizer, dtype=self.weight_dtype,
+                                    text_encoder_trained=cfg.train_text_encoder)
+        except Exception as err:  # e.g. the base model cannot be loaded a second time
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            logger.warning("EXPORT CHECK: could not load the base model again to check the files: %s", reason)
+            outputs["verified"] = f"export check not done ({reason})"
+            return [f"the exported files could not be checked: {reason}"]
+        outputs["verified"] = report.summary()
+        outputs["export_check"] = report.to_dict()
+        return report.warnings()
 
     def close(self) -> None:
         """End trackers and free the accelerator's singleton state, so another run can start in

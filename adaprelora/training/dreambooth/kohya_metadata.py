@@ -1,0 +1,182 @@
+"""The safetensors header keys LoRA tools read: kohya's `ss_*`, `sshs_*` hashes and `modelspec.*`.
+
+AUTOMATIC1111, ComfyUI, Forge, civitai-style uploaders and LoRA browsers show or use these keys:
+which base model a LoRA is for (`ss_base_model_version`, `ss_v2`, `modelspec.architecture`), what
+it was trained on (`ss_num_train_images`, `ss_tag_frequency`, `ss_resolution`), when
+(`ss_training_started_at`, `ss_training_finished_at`, `modelspec.date`) and a content hash
+(`sshs_model_hash`, `sshs_legacy_hash`, which sd-webui-additional-networks indexes). Values are
+written as kohya-ss/sd-scripts writes them: every value a string, booleans as "True"/"False",
+timestamps as `str(time.time())`, JSON for the nested ones.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+MODELSPEC_VERSION = "1.0.0"
+IMPL_DIFFUSERS = "diffusers"
+IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
+SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"
+_LEGACY_HASH_OFFSET, _LEGACY_HASH_LENGTH = 0x100000, 0x10000
+
+
+@dataclass(frozen=True)
+class BaseModelKind:
+    """Which Stable Diffusion family a base model belongs to."""
+
+    v2: bool = False
+    v_parameterization: bool = False
+    sdxl: bool = False
+
+    @property
+    def base_model_version(self) -> str:
+        """kohya's `ss_base_model_version`: "sd_v1", "sd_v2", "sd_v2_v" (v-prediction) or "sdxl_base_v1-0"."""
+        if self.sdxl:
+            return SDXL_BASE_MODEL_VERSION
+        return ("sd_v2" if self.v2 else "sd_v1") + ("_v" if self.v_parameterization else "")
+
+    @property
+    def architecture(self) -> str:
+        """`modelspec.architecture` of a LoRA for this base model."""
+        if self.sdxl:
+            arch = "stable-diffusion-xl-v1-base"
+        elif self.v2:
+            arch = "stable-diffusion-v2-768-v" if self.v_parameterization else "stable-diffusion-v2-512"
+        else:
+            arch = "stable-diffusion-v1"
+        return f"{arch}/lora"
+
+    @property
+    def implementation(self) -> str:
+        """`modelspec.implementation`: kohya names Stability's code for SDXL LoRAs, diffusers for v1/v2."""
+        return IMPL_STABILITY_AI if self.sdxl else IMPL_DIFFUSERS
+
+
+def _get(config, name: str, default=None):
+    if config is None:
+        return default
+    if isinstance(config, dict):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def detect_base_model(
+    unet_config=None,
+    text_encoder_config=None,
+    prediction_type: Optional[str] = None,
+    pipeline_class: Optional[str] = None,
+) -> BaseModelKind:
+    """Tell SD 1.x, 2.x and SDXL apart from the parts' configs (dicts or config objects).
+
+    SDXL: an XL pipeline class (`StableDiffusionXLPipeline`...) or a UNet with SDXL's
+    `addition_embed_type="text_time"`. SD 2.x: OpenCLIP's 1024-wide text encoder, i.e. a UNet
+    cross-attention dim of 1024 (SD 1.x has 768) or a 1024 hidden size. v-parameterization: the
+    scheduler's `prediction_type="v_prediction"` (SD 2.x 768-v).
+    """
+    sdxl = bool(pipeline_class and "XL" in pipeline_class) or _get(unet_config, "addition_embed_type") == "text_time"
+    cross_dim = _get(unet_config, "cross_attention_dim")
+    if isinstance(cross_dim, (list, tuple)):
+        cross_dim = cross_dim[0] if cross_dim else None
+    v2 = not sdxl and (cross_dim == 1024 or _get(text_encoder_config, "hidden_size") == 1024)
+    return BaseModelKind(v2=v2, v_parameterization=prediction_type == "v_prediction", sdxl=sdxl)
+
+
+def tag_frequency(groups: Iterable[tuple[str, list[str]]]) -> dict[str, dict[str, int]]:
+    """kohya's `ss_tag_frequency`: per image folder, how often each comma-separated tag of the
+    captions occurs (tags stripped and lower-cased, empty ones skipped)."""
+    out: dict[str, dict[str, int]] = {}
+    for folder, captions in groups:
+        counts = out.setdefault(folder, {})
+        for caption in captions:
+            for tag in (caption or "").split(","):
+                tag = tag.strip().lower()
+                if tag:
+                    counts[tag] = counts.get(tag, 0) + 1
+    return out
+
+
+def image_groups(records, prompt: Optional[str]) -> list[tuple[str, list[str]]]:
+    """(folder name, captions) per folder of `records` (ImageRecord: path, caption), an image without
+    its own caption counting with `prompt`, as kohya counts a DreamBooth folder's class tokens."""
+    groups: dict[str, list[str]] = {}
+    for record in records:
+        folder = os.path.basename(os.path.dirname(os.path.abspath(record.path)))
+        groups.setdefault(folder, []).append(record.caption or prompt or "")
+    return list(groups.items())
+
+
+def dataset_metadata(instance_records, instance_prompt: Optional[str], class_records=(),
+                     class_prompt: Optional[str] = None) -> dict[str, str]:
+    """`ss_num_train_images`, `ss_num_reg_images`, `ss_tag_frequency`, `ss_dataset_dirs` and
+    `ss_reg_dataset_dirs` for a DreamBooth run (every image seen once per epoch: repeats 1)."""
+    instance = image_groups(instance_records, instance_prompt)
+    reg = image_groups(class_records or [], class_prompt)
+    dirs = lambda groups: {name: {"n_repeats": 1, "img_count": len(caps)} for name, caps in groups}  # noqa: E731
+    return {
+        "ss_num_train_images": str(len(instance_records)),
+        "ss_num_reg_images": str(len(class_records or [])),
+        "ss_tag_frequency": json.dumps(tag_frequency(instance + reg)),
+        "ss_dataset_dirs": json.dumps(dirs(instance)),
+        "ss_reg_dataset_dirs": json.dumps(dirs(reg)),
+    }
+
+
+def base_model_metadata(kind: BaseModelKind) -> dict[str, str]:
+    """`ss_v2` and `ss_base_model_version` as kohya writes them."""
+    return {"ss_v2": str(bool(kind.v2)), "ss_base_model_version": kind.base_model_version}
+
+
+def modelspec_metadata(kind: BaseModelKind, *, title: str, resolution: int, timestamp: float,
+                       trigger_phrase: Optional[str] = None) -> dict[str, str]:
+    """The Stability AI ModelSpec keys of a LoRA (`modelspec.*`), as kohya's `sai_model_spec` fills them."""
+    meta = {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": kind.architecture,
+        "modelspec.implementation": kind.implementation,
+        "modelspec.title": title,
+        "modelspec.resolution": f"{int(resolution)}x{int(resolution)}",
+        "modelspec.date": _dt.datetime.fromtimestamp(int(timestamp)).isoformat(),
+        "modelspec.prediction_type": "v" if kind.v_parameterization else "epsilon",
+    }
+    if trigger_phrase:
+        meta["modelspec.trigger_phrase"] = trigger_phrase
+    return meta
+
+
+def kohya_hashes(tensors: dict, metadata: dict[str, str]) -> tuple[str, str]:
+    """(`sshs_model_hash`, `sshs_legacy_hash`) of a LoRA file, computed as kohya does.
+
+    Both hash the file the tensors make with only the `ss_*` header keys (so that editing other
+    header keys later leaves them valid): the model hash is the SHA-256 of everything after the
+    header (the tensor bytes), the legacy hash the first 8 hex digits of the SHA-256 of the
+    0x10000 bytes at offset 0x100000 (empty, hence a fixed value, for files under 1 MiB).
+    """
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_len:]).hexdigest()
+    legacy = hashlib.sha256(blob[_LEGACY_HASH_OFFSET:_LEGACY_HASH_OFFSET + _LEGACY_HASH_LENGTH]).hexdigest()[:8]
+    return model_hash, legacy
+
+
+def read_pipeline_class(model_name_or_path: str, revision: Optional[str] = None) -> Optional[str]:
+    """The `_class_name` of a diffusers pipeline's `model_index.json`, or None when it cannot be read."""
+    path = os.path.join(model_name_or_path, "model_index.json")
+    try:
+        if os.path.isdir(model_name_or_path):
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh).get("_class_name")
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.load_config(model_name_or_path, revision=revision).get("_class_name")
+    except Exception:  # offline without a cache, an odd folder: the other signs still decide
+        return None
+
+
+__all__ = ["BaseModelKind", "base_model_metadata", "dataset_metadata", "detect_base_model", "image_groups",
+           "kohya_hashes", "modelspec_metadata", "read_pipeline_class", "tag_frequency"]
