@@ -442,3 +442,6 @@ def test_parse_args_uses_diffusers_names_and_defaults():
     with pytest.raises(UserError, match="--optimizer"):
         train_dreambooth.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
                                      "--optimizer", "sgd9000"])
+    for name in ("prodigy", "adafactor", "schedule-free", "adamw8bit"):
+        assert train_dreambooth.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
+                                            "--optimizer", name]).optimizer == name
