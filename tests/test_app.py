@@ -127,6 +127,7 @@ def test_the_optimizer_dropdown_offers_every_optimizer_and_prodigy_trains(app, i
     summary = job.result()[-1]
     assert summary["status"] == "done" and summary["steps"] == 1, summary
     assert LoraStore(app["root"]).get("prodigy-dog").meta["optimizer"] == "prodigy"
+    assert "prodigy-dog" not in app["client"].predict("prodigy-dog", api_name="/delete_lora")  # leave the root as it was
 
 
 def test_loras_lists_the_trained_lora_and_generate_uses_it(trained, app):
