@@ -62,7 +62,9 @@ class LoRAPro(LoRAPairOptimizer):
     with X solving B^T B X + X A A^T = -s^{-2} (B^T B)^{-1} \nabla_A A^T (the choice nearest the
     plain LoRA gradients; solved with real symmetric eigendecompositions), then AdamW in factor
     space. State is AdamW's, O((m+n) r) per pair (the paper's "full" mode with m x n moments is
-    not offered).
+    not offered). Matches the `lora-pro-adamw` package's efficient mode with
+    `efficient_solver="eig"`; its default `"vec"` solver swaps the two Grams of the Sylvester
+    equation (docs/algorithm.md, section 5).
 
     Args:
         params: a model, or parameters / groups with `pairs=[(A, B, scale), ...]`

@@ -1,6 +1,9 @@
 """`create_optimizer(name, model, ...)`: every optimizer of the project by name, one signature."""
 from __future__ import annotations
 
+import contextlib
+import io
+import warnings
 from typing import Callable
 
 import torch
@@ -66,6 +69,87 @@ def _build_lora_pro(model, *, lr, **kw):
     return LoRAPro(model, lr=lr, **kw)
 
 
+# -- the optimizers users pick instead, from their own pinned packages -----------------------------
+# Each builder imports its package lazily (the library itself needs only torch), so a missing one is
+# an ImportError naming the pip command, raised when that optimizer is asked for.
+
+_PACKAGES = {"prodigy": ("prodigyopt", "prodigyopt==1.1.2"), "schedule-free": ("schedulefree", "schedulefree==1.4.1"),
+             "adamw8bit": ("bitsandbytes", "bitsandbytes==0.50.2"), "adafactor": ("transformers", "transformers==5.23.0")}
+
+
+def _import(name: str):
+    module, pin = _PACKAGES[name]
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ImportError(f"optimizer {name!r} needs the {module} package: pip install {pin}") from None
+
+
+def _build_prodigy(model, *, lr, weight_decay: float = 0.0, use_bias_correction: bool = True,
+                   safeguard_warmup: bool = True, **kw):
+    """Prodigy (Mishchenko and Defazio 2024, https://huggingface.co/papers/2306.06101), the
+    `prodigyopt` package's `Prodigy` (github.com/konstmish/prodigy), on every trainable tensor.
+
+    Settings: those kohya-ss/sd-scripts and diffusers' DreamBooth LoRA scripts document for LoRA,
+    `use_bias_correction=True`, `safeguard_warmup=True`, decoupled weight decay (`weight_decay` as
+    given, default 0), the package's other defaults (betas (0.9, 0.999), d0 1e-6, d_coef 1).
+    `lr` multiplies Prodigy's own step-size estimate: use 1.0 (a constant schedule or a decay).
+    """
+    _import("prodigy")
+    from prodigyopt import Prodigy
+
+    if lr < 0.1:
+        warnings.warn(f"prodigy: lr={lr:g} scales Prodigy's own step-size estimate; the documented value is 1.0")
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
+        return Prodigy(_trainable(model), lr=lr, weight_decay=weight_decay, use_bias_correction=use_bias_correction,
+                       safeguard_warmup=safeguard_warmup, **kw)
+
+
+def _build_adafactor(model, *, lr, **kw):
+    """Adafactor (Shazeer and Stern 2018, https://huggingface.co/papers/1804.04235), transformers'
+    `transformers.optimization.Adafactor`, on every trainable tensor, with an explicit learning rate:
+    `relative_step=False, scale_parameter=False, warmup_init=False` (so `lr` and the trainer's
+    schedule set the step size), the other settings transformers' defaults (no first moment,
+    `clip_threshold=1.0`, `decay_rate=-0.8`, eps (1e-30, 1e-3), weight decay 0)."""
+    _import("adafactor")
+    from transformers.optimization import Adafactor
+
+    for key in ("relative_step", "scale_parameter", "warmup_init"):
+        kw.setdefault(key, False)
+    return Adafactor(_trainable(model), lr=lr, **kw)
+
+
+def _build_schedule_free(model, *, lr, **kw):
+    """Schedule-Free AdamW (Defazio et al. 2024, https://huggingface.co/papers/2405.15682), the
+    `schedulefree` package's `AdamWScheduleFree` (github.com/facebookresearch/schedule_free), on every
+    trainable tensor with the package's defaults (betas (0.9, 0.999), no warm-up, weight decay 0).
+
+    It keeps two points: the parameters hold the gradient point y while training and the average x
+    (the weights to evaluate and save) after `optimizer.eval()`. It is returned in train mode; call
+    `eval()` before evaluating, sampling or saving, and `train()` before the next step. The trainers
+    do this for you (`adaprelora.training.options.optimizer_mode`). Meant for a constant
+    learning-rate schedule (its own `warmup_steps=` replaces a warm-up schedule).
+    """
+    _import("schedule-free")
+    from schedulefree import AdamWScheduleFree
+
+    optimizer = AdamWScheduleFree(_trainable(model), lr=lr, **kw)
+    optimizer.train()  # no state yet: this only sets the mode step() requires
+    return optimizer
+
+
+def _build_adamw8bit(model, *, lr, **kw):
+    """8-bit AdamW (Dettmers et al. 2022, https://huggingface.co/papers/2110.02861), the
+    `bitsandbytes` package's `bitsandbytes.optim.AdamW8bit`: AdamW with block-wise 8-bit moments
+    (tensors under 4096 elements keep 32-bit ones), on every trainable tensor. Settings:
+    bitsandbytes' defaults (betas (0.9, 0.999), eps 1e-8, weight decay 0.01, as torch's AdamW and
+    our `adamw`). Runs on CUDA and, with bitsandbytes 0.50, on CPU."""
+    _import("adamw8bit")
+    from bitsandbytes.optim import AdamW8bit
+
+    return AdamW8bit(_trainable(model), lr=lr, **kw)
+
+
 _REGISTRY: dict[str, Callable] = {
     "adaprelora": _build_adaprelora,
     "adaprelora-sgd": _build_adaprelora_sgd,
@@ -74,6 +158,10 @@ _REGISTRY: dict[str, Callable] = {
     "scaled-gd": _build_scaled("gd"),
     "scaled-adamw": _build_scaled("adamw"),
     "lora-pro": _build_lora_pro,
+    "prodigy": _build_prodigy,
+    "adafactor": _build_adafactor,
+    "schedule-free": _build_schedule_free,
+    "adamw8bit": _build_adamw8bit,
 }
 
 

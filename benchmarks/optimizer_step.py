@@ -98,6 +98,8 @@ def make_optimizer(name, model, lr=1e-4):
     if name == "torch-adamw-foreach":
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, foreach=True)
     kwargs = {"stats": "tangent"} if name == "adaprelora-tangent" else {}
+    if name == "prodigy":
+        lr = 1.0  # its documented lr: a multiplier of its own step-size estimate
     return create_optimizer("adaprelora" if name == "adaprelora-tangent" else name, model, lr=lr, **kwargs)
 
 

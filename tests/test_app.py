@@ -115,6 +115,21 @@ def test_train_streams_progress_and_returns_the_lora_files(trained, app):
     assert meta["captions"] == {"000-photo0.png": "sks dog on the grass"}, "per-image captions reach the run"
 
 
+def test_the_optimizer_dropdown_offers_every_optimizer_and_prodigy_trains(app, images):
+    from adaprelora import available_optimizers
+
+    api = app["client"].view_api(print_info=False, return_format="dict")["named_endpoints"]
+    optimizer = next(p for p in api["/train"]["parameters"] if p["parameter_name"] == "optimizer")
+    offered = str(optimizer["python_type"]["type"])
+    assert all(f"'{name}'" in offered for name in available_optimizers()), offered
+    job = app["client"].submit([handle_file(images["good"][0])], "a photo of sks dog", 1, 1.0, 4, "prodigy", 32,
+                               lora_name="prodigy dog", api_name="/train")
+    summary = job.result()[-1]
+    assert summary["status"] == "done" and summary["steps"] == 1, summary
+    assert LoraStore(app["root"]).get("prodigy-dog").meta["optimizer"] == "prodigy"
+    assert "prodigy-dog" not in app["client"].predict("prodigy-dog", api_name="/delete_lora")  # leave the root as it was
+
+
 def test_loras_lists_the_trained_lora_and_generate_uses_it(trained, app):
     import numpy as np
     from PIL import Image

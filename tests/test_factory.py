@@ -5,7 +5,9 @@ from adaprelora import available_optimizers, create_optimizer
 from adaprelora.testing.lora_models import forward_backward, make_lora_model
 
 LRS = {"adaprelora": 1e-2, "adaprelora-sgd": 5e-2, "adamw": 1e-2, "loraplus": 2e-3, "scaled-gd": 2e-2,
-       "scaled-adamw": 1e-2, "lora-pro": 1e-2}
+       "scaled-adamw": 1e-2, "lora-pro": 1e-2, "prodigy": 1.0, "adafactor": 1e-2, "schedule-free": 1e-2,
+       "adamw8bit": 1e-2}
+STEPS = {"prodigy": 100}  # Prodigy grows its step size from d0 = 1e-6 first
 
 
 def test_available_optimizers_lists_every_method():
@@ -17,7 +19,7 @@ def test_every_optimizer_reduces_the_loss_of_a_small_lora_regression(name):
     model = make_lora_model(seed=0, init_B_random=False, modules_to_save=["norm"])
     opt = create_optimizer(name, model, lr=LRS[name])
     losses = []
-    for _ in range(40):
+    for _ in range(STEPS.get(name, 40)):
         losses.append(forward_backward(model, seed=0).item())
         opt.step()
         opt.zero_grad()
@@ -29,7 +31,7 @@ def test_names_are_case_insensitive_and_unknown_names_list_the_choices():
     assert type(create_optimizer("AdaPreLoRA", model, lr=1e-3)).__name__ == "AdaPreLoRA"
     assert type(create_optimizer("Scaled_AdamW", model, lr=1e-3)).__name__ == "ScaledLoRA"
     with pytest.raises(ValueError, match="available: adaprelora, adaprelora-sgd, adamw"):
-        create_optimizer("adafactor", model, lr=1e-3)
+        create_optimizer("adafactorish", model, lr=1e-3)
     with pytest.raises(ValueError, match="Invalid learning rate"):
         create_optimizer("adamw", model, lr=0)
     with pytest.raises(ValueError, match="unexpected keyword"):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from adaprelora.testing.tiny_lm import build_byte_tokenizer, save_tiny_lm
@@ -154,25 +155,35 @@ def test_gsm8k_trains_on_answers_and_scores_greedy_generations(tmp_path, tiny_mo
     assert metrics["accuracy"] == sum(row["correct"] for row in rows) / 3
 
 
-def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run(tmp_path, tiny_models):
+@pytest.mark.parametrize("optimizer, lr", [("adamw", 1e-2), ("prodigy", 1.0), ("schedule-free", 1e-2)])
+def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run(optimizer, lr, tmp_path, tiny_models):
+    """Also for Prodigy (its step-size estimate lives in the param groups) and Schedule-Free AdamW
+    (checkpoints hold its averaged weights; the resumed run switches back to the gradient point)."""
     train = write_jsonl(tmp_path / "train.jsonl", sst2_rows(12))
     val = write_jsonl(tmp_path / "val.jsonl", sst2_rows(4, offset=50))
     out = tmp_path / "out"
-    common = ["--task", "glue:sst2", "--model_name_or_path", tiny_models["llama"], "--optimizer", "adamw",
+    common = ["--task", "glue:sst2", "--model_name_or_path", tiny_models["llama"], "--optimizer", optimizer,
               "--train_file", train, "--validation_file", val, "--max_steps", 4, "--lora_dropout", 0.2,
               "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2,  # 2 steps an epoch
-              "--learning_rate", 1e-2, "--output_dir", out]
+              "--learning_rate", lr, "--output_dir", out]
     run_finetune(common + ["--checkpointing_steps", 1, "--checkpoints_total_limit", 3], tmp_path)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
     saved = os.listdir(out / "checkpoint-2")
     assert "trainable_weights.safetensors" in saved and not any(n.startswith("model") for n in saved), saved
     uninterrupted = (out / "loss_log.jsonl").read_text().splitlines()
     first_metrics = json.loads((out / "metrics.json").read_text())
+    first_weights = load_file(str(out / "adapter_model.safetensors"))
 
     run_finetune(common + ["--resume_from_checkpoint", "checkpoint-3"], tmp_path)
     resumed = (out / "loss_log.jsonl").read_text().splitlines()
     assert resumed == uninterrupted, "step 4 after resuming mid-epoch at step 3 must be identical"
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == first_metrics["accuracy"]
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights.keys() == first_weights.keys()
+    for key, value in first_weights.items():
+        assert torch.equal(weights[key], value), f"{optimizer}: {key} differs after the resume"
+    start, end = (load_file(str(out / f"checkpoint-{s}" / "trainable_weights.safetensors")) for s in (2, 4))
+    assert any(not torch.equal(start[k], v) for k, v in end.items()), f"{optimizer}: nothing trained"
 
 
 def test_missing_column_is_one_clear_line(tmp_path, tiny_models):

@@ -187,7 +187,7 @@ def test_fp16_loss_scale_is_divided_out_of_the_energies():
 
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["adaprelora", "adaprelora-sgd", "scaled-gd", "scaled-adamw", "lora-pro",
-                                  "adamw", "loraplus"])
+                                  "adamw", "loraplus", "prodigy", "adafactor", "schedule-free", "adamw8bit"])
 def test_state_dict_round_trip_reproduces_the_next_step_exactly(name):
     kw = {"stats": "tangent"} if name == "adaprelora-sgd" else {}
     if name == "adaprelora-sgd":

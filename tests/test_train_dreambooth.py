@@ -218,6 +218,16 @@ def test_resume_continues_steps_and_restores_optimizer_state(run_a, launch, tiny
         torch.testing.assert_close(w_b[key], w_a[key], rtol=1e-5, atol=1e-7)
 
 
+def test_the_cli_trains_with_prodigy_and_names_it_in_the_metadata(launch, tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "prodigy-lora"
+    launch(_common(tiny_model, instance_dir, out, 2) + ["--optimizer", "prodigy", "--learning_rate", "1.0",
+                                                        "--report_to", "none"])
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in weights.items() if ".up." in k or "lora_B" in k), "B never moved"
+    meta = _metadata(out / "pytorch_lora_weights.safetensors")
+    assert "prodigy" in meta["ss_optimizer"] and meta["ss_steps"] == "2"
+
+
 def test_text_encoder_prior_preservation_and_reload(run_c, tiny_model):
     out, class_dir, proc = run_c
     assert sorted(p.suffix for p in class_dir.iterdir()) == [".png", ".png"]
@@ -446,3 +456,6 @@ def test_parse_args_uses_diffusers_names_and_defaults():
     with pytest.raises(UserError, match="--optimizer"):
         train_dreambooth.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
                                      "--optimizer", "sgd9000"])
+    for name in ("prodigy", "adafactor", "schedule-free", "adamw8bit"):
+        assert train_dreambooth.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
+                                            "--optimizer", name]).optimizer == name

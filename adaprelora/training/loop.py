@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
+from .options import optimizer_mode
+
 
 @dataclass
 class TrainEvent:
@@ -90,7 +92,26 @@ def training_steps(
     A resumed run starts in the epoch of `start_step` and skips the batches already trained on;
     the data order of an epoch depends only on the epoch (seedable sampler), so it sees what an
     uninterrupted run would. Stops after the current step when `stop_event` is set.
+
+    Optimizers with train and eval modes (Schedule-Free AdamW) are in train mode for each step and
+    in eval mode whenever an event is yielded and after the loop, so what a trainer does between
+    events (checkpoints, validation images, evaluation, the final files) sees the weights to keep,
+    and a checkpoint holds the same weights and optimizer state whether or not the run resumes.
     """
+    try:
+        yield from _training_steps(accelerator, models=models, dataloader=dataloader, optimizer=optimizer,
+                                   lr_scheduler=lr_scheduler, compute_loss=compute_loss, start_step=start_step,
+                                   max_steps=max_steps, updates_per_epoch=updates_per_epoch,
+                                   stop_event=stop_event, clip_parameters=clip_parameters,
+                                   max_grad_norm=max_grad_norm, reduce_loss=reduce_loss,
+                                   on_epoch_start=on_epoch_start)
+    finally:
+        optimizer_mode(optimizer, train=False)
+
+
+def _training_steps(accelerator, *, models, dataloader, optimizer, lr_scheduler, compute_loss, start_step,
+                    max_steps, updates_per_epoch, stop_event, clip_parameters, max_grad_norm, reduce_loss,
+                    on_epoch_start) -> Iterator[TrainEvent]:
     clip_parameters = list(clip_parameters)
     first_epoch = start_step // updates_per_epoch
     skip_batches = (start_step % updates_per_epoch) * accelerator.gradient_accumulation_steps
@@ -110,6 +131,7 @@ def training_steps(
         if epoch == first_epoch and skip_batches:
             loader = accelerator.skip_first_batches(dataloader, skip_batches)
         for batch in loader:
+            optimizer_mode(optimizer, train=True)  # a no-op unless the optimizer has modes
             with accelerator.accumulate(*models):
                 loss = compute_loss(batch)
                 accelerator.backward(loss)
@@ -125,6 +147,7 @@ def training_steps(
             step_loss = _step_loss(accelerator, micro_losses, reduce_loss)
             micro_losses = []
             elapsed = time.perf_counter() - loop_start
+            optimizer_mode(optimizer, train=False)
             yield TrainEvent(step=step, max_steps=max_steps, loss=step_loss, lr=float(lr_scheduler.get_last_lr()[0]),
                              epoch=epoch, phase="train",
                              steps_per_sec=(step - start_step) / elapsed if elapsed > 0 else None)

@@ -52,8 +52,18 @@ def build_optimizer(name: str, model, lr: float, optimizer_args: dict):
 
     try:
         return create_optimizer(name, model, lr=lr, **optimizer_args)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, ImportError) as err:
         raise UserError(f"--optimizer {name} / --optimizer_args: {first_line(err)}") from None
+
+
+def optimizer_mode(optimizer, train: bool) -> None:
+    """Put an optimizer with train and eval modes (Schedule-Free AdamW) in one of them: `train=True`
+    before a training step, `False` before the weights are evaluated, sampled or saved (its eval
+    mode puts the averaged weights in the parameters). A no-op for other optimizers."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    method = getattr(inner, "train" if train else "eval", None)
+    if callable(method):
+        method()
 
 
 def build_lr_scheduler(name: str, optimizer, *, warmup_steps: int, total_steps: int, num_processes: int = 1,
@@ -82,4 +92,4 @@ def attach_grad_scaler(optimizer, scaler) -> None:
 
 
 __all__ = ["LR_SCHEDULERS", "attach_grad_scaler", "build_lr_scheduler", "build_optimizer", "check_lr_scheduler",
-           "check_optimizer_name", "parse_optimizer_args"]
+           "check_optimizer_name", "optimizer_mode", "parse_optimizer_args"]
