@@ -73,7 +73,7 @@ class AppHandlers:
         lora_name: Optional[str] = None,
         captions=None,
         class_prompt: Optional[str] = None,
-        train_text_encoder: bool = False,
+        train_text_encoder: Optional[bool] = None,
         validation_prompt: Optional[str] = None,
         validation_steps: Optional[float] = None,
         seed: float = 0,
@@ -90,6 +90,8 @@ class AppHandlers:
         resolution = d["resolution"] if resolution is None else resolution
         validation_steps = d["validation_steps"] if validation_steps is None else validation_steps
         num_samples = d["num_samples"] if num_samples is None else num_samples
+        if train_text_encoder is None:
+            train_text_encoder = d.get("train_text_encoder", False)
         config, paths, captions_by_path = train_config(
             self.base.model_id, images=images, instance_prompt=instance_prompt, max_train_steps=max_train_steps,
             learning_rate=learning_rate, rank=rank, optimizer=optimizer, resolution=resolution, captions=captions,

@@ -22,8 +22,8 @@ TRIGGER = "sks"
 CLASS_NOUN = scenes.GENERIC_NOUN
 # DreamBooth settings for this model (the app's defaults and the tests' run), chosen by measuring
 # the judge's subject fidelity on reserved subjects: see the model card.
-DREAMBOOTH_DEFAULTS = dict(resolution=64, max_train_steps=400, learning_rate=1e-3, rank=8, train_batch_size=1,
-                           lr_scheduler="constant", train_text_encoder=False)
+DREAMBOOTH_DEFAULTS = dict(resolution=64, max_train_steps=400, learning_rate=5e-3, rank=16, train_batch_size=1,
+                           lr_scheduler="constant", train_text_encoder=True)
 
 
 def trigger_prompt(background: str, trigger: str = TRIGGER) -> str:
