@@ -12,13 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from adaprelora.testing.tiny_sd import tiny_sd_pipeline_dir
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ from adaprelora.testing.tiny_lm import tiny_llama  # noqa: E402
 SEQ_LEN, N_EXAMPLES = 12, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 class TokenDataset(torch.utils.data.Dataset):
