@@ -118,10 +118,17 @@ def _screenshot(driver, name: str) -> str:
 
 
 def _generated_images(root, since: set) -> list:
+    """The PNGs written since `since`; a file still being written is left out until it reads whole."""
     from PIL import Image
 
-    new = sorted(set(str(p) for p in (root / "generated").rglob("*.png")) - since)
-    return [Image.open(p).convert("RGB") for p in new]
+    images = []
+    for path in sorted(set(str(p) for p in (root / "generated").rglob("*.png")) - since):
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, SyntaxError):
+            continue
+    return images
 
 
 def _generate(driver, root, lora: str, prompt: str) -> list:
