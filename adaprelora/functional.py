@@ -128,6 +128,21 @@ def tangent_energies(A, B, gA, gB, damping: float = 0.1):
     return row.clamp_min(0), col.clamp_min(0)
 
 
+def lowrank_energies(U, V):
+    """Row and column energies of U V^T from its factors U (k, m, w) and V (k, n, w), in
+    O((m+n) w^2) without forming the product: row = rowsum((U V^T V) * U), col = rowsum((V U^T U) * V)."""
+    row = ((U @ (V.mT @ V)) * U).sum(-1)
+    col = ((V @ (U.mT @ U)) * V).sum(-1)
+    return row.clamp_min(0), col.clamp_min(0)
+
+
+def raw_surrogate_energies(A, B, gA, gB):
+    """Row (k, m) and column (k, n) energies of the raw surrogate gB A + B gA = [gB, B] [A^T, gA^T]^T
+    (`stats="raw"`, the paper's surrogate of G; unlike the tangent projection it changes when the
+    factors are rescaled (B, A) -> (cB, A/c))."""
+    return lowrank_energies(torch.cat([gB, B], dim=-1), torch.cat([A.mT, gA.mT], dim=-1))
+
+
 def delta_sq_norm(A, B, dA, dB):
     """||B dA + dB A||_F^2 per pair from r x r products only (spec 3.4)."""
     t1 = ((B.mT @ B) * (dA @ dA.mT)).sum((-2, -1))

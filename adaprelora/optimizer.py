@@ -36,12 +36,16 @@ class AdaPreLoRA(LoRAPairOptimizer):
         lr (float): learning rate; factor-space like AdamW's for "adamw", a W-space step size
             for "sgd" (default: 1e-3)
         variant (str): "adamw" or "sgd" (default: "adamw")
-        stats (str, optional): gradient energies, "exact" (backward hooks; needs a model) or
-            "tangent" (from .grad alone). Default: "exact" with a model, else "tangent".
+        stats (str, optional): gradient energies, "exact" (backward hooks; needs a model),
+            "tangent" (from .grad alone) or "raw" (the paper's surrogate gB A + B gA, from .grad;
+            for ablations). Default: "exact" with a model, else "tangent".
         betas (Tuple[float, float]): AdamW's (default: (0.9, 0.999))
         eps (float): AdamW's (default: 1e-8)
         weight_decay (float): decoupled weight decay (default: 0)
-        momentum (float): heavy-ball momentum of the sgd variant (default: 0)
+        momentum (float): heavy-ball momentum of the sgd variant, on the solved step (default: 0)
+        momentum_before_solve (bool): sgd variant only: feed the solve a bias-corrected EMA (beta =
+            betas[0]) of the factor gradients instead of the gradients, Adafactor-with-momentum
+            style; an ablation of where momentum goes, not the default (default: False)
         decay_rate (float): Adafactor's beta2_t = 1 - t ** decay_rate (default: -0.8)
         eps_factored (float): Adafactor's epsilon on the energies (default: 1e-30)
         clip_threshold (float, optional): update clipping on RMS(Delta); None disables (default: 1.0)
@@ -57,12 +61,12 @@ class AdaPreLoRA(LoRAPairOptimizer):
                  stats: Optional[str] = None, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, decay_rate: float = -0.8,
                  eps_factored: float = 1e-30, clip_threshold: Optional[float] = 1.0, damping: float = 0.1,
-                 nonfinite: str = "skip", backend: str = "auto", pairs=None):
+                 nonfinite: str = "skip", backend: str = "auto", pairs=None, momentum_before_solve: bool = False):
         has_model = isinstance(params, nn.Module)
         if stats is None:
             stats = "exact" if has_model and pairs is None else "tangent"
-        if stats not in ("exact", "tangent"):
-            raise ValueError(f"stats must be 'exact' or 'tangent', got {stats!r}")
+        if stats not in ("exact", "tangent", "raw"):
+            raise ValueError(f"stats must be 'exact', 'tangent' or 'raw', got {stats!r}")
         if stats == "exact" and not has_model:
             raise ValueError(
                 "stats='exact' reads each layer's input and output gradient with hooks, so it needs "
@@ -76,11 +80,14 @@ class AdaPreLoRA(LoRAPairOptimizer):
             raise ValueError(f"Invalid damping: {damping}")
         if momentum and variant != "sgd":
             raise ValueError("momentum applies to variant='sgd' only (the adamw variant has betas)")
+        if momentum_before_solve and (variant != "sgd" or momentum):
+            raise ValueError("momentum_before_solve needs variant='sgd' and momentum=0 (its EMA uses betas[0])")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
                         decay_rate=decay_rate, eps_factored=eps_factored, clip_threshold=clip_threshold,
                         damping=damping)
         super().__init__(params, defaults, variant=variant, pairs=pairs, nonfinite=nonfinite)
         self.stats = stats
+        self.momentum_before_solve = bool(momentum_before_solve)
         self.backend = resolve_backend(backend, self.pairs[0].A.device)
         self._collector = None
         if stats == "exact":
@@ -119,7 +126,10 @@ class AdaPreLoRA(LoRAPairOptimizer):
 
     # -- the rule ---------------------------------------------------------------------------
     def _extra_pair_state(self, m: int, n: int, r: int) -> dict:
-        return {"adafactor_row": (m,), "adafactor_col": (n,)}
+        extra = {"adafactor_row": (m,), "adafactor_col": (n,)}
+        if getattr(self, "momentum_before_solve", False):
+            extra.update(grad_ema_A=(r, n), grad_ema_B=(m, r))
+        return extra
 
     def _before_pairs(self) -> None:
         if self._collector is not None:
@@ -141,6 +151,8 @@ class AdaPreLoRA(LoRAPairOptimizer):
                             "(hooks removed, or run outside the model): using tangent energies for them")
         x = self._stack(bucket)
         inv_s = 1.0 / x.s
+        if self.stats == "raw":
+            return F.raw_surrogate_energies(x.A, x.B, x.gradA * inv_s, x.gradB * inv_s)
         t_row, t_col = F.tangent_energies(x.A, x.B, x.gradA * inv_s, x.gradB * inv_s, bucket.group["damping"])
         if rows is None:
             return t_row, t_col
@@ -159,6 +171,8 @@ class AdaPreLoRA(LoRAPairOptimizer):
             return
         rows, cols = self._energies(bucket, ps)
         g = bucket.group
+        if self.momentum_before_solve:
+            gradA, gradB = self._gradient_ema(bucket, gradA, gradB, rows, cols, g["betas"][0])
         backend = "triton" if self.backend == "triton" and self._fused_ok(bucket) else "torch"
         cdt = torch.promote_types(ps[0].A.dtype, torch.float32)  # float64 factors keep a float64 1/s
         scale = torch.tensor([p.scaling() for p in ps], dtype=cdt, device=ps[0].A.device)
@@ -166,10 +180,50 @@ class AdaPreLoRA(LoRAPairOptimizer):
             [p.A for p in ps], [p.B for p in ps], gradA, gradB, rows, cols, bucket.state, scale, g["lr"],
             variant=self.variant, betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
             momentum=g["momentum"], decay_rate=g["decay_rate"], eps_factored=g["eps_factored"],
-            clip_threshold=g["clip_threshold"], damping=g["damping"], rebalance=self._rebalance_sgd,
-            backend=backend)
+            clip_threshold=g["clip_threshold"], damping=g["damping"],
+            rebalance=self._rebalance_sgd and not self.momentum_before_solve, backend=backend)
+        if self.momentum_before_solve:
+            self._rebalance_with_ema(bucket, ps, ok)
         if self.nonfinite == "raise" or "nonfinite" not in self._warned:  # one sync, until warned
             self._check_nonfinite(ok, present.to(ok.device), ps)
+
+    def _gradient_ema(self, bucket, gradA, gradB, rows, cols, beta):
+        """momentum_before_solve: update the EMAs of the factor gradients (pairs with finite
+        gradients and energies only) and return their bias-corrected values as the gradients."""
+        st = bucket.state
+        emaA, emaB = st["grad_ema_A"], st["grad_ema_B"]
+        ok = [ga is not None and gb is not None for ga, gb in zip(gradA, gradB)]
+        gA = torch.stack([ga.reshape(emaA.shape[1:]) if o else torch.zeros_like(emaA[0])
+                          for ga, o in zip(gradA, ok)]).to(emaA.dtype)
+        gB = torch.stack([gb.reshape(emaB.shape[1:]) if o else torch.zeros_like(emaB[0])
+                          for gb, o in zip(gradB, ok)]).to(emaB.dtype)
+        rows = rows if isinstance(rows, torch.Tensor) else torch.stack(list(rows))
+        cols = cols if isinstance(cols, torch.Tensor) else torch.stack(list(cols))
+        good = torch.tensor(ok, device=gA.device) & self._finite(gA, gB, rows, cols)
+        w = torch.where(good, torch.full_like(st["step"], 1 - beta, dtype=emaA.dtype), 0.0)[:, None, None]
+        emaA.mul_(1 - w).add_(w * torch.where(good[:, None, None], gA, 0.0))
+        emaB.mul_(1 - w).add_(w * torch.where(good[:, None, None], gB, 0.0))
+        correction = 1 - beta ** (st["step"].to(emaA.dtype) + 1)  # the step count after this step
+        newA = (emaA / correction[:, None, None]).unbind(0)
+        newB = (emaB / correction[:, None, None]).unbind(0)
+        shapeA, shapeB = self.pairs[bucket.pair_ids[0]].A.shape, self.pairs[bucket.pair_ids[0]].B.shape
+        outA = [a.reshape(shapeA).to(ga.dtype) if o else None for a, ga, o in zip(newA, gradA, ok)]
+        outB = [b.reshape(shapeB).to(gb.dtype) if o else None for b, gb, o in zip(newB, gradB, ok)]
+        return outA, outB
+
+    def _rebalance_with_ema(self, bucket, ps, ok) -> None:
+        """The sgd variant's rebalance B c, A / c, done here so the gradient EMAs follow the
+        gauge (gA -> c gA, gB -> gB / c) and the trajectory stays the unbalanced one."""
+        A = torch.stack([p.A.detach().flatten() for p in ps]).to(torch.float64)
+        B = torch.stack([p.B.detach().flatten() for p in ps]).to(torch.float64)
+        c = F.rebalance_from_norms(torch.linalg.vector_norm(A, dim=1), torch.linalg.vector_norm(B, dim=1),
+                                   ok.to(A.device))
+        for j, p in enumerate(ps):
+            p.A.div_(c[j].to(p.A.dtype))
+            p.B.mul_(c[j].to(p.B.dtype))
+        st = bucket.state
+        st["grad_ema_A"].mul_(c.to(st["grad_ema_A"].dtype)[:, None, None])
+        st["grad_ema_B"].div_(c.to(st["grad_ema_B"].dtype)[:, None, None])
 
     def _fused_ok(self, bucket) -> bool:
         for i in bucket.pair_ids:

@@ -123,6 +123,16 @@ def test_tangent_energies_equal_those_of_the_explicit_projection(seed):
     np.testing.assert_allclose(col[0].numpy(), (GT ** 2).sum(0), rtol=1e-7)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_raw_surrogate_energies_equal_those_of_the_explicit_product(seed):
+    A, B, G, p, q, gA, gB = _problem(seed, m=9, n=7, r=3, k=2)
+    row, col = F.raw_surrogate_energies(A, B, gA, gB)
+    for j in range(2):
+        S = gB[j].numpy() @ A[j].numpy() + B[j].numpy() @ gA[j].numpy()
+        np.testing.assert_allclose(row[j].numpy(), (S ** 2).sum(1), rtol=1e-9)
+        np.testing.assert_allclose(col[j].numpy(), (S ** 2).sum(0), rtol=1e-9)
+
+
 def test_tangent_energies_are_invariant_to_rescaling_factors():
     A, B, G, p, q, gA, gB = _problem(5, m=9, n=7, r=3)
     row, col = F.tangent_energies(A, B, gA, gB, 0.1)

@@ -15,7 +15,7 @@ from adaprelora.testing.lora_models import SimpleNet, batch, forward_backward, m
 # ---------------------------------------------------------------------------------------------
 # An independent single-pair reference of spec section 3, written with explicit matrices.
 def _ref_step(state, A, B, G, s, *, lr, variant, clip=1.0, damping=0.1, decay=-0.8, betas=(0.9, 0.999),
-              eps=1e-8, wd=0.0, momentum=0.0):
+              eps=1e-8, wd=0.0, momentum=0.0, stats="tangent", ema_before_solve=False):
     m, r = B.shape
     n = A.shape[1]
     gA, gB = B.T @ G, G @ A.T
@@ -24,11 +24,18 @@ def _ref_step(state, A, B, G, s, *, lr, variant, clip=1.0, damping=0.1, decay=-0
     def inv_ridge(M):
         return np.linalg.inv(M + (damping * np.trace(M) / r + tiny) * np.eye(r))
 
-    PB = B @ inv_ridge(B.T @ B) @ B.T
-    PA = A.T @ inv_ridge(A @ A.T) @ A
-    GT = PB @ G + G @ PA - PB @ G @ PA
-    E = GT ** 2
+    if stats == "raw":  # the paper's surrogate of G, formed explicitly
+        E = (gB @ A + B @ gA) ** 2
+    else:
+        PB = B @ inv_ridge(B.T @ B) @ B.T
+        PA = A.T @ inv_ridge(A @ A.T) @ A
+        GT = PB @ G + G @ PA - PB @ G @ PA
+        E = GT ** 2
     t = state["t"] = state.get("t", 0) + 1
+    if ema_before_solve:  # bias-corrected EMA of the factor gradients, fed to the solve
+        state["eA"] = betas[0] * state.get("eA", 0) + (1 - betas[0]) * gA
+        state["eB"] = betas[0] * state.get("eB", 0) + (1 - betas[0]) * gB
+        gA, gB = state["eA"] / (1 - betas[0] ** t), state["eB"] / (1 - betas[0] ** t)
     beta2 = 1 - t ** decay
     state["R"] = beta2 * state.get("R", 0) + (1 - beta2) * (E.sum(1) / n + 1e-30)
     state["C"] = beta2 * state.get("C", 0) + (1 - beta2) * (E.sum(0) / m + 1e-30)
@@ -60,6 +67,8 @@ def _ref_step(state, A, B, G, s, *, lr, variant, clip=1.0, damping=0.1, decay=-0
     c = np.sqrt(np.linalg.norm(A2) / np.linalg.norm(B2))
     if momentum:
         state["bA"], state["bB"] = state["bA"] / c, state["bB"] * c
+    if ema_before_solve:  # gA = B^T G and gB = G A^T follow the rebalanced factors
+        state["eA"], state["eB"] = state["eA"] * c, state["eB"] / c
     return A2 / c, B2 * c
 
 
@@ -82,6 +91,55 @@ def test_whole_steps_match_the_explicit_float64_reference(variant, momentum, wd)
         Ar, Br = _ref_step(state, Ar, Br, G, s, lr=lr, variant=variant, momentum=momentum, wd=wd)
         np.testing.assert_allclose(A.detach().numpy(), Ar, rtol=1e-8, atol=1e-10, err_msg=f"A at step {step}")
         np.testing.assert_allclose(B.detach().numpy(), Br, rtol=1e-8, atol=1e-10, err_msg=f"B at step {step}")
+
+
+@pytest.mark.parametrize("variant,stats,ema", [("adamw", "raw", False), ("sgd", "raw", False), ("sgd", "tangent", True),
+                                              ("sgd", "raw", True)])
+def test_ablation_options_match_the_explicit_float64_reference(variant, stats, ema):
+    """stats="raw" (energies of gB A + B gA) and momentum_before_solve (an EMA of the factor
+    gradients fed to the solve), step by step against the explicit reference."""
+    rng = np.random.default_rng(3)
+    m, n, r, s = 8, 6, 2, 0.8
+    A0, B0 = rng.standard_normal((r, n)), rng.standard_normal((m, r))
+    A, B = nn.Parameter(torch.tensor(A0)), nn.Parameter(torch.tensor(B0))
+    lr = 0.05 if variant == "adamw" else 0.02
+    opt = AdaPreLoRA([A, B], lr=lr, variant=variant, stats=stats, momentum_before_solve=ema, pairs=[(A, B, s)])
+    state, Ar, Br = {}, A0, B0
+    for step in range(5):
+        G = rng.standard_normal((m, n)) * np.exp(rng.standard_normal(n))
+        A.grad = torch.tensor(s * B.detach().numpy().T @ G)
+        B.grad = torch.tensor(s * G @ A.detach().numpy().T)
+        opt.step()
+        Ar, Br = _ref_step(state, Ar, Br, G, s, lr=lr, variant=variant, stats=stats, ema_before_solve=ema)
+        np.testing.assert_allclose(A.detach().numpy(), Ar, rtol=1e-8, atol=1e-10, err_msg=f"A at step {step}")
+        np.testing.assert_allclose(B.detach().numpy(), Br, rtol=1e-8, atol=1e-10, err_msg=f"B at step {step}")
+    # the options change the trajectory (else the test could not tell them from the default)
+    st0, A_def, B_def = {}, A0, B0
+    rng = np.random.default_rng(3)
+    rng.standard_normal((r, n)), rng.standard_normal((m, r))
+    for _ in range(5):
+        G = rng.standard_normal((m, n)) * np.exp(rng.standard_normal(n))
+        A_def, B_def = _ref_step(st0, A_def, B_def, G, s, lr=lr, variant=variant)
+    assert not np.allclose(A_def, Ar, rtol=1e-4)
+
+
+def test_momentum_before_solve_state_round_trips_and_is_refused_outside_sgd():
+    model = make_lora_model(seed=0)
+    with pytest.raises(ValueError, match="momentum_before_solve"):
+        AdaPreLoRA(model, lr=1e-3, momentum_before_solve=True)
+    opt = AdaPreLoRA(model, lr=1e-2, variant="sgd", momentum_before_solve=True)
+    forward_backward(model, 0)
+    opt.step()
+    twin = copy.deepcopy(model)
+    opt2 = AdaPreLoRA(twin, lr=1e-2, variant="sgd", momentum_before_solve=True)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert any("grad_ema" in k for st in opt.state.values() for k in st)
+    for m_, o in ((model, opt), (twin, opt2)):
+        o.zero_grad()
+        forward_backward(m_, 1)
+        o.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_clipping_engages_in_the_reference_comparison():

@@ -77,3 +77,34 @@ def test_gsm8k_smoke(tmp_path):
         assert _finite(s["heldout_answer_loss"]["mean"])
         assert _finite(s["final_train_loss"]["mean"])
         assert s["state_bytes"] > 0
+
+
+def test_dreambooth_smoke(tmp_path):
+    """Suite 4 end to end on the built-in model: lr sweep on the tuning subject, confirmation
+    runs, checkpoint curve, judge metrics; and --subjects with a folder of images."""
+    from adaprelora.tiny_t2i.personalise import write_subject_images
+
+    out = _run("dreambooth", tmp_path)
+    assert out["suite"] == "dreambooth" and out["tune_subjects"] == ["heart"]
+    for label in ("adamw", "adaprelora"):
+        o = out["optimizers"][label]
+        s = o["summary"]
+        assert 0.0 <= s["subject_fidelity"]["mean"] <= 1.0 and -1.0 <= s["similarity"]["mean"] <= 1.0
+        assert 0.0 <= s["background"]["mean"] <= 1.0 and s["state_bytes"] > 0 and s["s_per_step_median"] > 0
+        run = o["runs"][0]
+        assert run["curve_steps"] == [0, 2, 4] and len(run["curve_fidelity"]) == 3
+    subjects = tmp_path / "mine"
+    write_subject_images("arrow", str(subjects / "arrow"), count=3, captions=False)
+    write_subject_images("heart", str(subjects / "my_heart"), count=3, captions=False)
+    argv = ["dreambooth", "--smoke", "--configs", "adamw", "--subjects", str(subjects), "--out-dir", str(tmp_path / "s"),
+            "--img-dir", str(tmp_path / "s")]
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(tmp_path / "s" / "quality_dreambooth_smoke.json") as fh:
+        custom = json.load(fh)
+    assert custom["tune_subjects"] == ["arrow"] and custom["confirm_subjects"] == ["my heart"]
+    run = custom["optimizers"]["adamw"]["runs"][0]
+    assert run["subject_fidelity"] is None and _finite(run["similarity"])  # the judge does not know "my heart"

@@ -54,36 +54,55 @@ def recontext_backgrounds(subject: str) -> list[str]:
 def evaluate_lora(pipe, judge: Judge, subject: str, *, lora_dir: Optional[str] = None, per_background: int = 3,
                   prior_prompts: int = 28, seed: int = 0, lora_scale: float = 1.0, trigger: str = TRIGGER,
                   **gen_kwargs) -> dict:
-    """Judge what `pipe` (with the LoRA in `lora_dir` loaded, or the bare base model) draws.
+    """Judge what `pipe` (with the LoRA in `lora_dir` loaded, or the bare base model) draws for one
+    of the reserved subjects.
 
     Returns `subject_fidelity` (fraction of trigger-prompt images the judge calls `subject`),
     `background` (fraction with the asked-for background), `similarity` (mean cosine of the judge
     embedding to the subject's real images), and `prior` (the judge's all-three score on ordinary
     prompts without the trigger word: compare it with the base model's).
     """
+    references = [scenes.render(s) for s in scenes.subject_scenes(subject, 8, seed=seed + 99)]
+    return evaluate_subject(pipe, judge, references, subject=subject, backgrounds=recontext_backgrounds(subject),
+                            lora_dir=lora_dir, per_background=per_background, prior_prompts=prior_prompts, seed=seed,
+                            lora_scale=lora_scale, trigger=trigger, **gen_kwargs)
+
+
+def evaluate_subject(pipe, judge: Judge, references, *, subject: Optional[str] = None,
+                     backgrounds: Optional[list[str]] = None, lora_dir: Optional[str] = None, per_background: int = 3,
+                     prior_prompts: int = 28, seed: int = 0, lora_scale: float = 1.0, trigger: str = TRIGGER,
+                     **gen_kwargs) -> dict:
+    """`evaluate_lora` for any subject given by its images (`references`, PIL): the judge's class
+    (`subject_fidelity`) only when `subject` is one it knows (else None); `similarity` (embedding
+    cosine to the references, like CLIP-I / DINO scores), `background` (prompt fidelity on the
+    recontextualisation prompts, one per background in `backgrounds`) and `prior` work for any
+    subject. `prior_prompts=0` skips the prior check (None)."""
+    backgrounds = list(backgrounds or scenes.COLOURS)
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir)
     kwargs = dict(gen_kwargs)
     if lora_dir is not None:
         kwargs["cross_attention_kwargs"] = {"scale": lora_scale}
     try:
-        wanted = [scenes.Scene(subject, scenes.SUBJECT_COLOURS[subject], bg)
-                  for bg in recontext_backgrounds(subject) for _ in range(per_background)]
-        images = generate(pipe, [trigger_prompt(w.background, trigger) for w in wanted], seed=seed + 500, **kwargs)
+        asked = [bg for bg in backgrounds for _ in range(per_background)]
+        images = generate(pipe, [trigger_prompt(bg, trigger) for bg in asked], seed=seed + 500, **kwargs)
         verdicts = judge_images(judge, images)
-        fidelity = score(verdicts, wanted)
-        refs = judge_images(judge, [scenes.render(s) for s in scenes.subject_scenes(subject, 8, seed=seed + 99)])
-        rng = random.Random(seed + 1)
-        base_wanted = [scenes.sample_scene(rng) for _ in range(prior_prompts)]
-        base_images = generate(pipe, [scenes.caption(s) for s in base_wanted], seed=seed + 900, **kwargs)
-        prior = score(judge_images(judge, base_images), base_wanted)
+        known = subject in scenes.ALL_SHAPES
+        fidelity = sum(v.shape == subject for v in verdicts) / len(verdicts) if known else None
+        background = sum(v.background == bg for v, bg in zip(verdicts, asked)) / len(verdicts)
+        prior = None
+        if prior_prompts:
+            rng = random.Random(seed + 1)
+            base_wanted = [scenes.sample_scene(rng) for _ in range(prior_prompts)]
+            base_images = generate(pipe, [scenes.caption(s) for s in base_wanted], seed=seed + 900, **kwargs)
+            prior = score(judge_images(judge, base_images), base_wanted)["all"]
     finally:
         if lora_dir is not None:
             pipe.unload_lora_weights()
-    return {"subject_fidelity": fidelity["shape"], "background": fidelity["background"],
-            "similarity": similarity(verdicts, refs), "prior": prior["all"], "n": len(wanted),
-            "images": images}
+    return {"subject_fidelity": fidelity, "background": background,
+            "similarity": similarity(verdicts, judge_images(judge, list(references))), "prior": prior,
+            "n": len(asked), "images": images, "prompts": [trigger_prompt(bg, trigger) for bg in asked]}
 
 
-__all__ = ["CLASS_NOUN", "DREAMBOOTH_DEFAULTS", "TRIGGER", "evaluate_lora", "recontext_backgrounds", "trigger_prompt",
+__all__ = ["CLASS_NOUN", "DREAMBOOTH_DEFAULTS", "TRIGGER", "evaluate_lora", "evaluate_subject", "recontext_backgrounds", "trigger_prompt",
            "write_subject_images"]

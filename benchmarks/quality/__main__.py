@@ -1,4 +1,4 @@
-"""python -m benchmarks.quality {conditioning,classification,gsm8k,studies,all} [--smoke|--quick|--full]"""
+"""python -m benchmarks.quality {conditioning,classification,gsm8k,studies,dreambooth,all} [--smoke|--quick|--full]"""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ import warnings
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
-    parser.add_argument("suite", choices=["conditioning", "classification", "gsm8k", "studies", "all"])
+    parser.add_argument("suite", choices=["conditioning", "classification", "gsm8k", "studies", "dreambooth", "all"])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--smoke", action="store_const", dest="profile", const="smoke", help="a few steps (CI)")
     group.add_argument("--quick", action="store_const", dest="profile", const="quick", help="CPU profile (default)")
@@ -21,6 +21,10 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=None,
                         help="gsm8k only: the one lr of the AdamW-type optimizers (default: the suite's, 1e-3)")
     parser.add_argument("--tag", default=None, help="suffix of the JSON name, e.g. lr3e-3 -> quality_gsm8k_lr3e-3.json")
+    parser.add_argument("--subjects", default=None, metavar="DIR",
+                        help="dreambooth only: teach the subjects in DIR (one sub-folder of images per subject; the "
+                             "first is used to tune the lr, the others to confirm) instead of the built-in ones")
+    parser.add_argument("--model", default=None, help="dreambooth only: the base model folder (default: assets/tiny-sd)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine more threads slowed every step)")
     args = parser.parse_args(argv)
@@ -49,6 +53,12 @@ def main(argv=None) -> int:
             from .classification import run_suite
         elif suite == "studies":
             from .studies import run_suite
+        elif suite == "dreambooth":
+            import functools
+
+            from .dreambooth import run_suite
+
+            run_suite = functools.partial(run_suite, subjects_dir=args.subjects, model_dir=args.model)
         else:
             from . import gsm8k
             from .gsm8k import run_suite

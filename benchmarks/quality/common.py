@@ -45,7 +45,29 @@ ALL_CONFIGS = [
     OptConfig("adaprelora-sgd", "adaprelora-sgd", {"stats": "exact"}, family="sgd"),
     OptConfig("adaprelora-sgd-tangent", "adaprelora-sgd", {"stats": "tangent"}, family="sgd"),
 ]
-CONFIGS_BY_LABEL = {c.label: c for c in ALL_CONFIGS}
+# What users of kohya / diffusers / OneTrainer pick instead (the packages' own optimizers).
+# family "fixed": the documented lr only (Prodigy estimates its own step size from lr 1.0).
+USER_CONFIGS = [
+    OptConfig("prodigy", "prodigy", family="fixed"),
+    OptConfig("adafactor", "adafactor"),
+    OptConfig("schedule-free", "schedule-free"),
+    OptConfig("adamw8bit", "adamw8bit"),
+]
+# Ablations of AdaPreLoRA's open choices (docs/algorithm.md section 6): the paper's raw surrogate
+# energies, and momentum before the solve (an EMA of the factor gradients, sgd step) instead of
+# AdamW after it.
+ABLATION_CONFIGS = [
+    OptConfig("adaprelora-raw", "adaprelora", {"stats": "raw"}),
+    OptConfig("adaprelora-ema", "adaprelora-sgd", {"stats": "exact", "momentum_before_solve": True}, family="sgd"),
+]
+CONFIGS_BY_LABEL = {c.label: c for c in ALL_CONFIGS + USER_CONFIGS + ABLATION_CONFIGS}
+FIXED_LRS = {"prodigy": (1.0,)}
+
+
+def uses_train_eval(opt) -> bool:
+    """Schedule-free optimizers keep two weight sequences: train() before stepping, eval() before
+    anything reads the weights."""
+    return callable(getattr(opt, "train", None)) and callable(getattr(opt, "eval", None))
 DAMPING_CONFIGS = ("adaprelora", "adaprelora-tangent", "adaprelora-sgd")
 DAMPING_VALUES = (0.01, 0.1, 1.0)
 
