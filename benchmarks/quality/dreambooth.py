@@ -132,6 +132,13 @@ class Evaluator:
         self.pipe.set_progress_bar_config(disable=True)
         self.judge = load_judge(os.path.join(model_dir, "judge"))
         self.prof = prof
+        self._base: dict = {}
+
+    def base_curve(self, subject: Subject) -> dict:
+        """The base model's step-0 point of the fidelity curve (the same for every run of a subject)."""
+        if subject.name not in self._base:
+            self._base[subject.name] = self.score(subject, None, curve=True)
+        return self._base[subject.name]
 
     def score(self, subject: Subject, lora_dir: Optional[str], *, curve: bool = False) -> dict:
         from adaprelora.tiny_t2i.personalise import evaluate_subject
@@ -172,7 +179,7 @@ def run_one(ev: Evaluator, model_dir: str, subject: Subject, cfg: C.OptConfig, l
                 steps_per_sec = event.steps_per_sec or steps_per_sec
         train_s = time.perf_counter() - t0
         curve_steps, curve_fid, curve_sim = [0], [], []
-        base = ev.score(subject, None, curve=True)
+        base = ev.base_curve(subject)
         curve_fid.append(base["subject_fidelity"])
         curve_sim.append(base["similarity"])
         ckpts = sorted(glob.glob(os.path.join(out, "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]))
