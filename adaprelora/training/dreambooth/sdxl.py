@@ -37,7 +37,7 @@ def check_flags_for_family(cfg: TrainConfig, sdxl: bool) -> None:
         return
     given = [f"--{name}" for name in SDXL_ONLY_FLAGS if getattr(cfg, name) is not None]
     if given:
-        raise UserError(f"{' and '.join(given)} only apply to SDXL models; "
+        raise UserError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to SDXL models; "
                         f"{cfg.pretrained_model_name_or_path!r} is a Stable Diffusion 1.x/2.x model")
 
 

@@ -292,10 +292,8 @@ class _DreamBoothRun:
             if cfg.with_prior_preservation:
                 prompts.add(cfg.class_prompt or "")
             with torch.no_grad():
-                self.prompt_cache = {}
-                for prompt in sorted(prompts):
-                    hidden, pooled = self._encode_prompts([prompt])
-                    self.prompt_cache[prompt] = (hidden, pooled)
+                cache = {prompt: self._encode_prompts([prompt]) for prompt in sorted(prompts)}
+            self.prompt_cache = cache
             yield self._event(f"cached the embeddings of {len(prompts)} prompt(s)", phase="cache")
         self.vae.to("cpu")
         if torch.cuda.is_available():
