@@ -325,9 +325,10 @@ __all__ = [
 def build_dataloader(cfg: TrainConfig, instance_records, class_records) -> tuple[DreamBoothDataset, object, str]:
     """The dataset and DataLoader of a run, and the bucket table to print ("" without buckets).
 
-    Square crops: a shuffling DataLoader with its own seeded generator (starting an epoch then
-    draws nothing from the global RNG, which checkpoints restore, so a resumed run draws the same
-    noise as an uninterrupted one). Buckets: `BucketBatchSampler`, batches of one bucket each.
+    Square crops: a shuffling DataLoader; buckets: `BucketBatchSampler`, batches of one bucket
+    each. Both loaders have their own seeded generator: starting an epoch then draws nothing from
+    the global RNG (which checkpoints restore), so a resumed run draws the same noise as an
+    uninterrupted one.
     """
     import functools
 
@@ -346,7 +347,8 @@ def build_dataloader(cfg: TrainConfig, instance_records, class_records) -> tuple
     if buckets:
         sampler = BucketBatchSampler(dataset.item_buckets, cfg.train_batch_size, seed=seed)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                             num_workers=cfg.dataloader_num_workers)
+                                             num_workers=cfg.dataloader_num_workers,
+                                             generator=torch.Generator().manual_seed(seed))
         return dataset, loader, bucket_table(dataset.item_buckets, cfg.train_batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=cfg.dataloader_num_workers,
