@@ -344,3 +344,25 @@ def test_bucket_batches_hold_one_bucket_and_their_order_is_seeded_per_epoch(inst
             assert batch["pixel_values"].shape[-2:] == (h, w)
             assert len(batch["original_sizes"]) == len(indices)
     assert orders[0] == orders[2] and orders[0] != orders[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# The app with an SDXL base model
+# ------------------------------------------------------------------------------------------------
+def test_the_app_names_the_family_and_generates_with_an_sdxl_lora(sdxl_run, tiny_sdxl, tiny_sd, tmp_path):
+    from adaprelora.app.defaults import SDXL_PRESETS, TINY_PROFILE, profile_for
+    from adaprelora.app.generate import BaseModel, GenerationRequest, generate_images
+    from adaprelora.tiny_t2i import TINY_SD_DIR
+
+    assert profile_for(TINY_SD_DIR) is TINY_PROFILE
+    assert profile_for(tiny_sdxl).family == "SDXL" and profile_for(tiny_sdxl).presets is SDXL_PRESETS
+    assert profile_for(tiny_sd).family == "Stable Diffusion 1.x"
+    hub = profile_for("stabilityai/stable-diffusion-xl-base-1.0")
+    assert hub.family == "SDXL" and hub.train["resolution"] == 1024
+    base = BaseModel(tiny_sdxl, check_in_background=False)
+    assert "(SDXL)" in base.status_markdown()
+    out, _ = sdxl_run
+    paths = generate_images(base, GenerationRequest(prompt=PROMPT, num_inference_steps=2, width=48, height=32),
+                            str(out), str(tmp_path / "images"))
+    with Image.open(paths[0]) as img:
+        assert img.size == (48, 32)
