@@ -127,6 +127,16 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def tracker_config(self) -> dict:
+        """Settings for the tracker (TensorBoard hparams accept only scalars and strings)."""
+        out = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, (int, float, str, bool)):
+                out[key] = value
+            elif value is not None and key not in ("instance_images", "instance_captions"):
+                out[key] = str(value)
+        return out
+
     # Derived values -------------------------------------------------------------------------
     @property
     def validation_prompts(self) -> list[str]:

@@ -257,6 +257,12 @@ def training_metadata(
         "ss_prior_loss_weight": str(config.prior_loss_weight if config.with_prior_preservation else 0.0),
         "ss_network_train_unet_only": str(not config.train_text_encoder),
         "ss_instance_prompt": str(config.instance_prompt or ""),
+        "ss_enable_bucket": str(bool(config.enable_bucket)),
+        "ss_min_bucket_reso": str(config.min_bucket_reso),
+        "ss_max_bucket_reso": str(config.max_bucket_reso),
+        "ss_bucket_no_upscale": str(bool(config.bucket_no_upscale)),
+        "ss_cache_latents": str(bool(config.uses_latent_cache)),
+        "ss_flip_aug": str(bool(config.random_flip)),
         "adaprelora_config": json.dumps(_jsonable_config(config), sort_keys=True, default=str),
     }
     if instance_records:
@@ -399,6 +405,10 @@ def write_model_card(
     """Write `README.md` (Hugging Face model card: YAML header, trigger prompt, samples, usage)."""
     samples = samples or []
     base = config.pretrained_model_name_or_path
+    from .kohya_metadata import read_pipeline_class
+
+    pipeline_name = ("StableDiffusionXLPipeline" if "XL" in (read_pipeline_class(str(base), config.revision) or "")
+                     else "StableDiffusionPipeline")
     trigger = config.instance_prompt or ""
     rel = lambda p: os.path.relpath(p, output_dir).replace(os.sep, "/")  # noqa: E731
     lines = [
@@ -441,9 +451,9 @@ def write_model_card(
         "## Use with diffusers",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {pipeline_name}",
         "",
-        f"pipe = StableDiffusionPipeline.from_pretrained({str(base)!r})",
+        f"pipe = {pipeline_name}.from_pretrained({str(base)!r})",
         "pipe.load_lora_weights('path/to/this/folder')",
         f"image = pipe({trigger or 'your prompt'!r}).images[0]",
         "```",

@@ -208,7 +208,7 @@ class _DreamBoothRun:
         if acc.mixed_precision == "fp16":
             attach_grad_scaler(self.optimizer, acc.scaler)
         if acc.is_main_process and cfg.report_to != "none":
-            acc.init_trackers("dreambooth-lora", config=_tracker_config(cfg))
+            acc.init_trackers("dreambooth-lora", config=cfg.tracker_config())
 
         # Resume
         resume = resolve_resume_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
@@ -311,12 +311,9 @@ class _DreamBoothRun:
         with torch.set_grad_enabled(self.config.train_text_encoder):
             hidden, pooled = self._encode_prompts(batch["prompts"])
         added = None
-        if self.sdxl:
-            target_size = tuple(int(x) for x in batch[next(k for k in ("pixel_values", "latent_params")
-                                                            if k in batch)].shape[-2:])
-            if "latent_params" in batch:
-                factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-                target_size = (target_size[0] * factor, target_size[1] * factor)
+        if self.sdxl:  # the target size is the batch's pixel size (its bucket)
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            target_size = (latents.shape[-2] * factor, latents.shape[-1] * factor)
             added = unet_added_conditioning(pooled, batch, target_size, dtype=self.weight_dtype)
         return denoising_loss(self.config, self.noise_scheduler, self.unet, latents, hidden.to(self.weight_dtype),
                               added)
@@ -447,17 +444,6 @@ class _DreamBoothRun:
                 delattr(self, name)
         release_accelerator(self.accelerator)
         self.accelerator = None
-
-
-def _tracker_config(cfg: TrainConfig) -> dict:
-    """Settings for the tracker (TensorBoard hparams accept only scalars and strings)."""
-    out = {}
-    for key, value in cfg.to_dict().items():
-        if isinstance(value, (int, float, str, bool)):
-            out[key] = value
-        elif value is not None and key not in ("instance_images", "instance_captions"):
-            out[key] = str(value)
-    return out
 
 
 __all__ = ["TrainEvent", "train", "VALIDATION_DIR"]
