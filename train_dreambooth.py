@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""DreamBooth LoRA for Stable Diffusion 1.x/2.x, trained with AdaPreLoRA (or any optimizer by name).
+"""DreamBooth LoRA for Stable Diffusion 1.x/2.x and SDXL, trained with AdaPreLoRA (or any optimizer by name).
 
     accelerate launch train_dreambooth.py \
         --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
         --instance_data_dir dog --instance_prompt "a photo of sks dog" \
         --output_dir lora-dog --max_train_steps 400 --validation_prompt "sks dog on a beach"
 
-Flag names and defaults follow diffusers' examples/dreambooth/train_dreambooth_lora.py. The work is
+Flag names and defaults follow diffusers' examples/dreambooth/train_dreambooth_lora.py (and its SDXL
+sibling for the SDXL-only ones); the bucket and caching flags are kohya's. The work is
 done by `adaprelora.training.dreambooth.train()`, which the Gradio app drives as well.
 """
 from __future__ import annotations
@@ -31,9 +32,11 @@ def parse_args(input_args=None):
     add = parser.add_argument
     # Model
     add("--pretrained_model_name_or_path", type=str, default=None, required=True,
-        help="Hub id or local folder of a Stable Diffusion 1.x/2.x pipeline.")
+        help="Hub id or local folder of a Stable Diffusion 1.x/2.x or SDXL pipeline (told apart by model_index.json).")
     add("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the pretrained model.")
     add("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    add("--pretrained_vae_model_name_or_path", type=str, default=None,
+        help="A VAE to use instead of the model's own (e.g. an fp16-safe SDXL VAE): Hub id or folder.")
     # Data
     add("--instance_data_dir", type=str, default=None, required=True,
         help="Folder of PNG/JPEG/WebP training images; an optional <image>.txt next to an image is its caption.")
@@ -51,7 +54,26 @@ def parse_args(input_args=None):
         help="Precision of class-image generation (default fp16 on GPU, fp32 on CPU).")
     add("--class_inference_steps", type=int, default=50, help="Denoising steps per generated class image.")
     add("--resolution", type=int, default=512, help="Training images are resized and cropped to this size.")
-    add("--center_crop", action="store_true", default=False, help="Crop the centre instead of a random square.")
+    add("--center_crop", action="store_true", default=False,
+        help="Crop the centre instead of at a random place (needed by --cache_latents).")
+    add("--random_flip", action="store_true", default=False, help="Flip images horizontally at random each step.")
+    add("--enable_bucket", action="store_true", default=False,
+        help="Aspect-ratio buckets: resize each image into the bucket (about --resolution^2 pixels, sides multiples "
+             "of --bucket_reso_steps) nearest its shape instead of cropping a square.")
+    add("--min_bucket_reso", type=int, default=256, help="Shortest bucket side (with --enable_bucket).")
+    add("--max_bucket_reso", type=int, default=1024, help="Longest bucket side (with --enable_bucket).")
+    add("--bucket_reso_steps", type=int, default=64, help="Bucket sides are multiples of this (with --enable_bucket).")
+    add("--bucket_no_upscale", action="store_true", default=False,
+        help="Never enlarge an image: small images get a bucket of their own size (with --enable_bucket).")
+    add("--cache_latents", action="store_true", default=False,
+        help="Encode every image with the VAE once before training (and, with a frozen text encoder, every "
+             "prompt), then move the VAE off the device.")
+    add("--cache_latents_to_disk", action="store_true", default=False,
+        help="--cache_latents, kept under <output_dir>/latent_cache/ so reruns and resumes reuse it.")
+    add("--crops_coords_top_left_h", type=int, default=None,
+        help="SDXL: crop top coordinate given to the UNet for validation and class images (default 0).")
+    add("--crops_coords_top_left_w", type=int, default=None,
+        help="SDXL: crop left coordinate given to the UNet for validation and class images (default 0).")
     add("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
         help="Resampling filter used to resize images.")
     add("--dataloader_num_workers", type=int, default=0, help="Data-loading worker processes (0: main process).")
@@ -103,6 +125,8 @@ def parse_args(input_args=None):
     add("--num_validation_images", type=int, default=4, help="Sample images per validation prompt.")
     add("--validation_steps", type=int, default=100, help="Make sample images every N steps (and at the end).")
     add("--validation_inference_steps", type=int, default=25, help="Denoising steps of sample images.")
+    add("--validation_width", type=int, default=None, help="Width of sample images (default: --resolution).")
+    add("--validation_height", type=int, default=None, help="Height of sample images (default: --resolution).")
     # Export
     add("--skip_export_check", action="store_true", default=False,
         help="Do not reload the written LoRA files into a fresh base model to check that they reproduce the "

@@ -2,8 +2,9 @@
 values the forms start with.
 
 The default base model is the built-in `assets/tiny-sd` (works offline, 64 x 64 shapes); Stable
-Diffusion 1.x/2.x models get settings for photos. `profile_for(model_id)` picks the profile; `ui.py`
-builds the forms from it and `handlers.py` fills API parameters left out with its values.
+Diffusion 1.x/2.x and SDXL models get settings for photos (SDXL at 1024 px). `profile_for(model_id)`
+picks the profile (`model_family` tells the families apart); `ui.py` builds the forms from it and
+`handlers.py` fills API parameters left out with its values.
 """
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
 }
 # The form fields a preset fills, in the order `/apply_preset` returns them.
 PRESET_FIELDS = ("instance_prompt", "max_train_steps", "learning_rate", "rank", "train_text_encoder", "validation_prompt")
+
+# Presets for SDXL: the same subjects at SDXL's usual LoRA settings (it learns faster per step).
+SDXL_PRESETS: dict[str, dict[str, Any]] = {
+    "object": dict(PRESETS["object"], max_train_steps=400, learning_rate=1e-4, rank=8),
+    "face": dict(PRESETS["face"], max_train_steps=600, learning_rate=5e-5, rank=16),
+    "style": dict(PRESETS["style"], max_train_steps=800, learning_rate=1e-4, rank=32),
+}
+# Family names the page shows.
+FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL = "Stable Diffusion 1.x", "Stable Diffusion 2.x", "SDXL"
 
 # Where the Train form starts (and the `/train` API's values for parameters left out), for SD.
 TRAIN_DEFAULTS: dict[str, Any] = dict(max_train_steps=500, learning_rate=1e-4, rank=8, optimizer="adaprelora",
@@ -74,7 +84,7 @@ TINY_PROFILE = ModelProfile(
 )
 
 
-def _native_resolution(folder: str) -> int:
+def _native_resolution(folder: str, default: int = TRAIN_DEFAULTS["resolution"]) -> int:
     """Pixels per side the pipeline in `folder` was trained at (UNet sample size x VAE factor)."""
     try:
         with open(os.path.join(folder, "unet", "config.json")) as f:
@@ -83,7 +93,7 @@ def _native_resolution(folder: str) -> int:
             factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
         return sample * factor
     except (OSError, KeyError, ValueError, TypeError):
-        return TRAIN_DEFAULTS["resolution"]
+        return default
 
 
 def is_builtin_model(model_id: str) -> bool:
@@ -93,14 +103,43 @@ def is_builtin_model(model_id: str) -> bool:
         or os.path.isfile(os.path.join(model_id, "judge", "config.json")))
 
 
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def model_family(model_id: str) -> str:
+    """SD 1.x, SD 2.x or SDXL: from a local folder's `model_index.json` (`_class_name`) and UNet
+    config (cross-attention width 1024: SD 2.x), else from a Hub id's name."""
+    if os.path.isdir(model_id):
+        pipeline_class = _read_json(os.path.join(model_id, "model_index.json")).get("_class_name", "")
+        unet = _read_json(os.path.join(model_id, "unet", "config.json"))
+        if "XL" in pipeline_class or unet.get("addition_embed_type") == "text_time":
+            return FAMILY_SDXL
+        return FAMILY_SD2 if unet.get("cross_attention_dim") == 1024 else FAMILY_SD1
+    name = model_id.lower()
+    if "xl" in name:
+        return FAMILY_SDXL
+    return FAMILY_SD2 if "stable-diffusion-2" in name else FAMILY_SD1
+
+
 def profile_for(model_id: str) -> ModelProfile:
     if is_builtin_model(model_id):
         return TINY_PROFILE
-    resolution = _native_resolution(model_id) if os.path.isdir(model_id) else TRAIN_DEFAULTS["resolution"]
-    return ModelProfile(family="Stable Diffusion 1.x/2.x", builtin=False,
+    family = model_family(model_id)
+    default_resolution = 1024 if family == FAMILY_SDXL else TRAIN_DEFAULTS["resolution"]
+    resolution = _native_resolution(model_id, default_resolution) if os.path.isdir(model_id) else default_resolution
+    if family == FAMILY_SDXL:
+        return ModelProfile(family=family, builtin=False, train=dict(TRAIN_DEFAULTS, resolution=resolution),
+                            generate=dict(GENERATE_DEFAULTS, guidance_scale=5.0), presets=SDXL_PRESETS)
+    return ModelProfile(family=family, builtin=False,
                         train=dict(TRAIN_DEFAULTS, resolution=resolution), generate=dict(GENERATE_DEFAULTS),
                         presets=PRESETS)
 
 
-__all__ = ["DEFAULT_BASE_MODEL", "GENERATE_DEFAULTS", "ModelProfile", "PRESETS", "PRESET_FIELDS", "SD15_MODEL",
-           "TINY_PRESETS", "TINY_PROFILE", "TRAIN_DEFAULTS", "is_builtin_model", "profile_for"]
+__all__ = ["DEFAULT_BASE_MODEL", "FAMILY_SD1", "FAMILY_SD2", "FAMILY_SDXL", "GENERATE_DEFAULTS", "ModelProfile",
+           "PRESETS", "PRESET_FIELDS", "SD15_MODEL", "SDXL_PRESETS", "TINY_PRESETS", "TINY_PROFILE", "TRAIN_DEFAULTS",
+           "is_builtin_model", "model_family", "profile_for"]

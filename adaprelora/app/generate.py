@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .defaults import GENERATE_DEFAULTS, SD15_MODEL, is_builtin_model
+from .defaults import GENERATE_DEFAULTS, SD15_MODEL, is_builtin_model, model_family
 
 _ADAPTER = "app_lora"
 
@@ -107,7 +107,7 @@ class BaseModel:
                     "draws prompts like \"a red circle on a blue background\", and learns a new shape from a few "
                     "pictures (try the example). For photos use Stable Diffusion 1.5: "
                     f"`python app.py --base-model {SD15_MODEL}` (a Hub id or a local diffusers folder).")
-        return f"Base model: `{self.model_id}`"
+        return f"Base model: `{self.model_id}` ({model_family(self.model_id)})"
 
     def pipeline(self):
         """The generation pipeline, loaded on first use. Raises RuntimeError with advice on failure."""
@@ -129,7 +129,7 @@ class BaseModel:
                 if not hasattr(pipe, "load_lora_weights"):
                     raise RuntimeError(
                         f"`{self.model_id}` is a {type(pipe).__name__}, which cannot load LoRA weights; "
-                        "use a Stable Diffusion 1.x/2.x pipeline"
+                        "use a Stable Diffusion 1.x/2.x or SDXL pipeline"
                     )
                 pipe.set_progress_bar_config(disable=True)
                 self._pipe = pipe.to(device)

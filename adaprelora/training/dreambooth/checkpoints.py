@@ -15,37 +15,37 @@ from ..checkpoints import register_checkpoint_hooks
 from .export import DIFFUSERS_WEIGHT_NAME, save_diffusers_lora, text_encoder_keys_for
 
 
-def register_lora_checkpoint_hooks(accelerator, unet, text_encoder, weight_dtype: torch.dtype) -> None:
-    """Make `accelerator.save_state` / `load_state` save and load the LoRA tensors only."""
-    unet_cls = type(accelerator.unwrap_model(unet))
-    te_cls = type(accelerator.unwrap_model(text_encoder))
+def register_lora_checkpoint_hooks(accelerator, unet, text_encoder, weight_dtype: torch.dtype,
+                                   text_encoder_2=None) -> None:
+    """Make `accelerator.save_state` / `load_state` save and load the LoRA tensors only (SDXL's
+    second text encoder, when given, as `text_encoder_2.` keys)."""
+    classes = [type(accelerator.unwrap_model(m)) if m is not None else None
+               for m in (unet, text_encoder, text_encoder_2)]
 
     def split(models):
-        unet = text_encoder = None
+        found = [None, None, None]
         for model in models:
-            if isinstance(model, unet_cls):
-                unet = model
-            elif isinstance(model, te_cls):
-                text_encoder = model
-            else:
+            if type(model) not in classes:  # exact types: the two CLIP encoders are siblings
                 raise ValueError(f"unexpected model in checkpoint: {type(model).__name__}")
-        return unet, text_encoder
+            found[classes.index(type(model))] = model
+        return found
 
     def save_weights(models, output_dir):
-        save_diffusers_lora(output_dir, *split(models))
+        unet, te, te2 = split(models)
+        save_diffusers_lora(output_dir, unet, te, text_encoder_2=te2)
 
     def load_weights(models, input_dir):
-        unet, text_encoder = split(models)
-        load_lora_checkpoint(input_dir, unet, text_encoder)
+        unet, te, te2 = split(models)
+        load_lora_checkpoint(input_dir, unet, te, text_encoder_2=te2)
         if weight_dtype != torch.float32:
             from diffusers.training_utils import cast_training_params
 
-            cast_training_params([m for m in (unet, text_encoder) if m is not None], dtype=torch.float32)
+            cast_training_params([m for m in (unet, te, te2) if m is not None], dtype=torch.float32)
 
     register_checkpoint_hooks(accelerator, save_weights, load_weights)
 
 
-def load_lora_checkpoint(input_dir: str, unet, text_encoder=None) -> None:
+def load_lora_checkpoint(input_dir: str, unet, text_encoder=None, text_encoder_2=None) -> None:
     """Load a checkpoint's `pytorch_lora_weights.safetensors` into the models' "default" adapters."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
@@ -58,12 +58,14 @@ def load_lora_checkpoint(input_dir: str, unet, text_encoder=None) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"checkpoint has LoRA tensors the model does not: {unexpected[:3]}")
-    te_sd = {k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")}
-    if text_encoder is not None:
+    for prefix, encoder in (("text_encoder.", text_encoder), ("text_encoder_2.", text_encoder_2)):
+        if encoder is None:
+            continue
+        te_sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not te_sd:
-            raise ValueError("checkpoint has no text-encoder LoRA but --train_text_encoder is set")
-        te_sd = text_encoder_keys_for(text_encoder, convert_state_dict_to_peft(convert_state_dict_to_diffusers(te_sd)))
-        result = set_peft_model_state_dict(text_encoder, te_sd, adapter_name="default")
+            raise ValueError(f"checkpoint has no {prefix[:-1]} LoRA but --train_text_encoder is set")
+        te_sd = text_encoder_keys_for(encoder, convert_state_dict_to_peft(convert_state_dict_to_diffusers(te_sd)))
+        result = set_peft_model_state_dict(encoder, te_sd, adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
-            raise ValueError(f"checkpoint has text-encoder LoRA tensors the model does not: {unexpected[:3]}")
+            raise ValueError(f"checkpoint has {prefix[:-1]} LoRA tensors the model does not: {unexpected[:3]}")

@@ -18,17 +18,21 @@ from .config import TrainConfig
 from .data import scan_class_images
 
 
-def ensure_class_images(cfg: TrainConfig, accelerator, stop_event: threading.Event) -> Iterator[str]:
+def ensure_class_images(cfg: TrainConfig, accelerator, stop_event: threading.Event,
+                        sdxl: bool = False) -> Iterator[str]:
     """Generate the missing class images (main process only), yielding progress messages; the
-    other processes wait. A set `stop_event` ends generation after the current batch."""
+    other processes wait. A set `stop_event` ends generation after the current batch. `sdxl`:
+    the base model is an SDXL pipeline."""
     acc = accelerator
     os.makedirs(cfg.class_data_dir, exist_ok=True)
     existing, _ = scan_class_images(cfg.class_data_dir)
     missing = cfg.num_class_images - len(existing)
     if missing > 0 and acc.is_main_process:
         yield f"generating {missing} class image(s) in {cfg.class_data_dir}"
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from tqdm.auto import tqdm
+
+        from .sdxl import sampling_crop
 
         precision = cfg.prior_generation_precision
         if precision in (None, "no"):
@@ -36,10 +40,15 @@ def ensure_class_images(cfg: TrainConfig, accelerator, stop_event: threading.Eve
         else:
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         variant = {"variant": cfg.variant} if cfg.variant else {}
+        if sdxl:
+            kwargs = dict(add_watermarker=False)
+            draw = dict(crops_coords_top_left=sampling_crop(cfg))
+        else:
+            kwargs = dict(safety_checker=None, requires_safety_checker=False)
+            draw = {}
         try:
-            pipeline = StableDiffusionPipeline.from_pretrained(
-                cfg.pretrained_model_name_or_path, dtype=dtype, safety_checker=None,
-                requires_safety_checker=False, revision=cfg.revision, **variant,
+            pipeline = (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).from_pretrained(
+                cfg.pretrained_model_name_or_path, dtype=dtype, revision=cfg.revision, **kwargs, **variant,
             )
         except (OSError, ValueError) as err:
             raise UserError(f"--pretrained_model_name_or_path: cannot load "
@@ -54,7 +63,7 @@ def ensure_class_images(cfg: TrainConfig, accelerator, stop_event: threading.Eve
                 n = min(cfg.sample_batch_size, missing - done)
                 images = pipeline(
                     [cfg.class_prompt] * n, height=cfg.resolution, width=cfg.resolution, generator=generator,
-                    num_inference_steps=cfg.class_inference_steps,
+                    num_inference_steps=cfg.class_inference_steps, **draw,
                 ).images
                 for image in images:
                     digest = hashlib.sha1(image.tobytes()).hexdigest()[:16]

@@ -42,6 +42,7 @@ class TrainConfig:
     pretrained_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     variant: Optional[str] = None
+    pretrained_vae_model_name_or_path: Optional[str] = None  # SDXL: e.g. an fp16-safe VAE
     # Data
     instance_data_dir: Optional[str] = None
     instance_images: Optional[list[str]] = None
@@ -57,7 +58,20 @@ class TrainConfig:
     class_inference_steps: int = 50
     resolution: int = 512
     center_crop: bool = False
+    random_flip: bool = False
     image_interpolation_mode: str = "lanczos"
+    # Aspect-ratio buckets (kohya's flags)
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    # Caching
+    cache_latents: bool = False
+    cache_latents_to_disk: bool = False
+    # SDXL conditioning at sampling time (validation and class images)
+    crops_coords_top_left_h: Optional[int] = None
+    crops_coords_top_left_w: Optional[int] = None
     dataloader_num_workers: int = 0
     # Output
     output_dir: str = "lora-dreambooth-model"
@@ -99,6 +113,8 @@ class TrainConfig:
     num_validation_images: int = 4
     validation_steps: Optional[int] = 100
     validation_inference_steps: int = 25
+    validation_width: Optional[int] = None
+    validation_height: Optional[int] = None
     # Export
     skip_export_check: bool = False
 
@@ -111,6 +127,16 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def tracker_config(self) -> dict:
+        """Settings for the tracker (TensorBoard hparams accept only scalars and strings)."""
+        out = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, (int, float, str, bool)):
+                out[key] = value
+            elif value is not None and key not in ("instance_images", "instance_captions"):
+                out[key] = str(value)
+        return out
+
     # Derived values -------------------------------------------------------------------------
     @property
     def validation_prompts(self) -> list[str]:
@@ -120,6 +146,17 @@ class TrainConfig:
         if isinstance(self.validation_prompt, str):
             return [self.validation_prompt]
         return [p for p in self.validation_prompt if p]
+
+    @property
+    def validation_size(self) -> tuple[int, int]:
+        """(width, height) of validation images: `--validation_width/--validation_height`, else
+        `--resolution` for the side not given."""
+        return (self.validation_width or self.resolution, self.validation_height or self.resolution)
+
+    @property
+    def uses_latent_cache(self) -> bool:
+        """`--cache_latents`, or `--cache_latents_to_disk` (which implies it, as in kohya)."""
+        return bool(self.cache_latents or self.cache_latents_to_disk)
 
     @property
     def effective_lora_alpha(self) -> float:
@@ -221,12 +258,44 @@ class TrainConfig:
             if self.class_prompt:
                 warnings.warn("You need not use --class_prompt without --with_prior_preservation.")
 
+        self._validate_buckets_and_cache(need)
+
         if self.instance_captions:
             unknown = set(self.instance_captions) - set(self.instance_images or [])
             need(not unknown, f"instance_captions names images not in instance_images: {sorted(unknown)[:3]}")
         if self.validation_prompts and self.num_validation_images == 0:
             warnings.warn("--validation_prompt is ignored with --num_validation_images 0.")
         return self
+
+    def _validate_buckets_and_cache(self, need) -> None:
+        """Bucket range, latent caching (which needs the same pixels every step) and image sizes."""
+        for flag in ("validation_width", "validation_height"):
+            value = getattr(self, flag)
+            need(value is None or (value > 0 and value % 8 == 0),
+                 f"--{flag} must be a positive multiple of 8, got {value}")
+        for flag in ("crops_coords_top_left_h", "crops_coords_top_left_w"):
+            value = getattr(self, flag)
+            need(value is None or value >= 0, f"--{flag} must be 0 or more, got {value}")
+        if self.enable_bucket:
+            step = self.bucket_reso_steps
+            need(step >= 8 and step % 8 == 0, f"--bucket_reso_steps must be a positive multiple of 8, got {step}")
+            need(self.min_bucket_reso % step == 0 and self.max_bucket_reso % step == 0,
+                 f"--min_bucket_reso {self.min_bucket_reso} and --max_bucket_reso {self.max_bucket_reso} must be "
+                 f"multiples of --bucket_reso_steps {step}")
+            need(step <= self.min_bucket_reso <= self.resolution <= self.max_bucket_reso,
+                 f"--resolution {self.resolution} must lie between --min_bucket_reso {self.min_bucket_reso} and "
+                 f"--max_bucket_reso {self.max_bucket_reso}")
+        elif (self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps, self.bucket_no_upscale) != (
+                256, 1024, 64, False):
+            warnings.warn("The bucket flags have no effect without --enable_bucket.")
+        if self.uses_latent_cache:
+            flag = "--cache_latents_to_disk" if not self.cache_latents else "--cache_latents"
+            need(not self.random_flip,
+                 f"{flag} encodes every image once, so it cannot be used with --random_flip (a new flip every "
+                 "step): drop one of the two")
+            need(self.center_crop,
+                 f"{flag} encodes every image once, so it needs --center_crop (without it every step takes a "
+                 "new random crop)")
 
 
 __all__ = ["TrainConfig", "MIXED_PRECISION", "REPORT_TO", "INTERPOLATION_MODES", "PRIOR_GENERATION_PRECISION",

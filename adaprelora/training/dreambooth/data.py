@@ -6,8 +6,8 @@
   for that image; otherwise `--instance_prompt` is used.
 - Files that cannot be decoded are skipped with a warning that names each one; a folder with no
   usable image is a `UserError` naming the folder.
-- Resize (shorter side to `resolution`), crop (center or random) and scale to [-1, 1] use PIL and
-  numpy only (no torchvision).
+- Resize (shorter side to `resolution`, or into an aspect-ratio bucket: `buckets`), crop (center or
+  random), optional random flip and scale to [-1, 1] use PIL and numpy only (no torchvision).
 """
 from __future__ import annotations
 
@@ -192,9 +192,15 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance images with their prompts and, with prior preservation, class images.
 
     Its length is the larger of the two counts (diffusers' convention); item `i` pairs instance
-    image `i % n_instance` with class image `i % n_class`. With `seed`, random crops depend only on
-    (seed, epoch, index), so a resumed run crops exactly as an uninterrupted one; call
-    `set_epoch` at the start of each epoch.
+    image `i % n_instance` with class image `i % n_class`. With `seed`, random crops and flips
+    depend only on (seed, epoch, index), so a resumed run sees exactly what an uninterrupted one
+    does; call `set_epoch` at the start of each epoch.
+
+    Images are cropped square at `resolution`, or, with `buckets` (a list of (width, height)),
+    resized into the bucket nearest each instance image's shape (`item_buckets`; an item's class
+    image goes to the same bucket so the two stack). Each example also carries the original size
+    and crop top-left of its images (SDXL's time ids). After `set_latents` (see `latent_cache`)
+    examples hold the cached VAE latents instead of pixels.
     """
 
     def __init__(
@@ -207,6 +213,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         class_records: Optional[Sequence[ImageRecord]] = None,
         class_prompt: Optional[str] = None,
         seed: Optional[int] = None,
+        random_flip: bool = False,
+        buckets: Optional[Sequence[tuple[int, int]]] = None,
+        bucket_reso_steps: int = 64,
+        bucket_no_upscale: bool = False,
     ):
         if not instance_records:
             raise ValueError("no instance images")
@@ -218,7 +228,19 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.center_crop = center_crop
         self.interpolation = interpolation
         self.seed = seed
+        self.random_flip = random_flip
         self.epoch = 0
+        self.latents: Optional[dict] = None
+        if buckets:
+            from .buckets import bucket_for
+
+            self.instance_buckets = [
+                bucket_for(load_rgb(r.path).size, buckets, resolution=resolution, step=bucket_reso_steps,
+                           no_upscale=bucket_no_upscale)
+                for r in self.instance_records
+            ]
+        else:
+            self.instance_buckets = [(resolution, resolution)] * len(self.instance_records)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -229,35 +251,106 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return max(len(self.instance_records), len(self.class_records))
 
-    def _pixels(self, record: ImageRecord, rng) -> torch.Tensor:
-        return preprocess(load_rgb(record.path), self.resolution, self.center_crop, self.interpolation, rng)
+    @property
+    def item_buckets(self) -> list[tuple[int, int]]:
+        """(width, height) of every item's images, in index order."""
+        return [self.instance_buckets[i % len(self.instance_records)] for i in range(len(self))]
+
+    def views(self) -> list[tuple[ImageRecord, tuple[int, int]]]:
+        """Every distinct (image, bucket) the items use: what a latent cache has to encode."""
+        seen = {}
+        for index, bucket in enumerate(self.item_buckets):
+            seen.setdefault((self.instance_records[index % len(self.instance_records)], bucket), None)
+            if self.class_records:
+                seen.setdefault((self.class_records[index % len(self.class_records)], bucket), None)
+        return list(seen)
+
+    def load_view(self, record: ImageRecord, bucket: tuple[int, int], rng=None) -> tuple[torch.Tensor, tuple, tuple]:
+        """(pixels, original (h, w), crop top-left (top, left)) of `record` fitted to `bucket`."""
+        from .buckets import fit_to_bucket
+
+        flip = self.random_flip and (rng or random).random() < 0.5
+        return fit_to_bucket(load_rgb(record.path), bucket, center_crop=self.center_crop,
+                             resample=_RESAMPLING[self.interpolation], rng=rng, flip=flip)
+
+    def set_latents(self, latents: dict) -> None:
+        """Serve cached latents: {(record, bucket): (latent parameters, original size, crop top-left)}."""
+        self.latents = latents
+
+    def _view(self, record: ImageRecord, bucket, rng) -> tuple[torch.Tensor, tuple, tuple]:
+        if self.latents is not None:
+            return self.latents[(record, bucket)]
+        return self.load_view(record, bucket, rng)
 
     def __getitem__(self, index: int) -> dict:
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}") if self.seed is not None else None
         record = self.instance_records[index % len(self.instance_records)]
-        example = {"instance_pixel_values": self._pixels(record, rng), "instance_prompt": self.prompt_for(record)}
+        bucket = self.instance_buckets[index % len(self.instance_records)]
+        kind = "latents" if self.latents is not None else "pixel_values"
+        values, original, crop = self._view(record, bucket, rng)
+        example = {f"instance_{kind}": values, "instance_original_size": original, "instance_crop_top_left": crop,
+                   "instance_prompt": self.prompt_for(record)}
         if self.class_records:
             class_record = self.class_records[index % len(self.class_records)]
-            example["class_pixel_values"] = self._pixels(class_record, rng)
-            example["class_prompt"] = self.class_prompt or ""
+            values, original, crop = self._view(class_record, bucket, rng)
+            example.update({f"class_{kind}": values}, class_original_size=original, class_crop_top_left=crop,
+                           class_prompt=self.class_prompt or "")
         return example
 
 
 def collate_fn(examples: list[dict], with_prior_preservation: bool = False) -> dict:
-    """Stack a batch: {"pixel_values": (B, 3, H, W), "prompts": [str] * B}.
+    """Stack a batch: {"pixel_values" (or "latent_params" when latents are cached): (B, C, H, W),
+    "prompts": [str] * B, "original_sizes" and "crop_top_lefts": [(int, int)] * B}.
 
     With prior preservation the class examples follow the instance ones (batch of 2B), so the loss
     can split the prediction in two halves.
     """
-    pixels = [e["instance_pixel_values"] for e in examples]
-    prompts = [e["instance_prompt"] for e in examples]
-    if with_prior_preservation:
-        pixels += [e["class_pixel_values"] for e in examples]
-        prompts += [e["class_prompt"] for e in examples]
-    return {"pixel_values": torch.stack(pixels).contiguous().float(), "prompts": prompts}
+    kinds = ["instance"] + (["class"] if with_prior_preservation else [])
+    cached = "instance_latents" in examples[0]
+    values = [e[f"{k}_{'latents' if cached else 'pixel_values'}"] for k in kinds for e in examples]
+    return {
+        "latent_params" if cached else "pixel_values": torch.stack(values).contiguous().float(),
+        "prompts": [e[f"{k}_prompt"] for k in kinds for e in examples],
+        "original_sizes": [tuple(e[f"{k}_original_size"]) for k in kinds for e in examples],
+        "crop_top_lefts": [tuple(e[f"{k}_crop_top_left"]) for k in kinds for e in examples],
+    }
 
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "ImageRecord", "DreamBoothDataset", "collate_fn", "is_image_file", "list_image_files",
+    "IMAGE_EXTENSIONS", "ImageRecord", "DreamBoothDataset", "build_dataloader", "collate_fn", "is_image_file", "list_image_files",
     "load_rgb", "preprocess", "read_caption", "scan_class_images", "scan_instance_images",
 ]
+
+
+def build_dataloader(cfg: TrainConfig, instance_records, class_records) -> tuple[DreamBoothDataset, object, str]:
+    """The dataset and DataLoader of a run, and the bucket table to print ("" without buckets).
+
+    Square crops: a shuffling DataLoader; buckets: `BucketBatchSampler`, batches of one bucket
+    each. Both loaders have their own seeded generator: starting an epoch then draws nothing from
+    the global RNG (which checkpoints restore), so a resumed run draws the same noise as an
+    uninterrupted one.
+    """
+    import functools
+
+    from .buckets import BucketBatchSampler, bucket_table, make_buckets
+
+    buckets = (make_buckets(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
+               if cfg.enable_bucket else None)
+    dataset = DreamBoothDataset(
+        instance_records, cfg.instance_prompt, cfg.resolution, center_crop=cfg.center_crop,
+        interpolation=cfg.image_interpolation_mode, class_records=class_records, class_prompt=cfg.class_prompt,
+        seed=cfg.seed, random_flip=cfg.random_flip, buckets=buckets, bucket_reso_steps=cfg.bucket_reso_steps,
+        bucket_no_upscale=cfg.bucket_no_upscale,
+    )
+    collate = functools.partial(collate_fn, with_prior_preservation=cfg.with_prior_preservation)
+    seed = cfg.seed if cfg.seed is not None else 0
+    if buckets:
+        sampler = BucketBatchSampler(dataset.item_buckets, cfg.train_batch_size, seed=seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=cfg.dataloader_num_workers,
+                                             generator=torch.Generator().manual_seed(seed))
+        return dataset, loader, bucket_table(dataset.item_buckets, cfg.train_batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate,
+                                         num_workers=cfg.dataloader_num_workers,
+                                         generator=torch.Generator().manual_seed(seed))
+    return dataset, loader, ""

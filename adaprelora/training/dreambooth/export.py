@@ -1,12 +1,14 @@
 """Writing trained LoRA adapters: the diffusers file, the kohya/A1111 file, metadata, model card.
 
-- `pytorch_lora_weights.safetensors`: diffusers keys (`unet.…`, `text_encoder.text_model.…`, the
+- `pytorch_lora_weights.safetensors`: diffusers keys (`unet.…`, `text_encoder.text_model.…` and for
+  SDXL `text_encoder_2.text_model.…`, the
   layout transformers 4 setups expect and diffusers maps on transformers 5 too), loadable with
   `pipe.load_lora_weights(output_dir)`; the adapters' LoraConfig (rank, alpha) is stored under
   diffusers' `lora_adapter_metadata` header key so a `--lora_alpha` other than `--rank` reloads
   exactly.
 - `<output_name>.safetensors`: kohya-ss / AUTOMATIC1111 / ComfyUI keys: `lora_unet_<module>` and
-  `lora_te_<module>` (dots as underscores) with `.lora_down.weight` (A), `.lora_up.weight` (B) and
+  `lora_te_<module>` (dots as underscores; for SDXL the UNet modules get Stability's block names and
+  the text encoders are `lora_te1_` / `lora_te2_`, see `kohya_sdxl`) with `.lora_down.weight` (A), `.lora_up.weight` (B) and
   a scalar `.alpha` (the scale is alpha / rank).
 - Both files carry the training settings in their safetensors header (`ss_*` and `modelspec.*` keys
   as kohya writes them, plus `adaprelora_config`, the whole TrainConfig as JSON); the kohya file
@@ -25,6 +27,7 @@ from typing import Optional
 import torch
 
 from .kohya_metadata import BaseModelKind, base_model_metadata, dataset_metadata, kohya_hashes, modelspec_metadata
+from .kohya_sdxl import KOHYA_SDXL_TE1_PREFIX, KOHYA_SDXL_TE2_PREFIX, sgm_renamer, sgm_unet_module_name
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -65,18 +68,33 @@ def text_encoder_keys_for(model: torch.nn.Module, state: dict[str, torch.Tensor]
     return {k.removeprefix("text_model."): v for k, v in state.items()}
 
 
+def is_sdxl_unet(unet: Optional[torch.nn.Module]) -> bool:
+    """SDXL's UNet has the "text_time" added conditioning."""
+    return unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
 def peft_to_kohya(
     unet_sd: Optional[dict[str, torch.Tensor]],
     text_encoder_sd: Optional[dict[str, torch.Tensor]],
     alpha: float,
     dtype: torch.dtype = torch.float32,
+    *,
+    text_encoder_2_sd: Optional[dict[str, torch.Tensor]] = None,
+    sdxl_layers_per_block: Optional[int] = None,
 ) -> dict[str, torch.Tensor]:
-    """Rename PEFT LoRA tensors to kohya keys and add each module's `.alpha`."""
+    """Rename PEFT LoRA tensors to kohya keys and add each module's `.alpha`.
+
+    With `sdxl_layers_per_block` (the SDXL UNet's `layers_per_block`) the names are kohya's SDXL
+    ones: SGM block names for the UNet, `lora_te1_` / `lora_te2_` for the two text encoders.
+    """
     out: dict[str, torch.Tensor] = {}
-    for prefix, sd, rename in (
-        (KOHYA_UNET_PREFIX, unet_sd, lambda m: m),
-        (KOHYA_TE_PREFIX, text_encoder_sd, _te_kohya_module_name),
-    ):
+    sdxl = sdxl_layers_per_block is not None
+    groups = (
+        (KOHYA_UNET_PREFIX, unet_sd, sgm_renamer(sdxl_layers_per_block) if sdxl else (lambda m: m)),
+        (KOHYA_SDXL_TE1_PREFIX if sdxl else KOHYA_TE_PREFIX, text_encoder_sd, _te_kohya_module_name),
+        (KOHYA_SDXL_TE2_PREFIX, text_encoder_2_sd, _te_kohya_module_name),
+    )
+    for prefix, sd, rename in groups:
         for key, tensor in (sd or {}).items():
             for part, kohya_part in ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight")):
                 if key.endswith(part):
@@ -93,7 +111,15 @@ def peft_to_kohya(
 def _kohya_names(model: Optional[torch.nn.Module], prefix: str, rename) -> dict[str, str]:
     if model is None:
         return {}
-    return {prefix + rename(name).replace(".", "_"): name for name, _ in model.named_modules() if name}
+    names = ((rename(name), name) for name, _ in model.named_modules() if name)
+    return {prefix + kohya.replace(".", "_"): name for kohya, name in names if kohya is not None}
+
+
+def _unet_kohya_rename(unet: Optional[torch.nn.Module]):
+    if is_sdxl_unet(unet):
+        layers = unet.config.layers_per_block
+        return lambda m: sgm_unet_module_name(m, layers)
+    return lambda m: m
 
 
 def kohya_to_peft(
@@ -110,12 +136,28 @@ def kohya_to_peft(
     computes exactly what the file describes. Returns (unet_sd, text_encoder_sd); a key that
     matches no module raises ValueError.
     """
+    unet_sd, te_sd, _ = kohya_to_peft_sdxl(kohya_sd, unet, text_encoder, None, target_alpha)
+    return unet_sd, te_sd
+
+
+def kohya_to_peft_sdxl(
+    kohya_sd: dict[str, torch.Tensor],
+    unet: Optional[torch.nn.Module] = None,
+    text_encoder: Optional[torch.nn.Module] = None,
+    text_encoder_2: Optional[torch.nn.Module] = None,
+    target_alpha: Optional[float] = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """`kohya_to_peft` for SD and SDXL files: returns (unet_sd, text_encoder_sd, text_encoder_2_sd);
+    SDXL names (SGM UNet blocks, `lora_te1_` / `lora_te2_`) are understood when `unet` is SDXL's."""
     lookup = {
-        **_kohya_names(unet, KOHYA_UNET_PREFIX, lambda m: m),
+        **_kohya_names(unet, KOHYA_UNET_PREFIX, _unet_kohya_rename(unet)),
         **_kohya_names(text_encoder, KOHYA_TE_PREFIX, _te_kohya_module_name),
+        **_kohya_names(text_encoder, KOHYA_SDXL_TE1_PREFIX, _te_kohya_module_name),
+        **_kohya_names(text_encoder_2, KOHYA_SDXL_TE2_PREFIX, _te_kohya_module_name),
     }
     unet_sd: dict[str, torch.Tensor] = {}
     te_sd: dict[str, torch.Tensor] = {}
+    te2_sd: dict[str, torch.Tensor] = {}
     for key, tensor in kohya_sd.items():
         base, _, suffix = key.partition(".")
         if suffix == "alpha":
@@ -127,11 +169,14 @@ def kohya_to_peft(
         if suffix == "lora_up.weight" and target_alpha is not None and f"{base}.alpha" in kohya_sd:
             tensor = tensor * (float(kohya_sd[f"{base}.alpha"]) / float(target_alpha))
         name = f"{module}.{'lora_A' if suffix == 'lora_down.weight' else 'lora_B'}.weight"
-        (unet_sd if base.startswith(KOHYA_UNET_PREFIX) else te_sd)[name] = tensor
-    return unet_sd, te_sd
+        target = (unet_sd if base.startswith(KOHYA_UNET_PREFIX)
+                  else te2_sd if base.startswith(KOHYA_SDXL_TE2_PREFIX) else te_sd)
+        target[name] = tensor
+    return unet_sd, te_sd, te2_sd
 
 
-def load_kohya_lora(path: str, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module] = None) -> list[str]:
+def load_kohya_lora(path: str, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module] = None,
+                    text_encoder_2: Optional[torch.nn.Module] = None) -> list[str]:
     """Load a kohya file into models that already carry a PEFT adapter "default" of the same rank.
 
     Returns the names of the modules loaded. Used to check that the exported kohya file describes
@@ -141,18 +186,18 @@ def load_kohya_lora(path: str, unet: torch.nn.Module, text_encoder: Optional[tor
     from safetensors.torch import load_file
 
     kohya_sd = load_file(path)
-    alpha = float(unet.peft_config["default"].lora_alpha)
-    unet_sd, te_sd = kohya_to_peft(kohya_sd, unet, text_encoder, target_alpha=alpha)
-    if unet_sd:
-        set_peft_model_state_dict(unet, unet_sd, adapter_name="default")
-    if te_sd:
-        if text_encoder is None:
-            raise ValueError("the kohya file has text-encoder LoRA tensors but no text_encoder was given")
-        te_alpha = float(text_encoder.peft_config["default"].lora_alpha)
-        if te_alpha != alpha:
-            _, te_sd = kohya_to_peft(kohya_sd, unet, text_encoder, target_alpha=te_alpha)
-        set_peft_model_state_dict(text_encoder, te_sd, adapter_name="default")
-    return sorted({k.rsplit(".lora_", 1)[0] for k in (*unet_sd, *te_sd)})
+    loaded: list[str] = []
+    for index, model in enumerate((unet, text_encoder, text_encoder_2)):
+        alpha = float(model.peft_config["default"].lora_alpha) if model is not None else None
+        sd = kohya_to_peft_sdxl(kohya_sd, unet, text_encoder, text_encoder_2, target_alpha=alpha)[index]
+        if not sd:
+            continue
+        if model is None:
+            raise ValueError(f"the kohya file has LoRA tensors for {('unet', 'text_encoder', 'text_encoder_2')[index]} "
+                             "but that model was not given")
+        set_peft_model_state_dict(model, sd, adapter_name="default")
+        loaded += list(sd)
+    return sorted({k.rsplit(".lora_", 1)[0] for k in loaded})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,6 +257,12 @@ def training_metadata(
         "ss_prior_loss_weight": str(config.prior_loss_weight if config.with_prior_preservation else 0.0),
         "ss_network_train_unet_only": str(not config.train_text_encoder),
         "ss_instance_prompt": str(config.instance_prompt or ""),
+        "ss_enable_bucket": str(bool(config.enable_bucket)),
+        "ss_min_bucket_reso": str(config.min_bucket_reso),
+        "ss_max_bucket_reso": str(config.max_bucket_reso),
+        "ss_bucket_no_upscale": str(bool(config.bucket_no_upscale)),
+        "ss_cache_latents": str(bool(config.uses_latent_cache)),
+        "ss_flip_aug": str(bool(config.random_flip)),
         "adaprelora_config": json.dumps(_jsonable_config(config), sort_keys=True, default=str),
     }
     if instance_records:
@@ -261,26 +312,29 @@ def _lora_config_dict(model: torch.nn.Module) -> dict:
 
 
 def save_diffusers_lora(output_dir: str, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module] = None,
-                        metadata: Optional[dict[str, str]] = None, weight_name: str = DIFFUSERS_WEIGHT_NAME) -> str:
-    """Write `unet`'s (and `text_encoder`'s) LoRA as diffusers' `pytorch_lora_weights.safetensors`
-    with the adapter configs and `metadata` in the header. Returns the file path."""
-    from diffusers import StableDiffusionPipeline
+                        metadata: Optional[dict[str, str]] = None, weight_name: str = DIFFUSERS_WEIGHT_NAME,
+                        text_encoder_2: Optional[torch.nn.Module] = None) -> str:
+    """Write `unet`'s (and the text encoders') LoRA as diffusers' `pytorch_lora_weights.safetensors`
+    with the adapter configs and `metadata` in the header; an SDXL UNet is saved the way
+    `StableDiffusionXLPipeline.load_lora_weights` reads it. Returns the file path."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     kwargs = {"unet_lora_layers": diffusers_lora_layers(unet), "unet_lora_adapter_metadata": _lora_config_dict(unet)}
-    if text_encoder is not None:
-        kwargs["text_encoder_lora_layers"] = {_te_kohya_module_name(k): v
-                                              for k, v in diffusers_lora_layers(text_encoder).items()}
-        kwargs["text_encoder_lora_adapter_metadata"] = _lora_config_dict(text_encoder)
+    for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if encoder is not None:
+            kwargs[f"{name}_lora_layers"] = {_te_kohya_module_name(k): v
+                                             for k, v in diffusers_lora_layers(encoder).items()}
+            kwargs[f"{name}_lora_adapter_metadata"] = _lora_config_dict(encoder)
+    pipeline_cls = StableDiffusionXLPipeline if is_sdxl_unet(unet) else StableDiffusionPipeline
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, weight_name)
     # Written in a temporary folder and moved in place: a process killed meanwhile never leaves a
     # half-written file under the final name.
     tmp_dir = tempfile.mkdtemp(prefix=".tmp-lora-", dir=output_dir)
     try:
-        StableDiffusionPipeline.save_lora_weights(tmp_dir, weight_name=weight_name, safe_serialization=True,
-                                                  **kwargs)
+        pipeline_cls.save_lora_weights(tmp_dir, weight_name=weight_name, safe_serialization=True, **kwargs)
         tmp_path = os.path.join(tmp_dir, weight_name)
         if metadata:
             # Add our training settings to the header diffusers wrote (its adapter metadata kept).
@@ -308,17 +362,25 @@ def remove_stale_temporary_exports(output_dir: str) -> None:
 
 
 def save_kohya_lora(path: str, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module] = None,
-                    metadata: Optional[dict[str, str]] = None, dtype: torch.dtype = torch.float32) -> str:
+                    metadata: Optional[dict[str, str]] = None, dtype: torch.dtype = torch.float32,
+                    text_encoder_2: Optional[torch.nn.Module] = None) -> str:
     """Write the LoRA in kohya/A1111 format to `path` (fp32 by default: the exact trained values;
-    pass `dtype=torch.float16` for kohya's usual half-size files)."""
+    pass `dtype=torch.float16` for kohya's usual half-size files). An SDXL UNet gets kohya's SDXL
+    names (`kohya_sdxl`)."""
     from safetensors.torch import save_file
 
+    sdxl = is_sdxl_unet(unet)
+    layers = {"sdxl_layers_per_block": unet.config.layers_per_block} if sdxl else {}
     alpha = float(unet.peft_config["default"].lora_alpha)
-    tensors = peft_to_kohya(peft_state_dict(unet), None, alpha, dtype)
+    tensors = peft_to_kohya(peft_state_dict(unet), None, alpha, dtype, **layers)
     if text_encoder is not None:
         te_alpha = float(text_encoder.peft_config["default"].lora_alpha)
-        tensors.update(peft_to_kohya(None, peft_state_dict(text_encoder), te_alpha, dtype))
-    header = {"format": "pt", "modelspec.architecture": BaseModelKind().architecture}
+        tensors.update(peft_to_kohya(None, peft_state_dict(text_encoder), te_alpha, dtype, **layers))
+    if text_encoder_2 is not None:
+        te_alpha = float(text_encoder_2.peft_config["default"].lora_alpha)
+        tensors.update(peft_to_kohya(None, None, te_alpha, dtype, text_encoder_2_sd=peft_state_dict(text_encoder_2),
+                                     **layers))
+    header = {"format": "pt", "modelspec.architecture": BaseModelKind(sdxl=sdxl).architecture}
     header.update(metadata or {})
     # Content hashes as kohya writes them (LoRA browsers index files by them).
     header["sshs_model_hash"], header["sshs_legacy_hash"] = kohya_hashes(tensors, header)
@@ -343,6 +405,10 @@ def write_model_card(
     """Write `README.md` (Hugging Face model card: YAML header, trigger prompt, samples, usage)."""
     samples = samples or []
     base = config.pretrained_model_name_or_path
+    from .kohya_metadata import read_pipeline_class
+
+    pipeline_name = ("StableDiffusionXLPipeline" if "XL" in (read_pipeline_class(str(base), config.revision) or "")
+                     else "StableDiffusionPipeline")
     trigger = config.instance_prompt or ""
     rel = lambda p: os.path.relpath(p, output_dir).replace(os.sep, "/")  # noqa: E731
     lines = [
@@ -385,9 +451,9 @@ def write_model_card(
         "## Use with diffusers",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {pipeline_name}",
         "",
-        f"pipe = StableDiffusionPipeline.from_pretrained({str(base)!r})",
+        f"pipe = {pipeline_name}.from_pretrained({str(base)!r})",
         "pipe.load_lora_weights('path/to/this/folder')",
         f"image = pipe({trigger or 'your prompt'!r}).images[0]",
         "```",
@@ -415,7 +481,7 @@ def write_model_card(
 
 __all__ = [
     "DIFFUSERS_WEIGHT_NAME", "TEXT_ENCODER_TARGET_MODULES", "UNET_TARGET_MODULES", "diffusers_lora_layers",
-    "text_encoder_keys_for",
+    "text_encoder_keys_for", "is_sdxl_unet", "kohya_to_peft_sdxl",
     "kohya_to_peft", "load_kohya_lora", "peft_state_dict", "peft_to_kohya", "save_diffusers_lora",
     "remove_stale_temporary_exports", "save_kohya_lora", "training_metadata", "write_model_card",
 ]

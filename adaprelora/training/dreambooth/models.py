@@ -1,4 +1,4 @@
-"""The Stable Diffusion parts DreamBooth trains: loading them from the base model, adding LoRA.
+"""The Stable Diffusion (1.x/2.x or SDXL) parts DreamBooth trains: loading them, adding LoRA.
 
 Kept apart from the training loop so that what gets loaded (and in which dtype) can be read in one
 place: frozen weights load directly in the mixed-precision dtype, while the LoRA tensors added on
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -19,7 +20,8 @@ from .export import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
 
 @dataclass
 class DreamBoothModels:
-    """The pipeline parts one run uses (the VAE, text encoder and UNet already on the device)."""
+    """The pipeline parts one run uses (the VAE, text encoders and UNet already on the device).
+    SDXL has a second tokenizer and text encoder (`CLIPTextModelWithProjection`); SD has None."""
 
     tokenizer: object
     noise_scheduler: object
@@ -27,6 +29,12 @@ class DreamBoothModels:
     vae: torch.nn.Module
     unet: torch.nn.Module
     weight_dtype: torch.dtype
+    tokenizer_2: object = None
+    text_encoder_2: Optional[torch.nn.Module] = None
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -34,23 +42,46 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def _load_pretrained(cfg: TrainConfig, cls, subfolder: str, **kw):
+def _load_pretrained(cfg: TrainConfig, cls, subfolder: Optional[str], path: Optional[str] = None,
+                     flag: str = "--pretrained_model_name_or_path", **kw):
+    path = path or cfg.pretrained_model_name_or_path
     try:
-        return cls.from_pretrained(
-            cfg.pretrained_model_name_or_path, subfolder=subfolder, revision=cfg.revision, **kw
-        )
+        return cls.from_pretrained(path, subfolder=subfolder, revision=cfg.revision, **kw)
     except (OSError, ValueError, EnvironmentError) as err:
-        raise UserError(
-            f"--pretrained_model_name_or_path: cannot load {subfolder} of "
-            f"{cfg.pretrained_model_name_or_path!r}: {first_line(err)}"
-        ) from None
+        raise UserError(f"{flag}: cannot load {subfolder or 'the model'} of {path!r}: {first_line(err)}") from None
 
 
-def load_models(cfg: TrainConfig, accelerator) -> DreamBoothModels:
-    """Load tokenizer, noise scheduler, text encoder, VAE and UNet, frozen and on the device, with
-    xformers attention and gradient checkpointing as `cfg` asks."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def _load_tokenizer(cfg: TrainConfig, subfolder: str):
+    from transformers import CLIPTokenizer
+
+    tokenizer = _load_pretrained(cfg, CLIPTokenizer, subfolder)
+    if len(tokenizer) < 256:  # offline Hub lookups can return an almost empty tokenizer
+        raise UserError(f"--pretrained_model_name_or_path: the {subfolder} of {cfg.pretrained_model_name_or_path!r} "
+                        f"did not load (only {len(tokenizer)} tokens: offline without a cached copy, or not a "
+                        "Stable Diffusion model?)")
+    return tokenizer
+
+
+def _load_vae(cfg: TrainConfig, dtype: torch.dtype, sdxl: bool, variant: dict):
+    """The model's VAE or `--pretrained_vae_model_name_or_path`. SDXL's own VAE overflows in fp16,
+    so it stays fp32 when its config asks (`force_upcast`), as diffusers' SDXL script keeps it."""
+    from diffusers import AutoencoderKL
+
+    if cfg.pretrained_vae_model_name_or_path:
+        return _load_pretrained(cfg, AutoencoderKL, None, path=cfg.pretrained_vae_model_name_or_path,
+                                flag="--pretrained_vae_model_name_or_path", dtype=dtype)
+    vae = _load_pretrained(cfg, AutoencoderKL, "vae", dtype=dtype, **variant)
+    if sdxl and dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)
+    return vae
+
+
+def load_models(cfg: TrainConfig, accelerator, sdxl: bool = False) -> DreamBoothModels:
+    """Load tokenizer(s), noise scheduler, text encoder(s), VAE and UNet, frozen and on the device,
+    with xformers attention and gradient checkpointing as `cfg` asks; `sdxl` adds SDXL's second
+    tokenizer and text encoder."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     path = cfg.pretrained_model_name_or_path
     if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
@@ -59,20 +90,20 @@ def load_models(cfg: TrainConfig, accelerator) -> DreamBoothModels:
         if not os.path.isdir(os.path.join(path, "unet")):
             raise UserError(f"--pretrained_model_name_or_path: {path!r} is not a Stable Diffusion pipeline "
                             "folder (no unet/ subfolder)")
-    tokenizer = _load_pretrained(cfg, CLIPTokenizer, "tokenizer")
-    if len(tokenizer) < 256:  # offline Hub lookups can return an almost empty tokenizer
-        raise UserError(f"--pretrained_model_name_or_path: the tokenizer of {path!r} did not load "
-                        f"(only {len(tokenizer)} tokens: offline without a cached copy, or not an "
-                        "SD 1.x/2.x model?)")
+    tokenizer = _load_tokenizer(cfg, "tokenizer")
+    tokenizer_2 = _load_tokenizer(cfg, "tokenizer_2") if sdxl else None
     noise_scheduler = _load_pretrained(cfg, DDPMScheduler, "scheduler")
     variant = {"variant": cfg.variant} if cfg.variant else {}
     # Frozen weights load directly in the mixed-precision dtype (modules the model wants in
     # fp32 stay fp32); the LoRA tensors added later are kept in fp32.
     dtype = weight_dtype(accelerator.mixed_precision)
     text_encoder = _load_pretrained(cfg, CLIPTextModel, "text_encoder", dtype=dtype, **variant)
-    vae = _load_pretrained(cfg, AutoencoderKL, "vae", dtype=dtype, **variant)
+    text_encoder_2 = (_load_pretrained(cfg, CLIPTextModelWithProjection, "text_encoder_2", dtype=dtype, **variant)
+                      if sdxl else None)
+    vae = _load_vae(cfg, dtype, sdxl, variant)
     unet = _load_pretrained(cfg, UNet2DConditionModel, "unet", dtype=dtype, **variant)
-    for model in (vae, text_encoder, unet):
+    text_encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
+    for model in (vae, *text_encoders, unet):
         model.requires_grad_(False)
         model.to(accelerator.device)
 
@@ -83,19 +114,20 @@ def load_models(cfg: TrainConfig, accelerator) -> DreamBoothModels:
             raise UserError(f"--enable_xformers_memory_efficient_attention: {first_line(err)}") from None
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5.2x
-                text_encoder.activation_checkpointing_enable(
+        for encoder in (text_encoders if cfg.train_text_encoder else []):
+            if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                encoder.activation_checkpointing_enable(
                     activation_checkpointing_kwargs={"use_reentrant": False})
             else:
-                text_encoder.gradient_checkpointing_enable(
+                encoder.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
     return DreamBoothModels(tokenizer=tokenizer, noise_scheduler=noise_scheduler, text_encoder=text_encoder,
-                            vae=vae, unet=unet, weight_dtype=dtype)
+                            vae=vae, unet=unet, weight_dtype=dtype, tokenizer_2=tokenizer_2,
+                            text_encoder_2=text_encoder_2)
 
 
-def add_lora_adapters(cfg: TrainConfig, unet, text_encoder, dtype: torch.dtype) -> None:
-    """Add the "default" LoRA adapter to the UNet (and the text encoder with
+def add_lora_adapters(cfg: TrainConfig, unet, text_encoder, dtype: torch.dtype, text_encoder_2=None) -> None:
+    """Add the "default" LoRA adapter to the UNet (and the text encoder(s) with
     `--train_text_encoder`); under mixed precision the LoRA tensors are cast to fp32."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
@@ -103,9 +135,9 @@ def add_lora_adapters(cfg: TrainConfig, unet, text_encoder, dtype: torch.dtype) 
     common = dict(r=cfg.rank, lora_alpha=cfg.effective_lora_alpha, lora_dropout=cfg.lora_dropout,
                   init_lora_weights="gaussian")
     unet.add_adapter(LoraConfig(target_modules=list(UNET_TARGET_MODULES), **common))
-    if cfg.train_text_encoder:
-        text_encoder.add_adapter(LoraConfig(target_modules=list(TEXT_ENCODER_TARGET_MODULES), **common))
+    encoders = [m for m in (text_encoder, text_encoder_2) if m is not None] if cfg.train_text_encoder else []
+    for encoder in encoders:
+        encoder.add_adapter(LoraConfig(target_modules=list(TEXT_ENCODER_TARGET_MODULES), **common))
     if dtype != torch.float32:
         # Only the LoRA tensors are trained: keep them (and so the optimizer state) in fp32.
-        trained = [unet, text_encoder] if cfg.train_text_encoder else [unet]
-        cast_training_params(trained, dtype=torch.float32)
+        cast_training_params([unet, *encoders], dtype=torch.float32)

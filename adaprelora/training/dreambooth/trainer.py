@@ -1,4 +1,4 @@
-"""DreamBooth LoRA training for Stable Diffusion 1.x/2.x, as a generator of progress events.
+"""DreamBooth LoRA training for Stable Diffusion 1.x/2.x and SDXL, as a generator of progress events.
 
 The command line (`train_dreambooth.py`) and the Gradio app drive the same code:
 
@@ -23,12 +23,12 @@ class images for prior preservation, models and LoRA adapters, optimizer, data, 
 `accelerator.prepare`, resume, the training loop (checkpoints and validation images on the way),
 and the final files. This module orchestrates them around the shared loop
 (`adaprelora.training.loop`); the stages with a life of their own live beside it: `models`
-(loading the pipeline parts, adding LoRA), `class_images` (prior preservation), `checkpoints`
-(LoRA-only checkpoints), `validation` and `export`.
+(loading the pipeline parts, adding LoRA), `sdxl` (SDXL detection and conditioning), `buckets`
+(aspect-ratio buckets), `latent_cache` (`--cache_latents`), `loss`, `class_images` (prior
+preservation), `checkpoints` (LoRA-only checkpoints), `validation` and `export`.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -50,7 +50,7 @@ from ..options import attach_grad_scaler, build_lr_scheduler, build_optimizer
 from .checkpoints import register_lora_checkpoint_hooks
 from .class_images import ensure_class_images
 from .config import TrainConfig
-from .data import DreamBoothDataset, ImageRecord, check_instance_data, collate_fn, scan_class_images
+from .data import ImageRecord, build_dataloader, check_instance_data, scan_class_images
 from .export import (
     remove_stale_temporary_exports,
     save_diffusers_lora,
@@ -59,7 +59,10 @@ from .export import (
     write_model_card,
 )
 from .kohya_metadata import BaseModelKind, detect_base_model, read_pipeline_class
+from .latent_cache import LATENT_CACHE_DIR, cache_latents, sample_latents
+from .loss import denoising_loss
 from .models import add_lora_adapters, load_models
+from .sdxl import check_flags_for_family, encode_prompts_sdxl, is_sdxl_model, tokenize, unet_added_conditioning
 from .validation import VALIDATION_DIR, write_validation_images
 from .verify import verify_exports
 
@@ -110,6 +113,8 @@ class _DreamBoothRun:
         self.max_steps = config.max_train_steps or 0
         self.samples: list[str] = []
         self.last_checkpoint_step: Optional[int] = None
+        self.sdxl = False
+        self.prompt_cache: Optional[dict] = None  # prompt -> (hidden, pooled) with --cache_latents
 
     # -- event helpers ---------------------------------------------------------------------------
     def _event(self, message: str = "", phase: str = "setup", **kw) -> TrainEvent:
@@ -122,6 +127,8 @@ class _DreamBoothRun:
         instance_records, warnings = check_instance_data(cfg)
         self.instance_records = instance_records
         yield self._event(f"found {len(instance_records)} instance image(s)", warnings=warnings)
+        self.sdxl = is_sdxl_model(cfg)
+        check_flags_for_family(cfg, self.sdxl)
 
         # Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
@@ -146,7 +153,7 @@ class _DreamBoothRun:
         # Class images for prior preservation (generated with the base model when missing)
         class_records: list[ImageRecord] = []
         if cfg.with_prior_preservation:
-            for message in ensure_class_images(cfg, acc, self.stop_event):
+            for message in ensure_class_images(cfg, acc, self.stop_event, sdxl=self.sdxl):
                 yield self._event(message, phase="class_images")
             class_records, class_warnings = scan_class_images(cfg.class_data_dir)
             class_records = class_records[: cfg.num_class_images]
@@ -159,35 +166,21 @@ class _DreamBoothRun:
         # Load scheduler and models
         yield self._event(f"loading {cfg.pretrained_model_name_or_path}")
         self._load_models()
-        add_lora_adapters(cfg, self.unet, self.text_encoder, self.weight_dtype)
+        add_lora_adapters(cfg, self.unet, self.text_encoder, self.weight_dtype, text_encoder_2=self.text_encoder_2)
         # Checkpoints hold only the LoRA tensors (diffusers format), not the frozen model.
-        register_lora_checkpoint_hooks(acc, self.unet, self.text_encoder, self.weight_dtype)
+        register_lora_checkpoint_hooks(acc, self.unet, self.text_encoder, self.weight_dtype,
+                                       text_encoder_2=self.text_encoder_2)
 
         # Optimizer creation
         self.optimizer = self._create_optimizer()
 
         # Dataset and DataLoaders creation
-        self.dataset = dataset = DreamBoothDataset(
-            instance_records,
-            cfg.instance_prompt,
-            cfg.resolution,
-            center_crop=cfg.center_crop,
-            interpolation=cfg.image_interpolation_mode,
-            class_records=class_records,
-            class_prompt=cfg.class_prompt,
-            seed=cfg.seed,
-        )
-        prior = cfg.with_prior_preservation
-        dataloader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=cfg.train_batch_size,
-            shuffle=True,
-            collate_fn=functools.partial(collate_fn, with_prior_preservation=prior),
-            num_workers=cfg.dataloader_num_workers,
-            # Its own generator: starting an epoch then draws nothing from the global RNG, which
-            # checkpoints restore, so a resumed run draws the same noise as an uninterrupted one.
-            generator=torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else 0),
-        )
+        self.dataset, dataloader, table = build_dataloader(cfg, instance_records, class_records)
+        self.batch_sampler = dataloader.batch_sampler if cfg.enable_bucket else None
+        if table:
+            yield self._event(table)
+        if cfg.uses_latent_cache:
+            yield from self._cache()
 
         # Scheduler and math around the number of training steps
         updates_per_epoch = math.ceil(len(dataloader) / cfg.gradient_accumulation_steps)
@@ -200,7 +193,11 @@ class _DreamBoothRun:
                                           num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
 
         # Prepare everything with our `accelerator`.
-        if cfg.train_text_encoder:
+        if cfg.train_text_encoder and self.sdxl:
+            (self.unet, self.text_encoder, self.text_encoder_2, self.optimizer, dataloader,
+             lr_scheduler) = acc.prepare(self.unet, self.text_encoder, self.text_encoder_2, self.optimizer,
+                                         dataloader, lr_scheduler)
+        elif cfg.train_text_encoder:
             self.unet, self.text_encoder, self.optimizer, dataloader, lr_scheduler = acc.prepare(
                 self.unet, self.text_encoder, self.optimizer, dataloader, lr_scheduler
             )
@@ -211,7 +208,7 @@ class _DreamBoothRun:
         if acc.mixed_precision == "fp16":
             attach_grad_scaler(self.optimizer, acc.scaler)
         if acc.is_main_process and cfg.report_to != "none":
-            acc.init_trackers("dreambooth-lora", config=_tracker_config(cfg))
+            acc.init_trackers("dreambooth-lora", config=cfg.tracker_config())
 
         # Resume
         resume = resolve_resume_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
@@ -231,9 +228,10 @@ class _DreamBoothRun:
 
     # -- stages ----------------------------------------------------------------------------------
     def _load_models(self) -> None:
-        models = load_models(self.config, self.accelerator)
+        models = load_models(self.config, self.accelerator, sdxl=self.sdxl)
         self.tokenizer, self.noise_scheduler = models.tokenizer, models.noise_scheduler
         self.text_encoder, self.vae, self.unet = models.text_encoder, models.vae, models.unet
+        self.tokenizer_2, self.text_encoder_2 = models.tokenizer_2, models.text_encoder_2
         self.weight_dtype = models.weight_dtype
 
     def _base_model_kind(self) -> BaseModelKind:
@@ -249,8 +247,11 @@ class _DreamBoothRun:
     def _trained_models(self) -> list[torch.nn.Module]:
         models = [self.unet]
         if self.config.train_text_encoder:
-            models.append(self.text_encoder)
+            models += self._text_encoders()
         return models
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.sdxl else [])
 
     def _unwrap(self, model):
         return self.accelerator.unwrap_model(model)
@@ -263,58 +264,59 @@ class _DreamBoothRun:
         container = torch.nn.ModuleDict({"unet": self.unet})
         if cfg.train_text_encoder:
             container["text_encoder"] = self.text_encoder
+            if self.sdxl:
+                container["text_encoder_2"] = self.text_encoder_2
         return build_optimizer(cfg.optimizer, container, lr, cfg.optimizer_args)
 
-    def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids.to(self.accelerator.device)
-        return self.text_encoder(ids, return_dict=False)[0]
+    def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(hidden states, SDXL's pooled embedding or None) of `prompts`; from the prompt cache when
+        the text encoders are frozen and `--cache_latents` computed it."""
+        if self.prompt_cache is not None:
+            hidden, pooled = zip(*(self.prompt_cache[p] for p in prompts))
+            return torch.cat(hidden), (torch.cat(pooled) if self.sdxl else None)
+        device = self.accelerator.device
+        if self.sdxl:
+            return encode_prompts_sdxl(self._text_encoders(), [self.tokenizer, self.tokenizer_2], prompts, device)
+        return self.text_encoder(tokenize(self.tokenizer, prompts, device), return_dict=False)[0], None
+
+    def _cache(self) -> Iterator[TrainEvent]:
+        """`--cache_latents`: encode the images (and, frozen, the prompts) once; then the VAE moves
+        to the CPU (validation images bring it back for the time they take)."""
+        cfg, acc = self.config, self.accelerator
+        disk = os.path.join(cfg.output_dir, LATENT_CACHE_DIR) if cfg.cache_latents_to_disk else None
+        vae_id = f"{cfg.pretrained_vae_model_name_or_path or cfg.pretrained_model_name_or_path}:{self.vae.dtype}"
+        for message in cache_latents(self.dataset, self.vae, acc.device, vae_id=vae_id, disk_dir=disk):
+            yield self._event(message, phase="cache")
+        if not cfg.train_text_encoder:
+            prompts = {self.dataset.prompt_for(r) for r in self.instance_records}
+            if cfg.with_prior_preservation:
+                prompts.add(cfg.class_prompt or "")
+            with torch.no_grad():
+                cache = {prompt: self._encode_prompts([prompt]) for prompt in sorted(prompts)}
+            self.prompt_cache = cache
+            yield self._event(f"cached the embeddings of {len(prompts)} prompt(s)", phase="cache")
+        self.vae.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        cfg = self.config
         device = self.accelerator.device
-        pixel_values = batch["pixel_values"].to(device, dtype=self.vae.dtype)
-        with torch.no_grad():
-            latents = self.vae.encode(pixel_values).latent_dist.sample() * self.vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        if cfg.noise_offset:
-            # https://www.crosslabs.org//blog/diffusion-with-offset-noise
-            noise = noise + cfg.noise_offset * torch.randn(
-                (latents.shape[0], latents.shape[1], 1, 1), device=device, dtype=latents.dtype
-            )
-        bsz = latents.shape[0]
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,), device=device).long()
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        with torch.set_grad_enabled(cfg.train_text_encoder):
-            encoder_hidden_states = self._encode_prompts(batch["prompts"])
-        model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-
-        prediction_type = self.noise_scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        if "latent_params" in batch:
+            latents = sample_latents(batch["latent_params"].to(device, dtype=self.vae.dtype), self.vae)
         else:
-            raise UserError(f"unsupported scheduler prediction_type {prediction_type!r}")
-
-        per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-        per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
-        if cfg.snr_gamma is not None:
-            # Min-SNR weighting (Hang et al. 2023, https://arxiv.org/abs/2303.09556).
-            from diffusers.training_utils import compute_snr
-
-            snr = compute_snr(self.noise_scheduler, timesteps)
-            weights = torch.clamp(snr, max=cfg.snr_gamma)
-            weights = weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
-            per_sample = per_sample * weights
-        if cfg.with_prior_preservation:
-            instance, prior = per_sample.chunk(2)
-            return instance.mean() + cfg.prior_loss_weight * prior.mean()
-        return per_sample.mean()
+            pixel_values = batch["pixel_values"].to(device, dtype=self.vae.dtype)
+            with torch.no_grad():
+                latents = self.vae.encode(pixel_values).latent_dist.sample() * self.vae.config.scaling_factor
+        latents = latents.to(self.weight_dtype)
+        with torch.set_grad_enabled(self.config.train_text_encoder):
+            hidden, pooled = self._encode_prompts(batch["prompts"])
+        added = None
+        if self.sdxl:  # the target size is the batch's pixel size (its bucket)
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            target_size = (latents.shape[-2] * factor, latents.shape[-1] * factor)
+            added = unet_added_conditioning(pooled, batch, target_size, dtype=self.weight_dtype)
+        return denoising_loss(self.config, self.noise_scheduler, self.unet, latents, hidden.to(self.weight_dtype),
+                              added)
 
     def _train_loop(self, dataloader, lr_scheduler, updates_per_epoch: int) -> Iterator[TrainEvent]:
         cfg, acc = self.config, self.accelerator
@@ -324,7 +326,7 @@ class _DreamBoothRun:
             lr_scheduler=lr_scheduler, compute_loss=self._loss, start_step=self.global_step,
             max_steps=self.max_steps, updates_per_epoch=updates_per_epoch, stop_event=self.stop_event,
             clip_parameters=[p for m in self._trained_models() for p in m.parameters() if p.requires_grad],
-            max_grad_norm=cfg.max_grad_norm, on_epoch_start=self.dataset.set_epoch,
+            max_grad_norm=cfg.max_grad_norm, on_epoch_start=self._set_epoch,
         )
         for event in steps:
             self.global_step = event.step
@@ -340,6 +342,12 @@ class _DreamBoothRun:
                 event.samples = self._validate()
             yield event
 
+    def _set_epoch(self, epoch: int) -> None:
+        """Seed the epoch's crops, flips and (with buckets) batch order."""
+        self.dataset.set_epoch(epoch)
+        if self.batch_sampler is not None:
+            self.batch_sampler.set_epoch(epoch)
+
     def _save_checkpoint(self) -> Optional[str]:
         cfg = self.config
         path = save_checkpoint(self.accelerator, cfg.output_dir, self.global_step, cfg.checkpoints_total_limit)
@@ -351,11 +359,17 @@ class _DreamBoothRun:
         cfg, acc = self.config, self.accelerator
         if not cfg.validation_prompts or not cfg.num_validation_images or not acc.is_main_process:
             return []
-        paths = write_validation_images(
-            cfg, acc, unet=self._unwrap(self.unet), text_encoder=self._unwrap(self.text_encoder), vae=self.vae,
-            tokenizer=self.tokenizer, noise_scheduler=self.noise_scheduler, weight_dtype=self.weight_dtype,
-            step=self.global_step,
-        )
+        vae_device = next(self.vae.parameters()).device
+        self.vae.to(acc.device)  # back from the CPU after --cache_latents, for the time it takes
+        try:
+            paths = write_validation_images(
+                cfg, acc, unet=self._unwrap(self.unet), text_encoder=self._unwrap(self.text_encoder), vae=self.vae,
+                tokenizer=self.tokenizer, noise_scheduler=self.noise_scheduler, weight_dtype=self.weight_dtype,
+                step=self.global_step, text_encoder_2=self._unwrap(self.text_encoder_2) if self.sdxl else None,
+                tokenizer_2=self.tokenizer_2,
+            )
+        finally:
+            self.vae.to(vae_device)
         self.samples = paths  # the latest samples go into the model card
         return paths
 
@@ -380,12 +394,14 @@ class _DreamBoothRun:
                 samples = self._validate()
             unet = self._unwrap(self.unet)
             text_encoder = self._unwrap(self.text_encoder) if cfg.train_text_encoder else None
+            text_encoder_2 = self._unwrap(self.text_encoder_2) if cfg.train_text_encoder and self.sdxl else None
             meta = training_metadata(cfg, {"ss_steps": str(self.global_step)}, base=self._base_model_kind(),
                                      instance_records=self.instance_records, class_records=self.class_records,
                                      started_at=self.started_at)
-            outputs["diffusers"] = save_diffusers_lora(cfg.output_dir, unet, text_encoder, meta)
+            outputs["diffusers"] = save_diffusers_lora(cfg.output_dir, unet, text_encoder, meta,
+                                                       text_encoder_2=text_encoder_2)
             kohya_path = os.path.join(cfg.output_dir, f"{cfg.effective_output_name}.safetensors")
-            outputs["kohya"] = save_kohya_lora(kohya_path, unet, text_encoder, meta)
+            outputs["kohya"] = save_kohya_lora(kohya_path, unet, text_encoder, meta, text_encoder_2=text_encoder_2)
             outputs["model_card"] = write_model_card(cfg.output_dir, cfg, outputs, self.samples, self.global_step)
             if not cfg.skip_export_check:
                 yield self._event("checking the written files against the trained model", phase="verify")
@@ -406,7 +422,9 @@ class _DreamBoothRun:
         try:
             report = verify_exports(cfg, files, self._unwrap(self.unet), self._unwrap(self.text_encoder),
                                     self.tokenizer, dtype=self.weight_dtype,
-                                    text_encoder_trained=cfg.train_text_encoder)
+                                    text_encoder_trained=cfg.train_text_encoder,
+                                    text_encoder_2=self._unwrap(self.text_encoder_2) if self.sdxl else None,
+                                    tokenizer_2=self.tokenizer_2)
         except Exception as err:  # e.g. the base model cannot be loaded a second time
             reason = f"{type(err).__name__}: {err}".splitlines()[0]
             logger.warning("EXPORT CHECK: could not load the base model again to check the files: %s", reason)
@@ -421,22 +439,11 @@ class _DreamBoothRun:
         this process (the app runs several, possibly with another mixed precision)."""
         if self.accelerator is None:
             return
-        for name in ("unet", "text_encoder", "vae", "optimizer"):
+        for name in ("unet", "text_encoder", "text_encoder_2", "vae", "optimizer", "prompt_cache"):
             if hasattr(self, name):
                 delattr(self, name)
         release_accelerator(self.accelerator)
         self.accelerator = None
-
-
-def _tracker_config(cfg: TrainConfig) -> dict:
-    """Settings for the tracker (TensorBoard hparams accept only scalars and strings)."""
-    out = {}
-    for key, value in cfg.to_dict().items():
-        if isinstance(value, (int, float, str, bool)):
-            out[key] = value
-        elif value is not None and key not in ("instance_images", "instance_captions"):
-            out[key] = str(value)
-    return out
 
 
 __all__ = ["TrainEvent", "train", "VALIDATION_DIR"]

@@ -16,26 +16,39 @@ VALIDATION_DIR = "validation"
 
 
 def write_validation_images(cfg: TrainConfig, accelerator, *, unet, text_encoder, vae, tokenizer, noise_scheduler,
-                            weight_dtype: torch.dtype, step: int) -> list[str]:
-    """Write `num_validation_images` seeded PNGs per validation prompt to
-    `<output_dir>/validation/step-<step>-prompt<p>-<i>.png` and log them to the tracker; returns
-    their paths. `unet` and `text_encoder` are the unwrapped models being trained."""
+                            weight_dtype: torch.dtype, step: int, text_encoder_2=None,
+                            tokenizer_2=None) -> list[str]:
+    """Write `num_validation_images` seeded PNGs per validation prompt, `--validation_width` x
+    `--validation_height`, to `<output_dir>/validation/step-<step>-prompt<p>-<i>.png` and log them
+    to the tracker; returns their paths. `unet` and the text encoders are the unwrapped models being
+    trained; with `text_encoder_2` (SDXL) an SDXL pipeline draws them."""
     from contextlib import nullcontext
 
     import numpy as np
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from .sdxl import sampling_crop
 
     acc = accelerator
     prompts = cfg.validation_prompts
-    pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
+    extra = {}
+    if text_encoder_2 is not None:
+        pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                             tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                             scheduler=scheduler, add_watermarker=False)
+        extra["crops_coords_top_left"] = sampling_crop(cfg)
+    else:
+        pipeline = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     pipeline.set_progress_bar_config(disable=True)
-    was_training = [m.training for m in (unet, text_encoder)]
-    unet.eval()
-    text_encoder.eval()
+    models = [m for m in (unet, text_encoder, text_encoder_2) if m is not None]
+    was_training = [m.training for m in models]
+    for model in models:
+        model.eval()
+    width, height = cfg.validation_size
     folder = os.path.join(cfg.output_dir, VALIDATION_DIR)
     os.makedirs(folder, exist_ok=True)
     autocast = (torch.autocast(acc.device.type, dtype=weight_dtype)
@@ -46,9 +59,9 @@ def write_validation_images(cfg: TrainConfig, accelerator, *, unet, text_encoder
             for p_index, prompt in enumerate(prompts):
                 generator = torch.Generator(device="cpu").manual_seed(cfg.seed if cfg.seed is not None else 0)
                 images = pipeline(
-                    prompt, num_images_per_prompt=cfg.num_validation_images, height=cfg.resolution,
-                    width=cfg.resolution, num_inference_steps=cfg.validation_inference_steps,
-                    generator=generator,
+                    prompt, num_images_per_prompt=cfg.num_validation_images, height=height,
+                    width=width, num_inference_steps=cfg.validation_inference_steps,
+                    generator=generator, **extra,
                 ).images
                 for i, image in enumerate(images):
                     path = os.path.join(folder, f"step-{step:06d}-prompt{p_index}-{i}.png")
@@ -56,7 +69,7 @@ def write_validation_images(cfg: TrainConfig, accelerator, *, unet, text_encoder
                     paths.append(path)
                     images_for_log.append(np.asarray(image))
     finally:
-        for model, flag in zip((unet, text_encoder), was_training):
+        for model, flag in zip(models, was_training):
             model.train(flag)
     for tracker in acc.trackers:
         if tracker.name == "tensorboard":
