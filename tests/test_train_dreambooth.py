@@ -426,6 +426,25 @@ def test_data_loading_exif_alpha_captions_and_crops(instance_dir):
     assert dataset[1]["instance_prompt"] == "a photo of sks toy" and dataset[0]["instance_prompt"] == CAPTION
 
 
+def test_captioned_class_images_train_with_their_own_captions(instance_dir, tmp_path):
+    """kohya's captioned regularization images: a class image with a caption file is paired with
+    that caption, the others with --class_prompt."""
+    from adaprelora.training.dreambooth.data import DreamBoothDataset, scan_class_images, scan_instance_images
+
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 80, 120)).save(tmp_path / f"reg{i}.png")
+    (tmp_path / "reg0.txt").write_text("a red circle on a blue background\n")
+    (tmp_path / "reg2.png.txt").write_text("a white star on a black background")
+    class_records, _ = scan_class_images(str(tmp_path))
+    assert [r.caption for r in class_records] == ["a red circle on a blue background", None,
+                                                  "a white star on a black background"]
+    records, _ = scan_instance_images(instance_dir)
+    dataset = DreamBoothDataset(records, "a photo of sks toy", 32, class_records=class_records,
+                                class_prompt="a photo of a toy", seed=0)
+    assert [dataset[i]["class_prompt"] for i in range(3)] == [
+        "a red circle on a blue background", "a photo of a toy", "a white star on a black background"]
+
+
 def test_config_cross_field_errors_name_the_flags(tiny_model, instance_dir, tmp_path):
     cases = {
         "--class_data_dir": dict(with_prior_preservation=True, class_prompt="a toy"),

@@ -109,6 +109,8 @@ def _stages_md(report: dict) -> str:
         lines.append(f"{i}. {st['unet_steps_done']} UNet steps at batch {c['batch_size']}, lr {c['lr']}, "
                      f"{st['timings']['total_s'] / 60:.0f} min; training-combination shape / colour / background "
                      f"{_fmt(q['train'])}, held-out {_fmt(q['held_out'])}")
+    total = sum(st["timings"]["total_s"] for st in stages + [report]) / 60
+    lines += ["", f"All stages together: {total:.0f} min of CPU time (one torch thread) on the 2-core machine."]
     if report.get("commands"):
         lines += ["", "Commands, in order:", "", "```bash", *report["commands"], "```"]
     return "\n".join(lines) + "\n"

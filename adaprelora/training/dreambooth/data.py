@@ -158,11 +158,13 @@ def check_instance_data(config: TrainConfig) -> tuple[list[ImageRecord], list[st
 
 
 def scan_class_images(folder: str) -> tuple[list[ImageRecord], list[str]]:
-    """Usable images already in the class folder (may be none); caption files are ignored."""
+    """Usable images already in the class folder (may be none). A class image with a caption file
+    (kohya's captioned regularization images) is trained with that caption instead of
+    `--class_prompt`, so the prior can cover many prompts, not one."""
     if not os.path.isdir(folder):
         return [], []
     good, warnings = _check_readable(list_image_files(folder))
-    return [ImageRecord(p) for p in good], warnings
+    return [ImageRecord(p, read_caption(p)) for p in good], warnings
 
 
 def preprocess(
@@ -294,7 +296,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             class_record = self.class_records[index % len(self.class_records)]
             values, original, crop = self._view(class_record, bucket, rng)
             example.update({f"class_{kind}": values}, class_original_size=original, class_crop_top_left=crop,
-                           class_prompt=self.class_prompt or "")
+                           class_prompt=class_record.caption or self.class_prompt or "")
         return example
 
 

@@ -290,7 +290,7 @@ class _DreamBoothRun:
         if not cfg.train_text_encoder:
             prompts = {self.dataset.prompt_for(r) for r in self.instance_records}
             if cfg.with_prior_preservation:
-                prompts.add(cfg.class_prompt or "")
+                prompts |= {r.caption or cfg.class_prompt or "" for r in self.dataset.class_records}
             with torch.no_grad():
                 cache = {prompt: self._encode_prompts([prompt]) for prompt in sorted(prompts)}
             self.prompt_cache = cache
