@@ -114,6 +114,9 @@ def test_dreambooth_lora_learns_a_new_subject_through_accelerate_launch(tmp_path
            "--seed", "0", "--report_to", "none", "--checkpointing_steps", "100000"]
     if d["train_text_encoder"]:
         cmd.append("--train_text_encoder")
+    if d["with_prior_preservation"]:
+        cmd += ["--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt",
+                d["class_prompt"], "--num_class_images", str(d["num_class_images"])]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

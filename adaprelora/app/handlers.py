@@ -92,6 +92,8 @@ class AppHandlers:
         num_samples = d["num_samples"] if num_samples is None else num_samples
         if train_text_encoder is None:
             train_text_encoder = d.get("train_text_encoder", False)
+        if class_prompt is None:  # left out: the profile's (prior preservation on the built-in model)
+            class_prompt = d.get("class_prompt")
         config, paths, captions_by_path = train_config(
             self.base.model_id, images=images, instance_prompt=instance_prompt, max_train_steps=max_train_steps,
             learning_rate=learning_rate, rank=rank, optimizer=optimizer, resolution=resolution, captions=captions,

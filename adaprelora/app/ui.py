@@ -120,7 +120,8 @@ def build_demo(
                             resolution = gr.Number(T["resolution"], label="Resolution (multiple of 8)", precision=0,
                                                    elem_id="train-resolution")
                         with gr.Accordion("More settings", open=False):
-                            class_prompt = gr.Textbox(label="Class prompt (turns on prior preservation)",
+                            class_prompt = gr.Textbox(T.get("class_prompt") or "",
+                                                      label="Class prompt (turns on prior preservation)",
                                                       placeholder="a photo of a dog")
                             train_text_encoder = gr.Checkbox(T.get("train_text_encoder", False),
                                                              label="Train the text encoder too")

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from . import classification, conditioning, gsm8k, studies
+from . import classification, conditioning, dreambooth, gsm8k, studies
 from .common import markdown_table
 
 
@@ -48,6 +48,30 @@ def main(folder: str = "benchmarks/results") -> None:
         width = max(len(r) for r in rows)
         rows = [r + [""] * (width - len(r)) for r in rows]
         print(markdown_table(["optimizer"] + [f"lr {i + 1}" for i in range(width - 1)], rows))
+    for name in ("quality_dreambooth.json", "quality_dreambooth_ablations.json"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            res = json.load(open(path))
+            prof = res["setup"]["profile"]
+            print(f"\n### DreamBooth on tiny-sd ({name}: {prof['steps']} steps, lr tuned on "
+                  f"{', '.join(res['tune_subjects'])}, confirmed on {', '.join(res['confirm_subjects'])} x "
+                  f"{len(prof['seeds'])} seeds, wall {res['wall_s']:.0f} s)\n")
+            print(f"Base model: prior (all three right on 28 ordinary prompts) {res['base_prior']:.3f}; subject "
+                  "fidelity " + ", ".join(f"{k} {v['subject_fidelity']:.2f}" for k, v in res["base"].items()) + ".\n")
+            print(markdown_table(dreambooth.TABLE_HEADERS, dreambooth.table_rows(res)))
+            print("\nLearning-rate sweep on the tuning subjects (seed 0; subject fidelity / similarity / prior):\n")
+            rows = []
+            for label, o in res["optimizers"].items():
+                cells = []
+                for lr, runs in o["sweep"].items():
+                    fid = sum(r["subject_fidelity"] or 0 for r in runs) / len(runs)
+                    sim = sum(r["similarity"] for r in runs) / len(runs)
+                    pri = sum(r["prior"] or 0 for r in runs) / len(runs)
+                    cells.append(f"{lr}: {fid:.2f} / {sim:.3f} / {pri:.2f}")
+                rows.append([label] + cells)
+            width = max(len(r) for r in rows)
+            rows = [r + [""] * (width - len(r)) for r in rows]
+            print(markdown_table(["optimizer"] + [f"lr {i + 1}" for i in range(width - 1)], rows))
     path = os.path.join(folder, "quality_gsm8k.json")
     if os.path.exists(path):
         res = json.load(open(path))
