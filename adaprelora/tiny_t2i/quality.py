@@ -88,8 +88,8 @@ def _dreambooth_md(rows) -> str:
     if not rows:
         return ""
     lines = ["", "DreamBooth LoRA on reserved subjects (5 images each, trigger prompt \"a sks shape on a {colour} "
-             "background\" for 7 backgrounds x 2-3 seeds; prior = all-three score on 28 ordinary prompts without "
-             "the trigger, base model first):", "",
+             "background\" for 7 backgrounds x 2 seeds; prior = all-three score on 14 ordinary prompts without "
+             "the trigger, base model first; the run of `tests/test_tiny_t2i_model.py`):", "",
              "| subject | settings | subject fidelity | background | similarity | prior |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['subject']} | {r['settings']} | {r['subject_fidelity']:.2f} | {r['background']:.2f} | "
@@ -107,7 +107,7 @@ def _stages_md(report: dict) -> str:
     for i, st in enumerate(stages + [report], 1):
         c, q = st["config"], st["quality"]
         lines.append(f"{i}. {st['unet_steps_done']} UNet steps at batch {c['batch_size']}, lr {c['lr']}, "
-                     f"{st['timings']['total_s'] / 60:.0f} min; training-combination shape / colour / background "
+                     f"{st['timings']['total_s'] / 60:.0f} min; training combinations shape / colour / background / all "
                      f"{_fmt(q['train'])}, held-out {_fmt(q['held_out'])}")
     total = sum(st["timings"]["total_s"] for st in stages + [report]) / 60
     lines += ["", f"All stages together: {total:.0f} min of CPU time (one torch thread) on the 2-core machine."]
