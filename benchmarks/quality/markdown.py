@@ -48,7 +48,8 @@ def main(folder: str = "benchmarks/results") -> None:
         width = max(len(r) for r in rows)
         rows = [r + [""] * (width - len(r)) for r in rows]
         print(markdown_table(["optimizer"] + [f"lr {i + 1}" for i in range(width - 1)], rows))
-    for name in ("quality_dreambooth.json", "quality_dreambooth_ablations.json"):
+    for name in ("quality_dreambooth.json", "quality_dreambooth_ablations.json", "quality_dreambooth_others1.json",
+                 "quality_dreambooth_others2.json"):
         path = os.path.join(folder, name)
         if os.path.exists(path):
             res = json.load(open(path))
