@@ -14,7 +14,7 @@ import atexit
 import shutil
 import tempfile
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -129,20 +129,25 @@ def build_tiny_sd_pipeline(path: Optional[str] = None, seed: int = 0):
 
 
 _cache_lock = threading.Lock()
-_cached_dir: Optional[str] = None
+_cached_dirs: dict[str, str] = {}
+
+
+def saved_once(build: Callable[[str], object], prefix: str) -> str:
+    """Path of the pipeline `build(path)` writes, built once per process under a temporary folder
+    named after `prefix` (removed at exit); shared by the tiny SD and SDXL fixtures."""
+    with _cache_lock:
+        if prefix not in _cached_dirs:
+            root = tempfile.mkdtemp(prefix=f"{prefix}-")
+            atexit.register(shutil.rmtree, root, True)
+            path = f"{root}/pipeline"
+            build(path)
+            _cached_dirs[prefix] = path
+        return _cached_dirs[prefix]
 
 
 def tiny_sd_pipeline_dir() -> str:
     """Path of a tiny pipeline saved once per process in a temporary folder (removed at exit)."""
-    global _cached_dir
-    with _cache_lock:
-        if _cached_dir is None:
-            root = tempfile.mkdtemp(prefix="tiny-sd-")
-            atexit.register(shutil.rmtree, root, True)
-            path = f"{root}/pipeline"
-            build_tiny_sd_pipeline(path)
-            _cached_dir = path
-        return _cached_dir
+    return saved_once(build_tiny_sd_pipeline, "tiny-sd")
 
 
 __all__ = ["build_tiny_sd_pipeline", "build_tiny_tokenizer", "tiny_sd_pipeline_dir"]

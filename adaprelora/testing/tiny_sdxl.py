@@ -11,15 +11,11 @@ takes a fraction of a second on a CPU.
 """
 from __future__ import annotations
 
-import atexit
-import shutil
-import tempfile
-import threading
 from typing import Optional
 
 import torch
 
-from .tiny_sd import build_tiny_tokenizer
+from .tiny_sd import build_tiny_tokenizer, saved_once
 
 TEXT_HIDDEN = 32  # per encoder; the UNet's cross-attention sees both: 2 x 32
 TIME_EMBED_DIM = 8  # six time ids, each embedded in 8 dimensions, plus the pooled embedding
@@ -84,21 +80,9 @@ def build_tiny_sdxl_pipeline(path: Optional[str] = None, seed: int = 0):
     return pipe
 
 
-_cache_lock = threading.Lock()
-_cached_dir: Optional[str] = None
-
-
 def tiny_sdxl_pipeline_dir() -> str:
     """Path of a tiny SDXL pipeline saved once per process in a temporary folder (removed at exit)."""
-    global _cached_dir
-    with _cache_lock:
-        if _cached_dir is None:
-            root = tempfile.mkdtemp(prefix="tiny-sdxl-")
-            atexit.register(shutil.rmtree, root, True)
-            path = f"{root}/pipeline"
-            build_tiny_sdxl_pipeline(path)
-            _cached_dir = path
-        return _cached_dir
+    return saved_once(build_tiny_sdxl_pipeline, "tiny-sdxl")
 
 
 __all__ = ["build_tiny_sdxl_pipeline", "tiny_sdxl_pipeline_dir"]
