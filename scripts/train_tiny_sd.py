@@ -19,6 +19,8 @@ def parse_args(argv=None) -> TinyT2IConfig:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--num_images", type=int, default=d.num_images, help="training images drawn")
     p.add_argument("--vae_steps", type=int, default=d.vae_steps)
+    p.add_argument("--vae_decoder_steps", type=int, default=d.vae_decoder_steps,
+                   help="then train the VAE decoder alone, encoder frozen (latents unchanged; works with --init_from)")
     p.add_argument("--unet_steps", type=int, default=d.unet_steps)
     p.add_argument("--judge_steps", type=int, default=d.judge_steps)
     p.add_argument("--batch_size", type=int, default=d.batch_size)
@@ -27,16 +29,20 @@ def parse_args(argv=None) -> TinyT2IConfig:
     p.add_argument("--time_limit_minutes", type=float, default=None, help="stop UNet training after this")
     p.add_argument("--init_from", default=None,
                    help="continue from this tiny-sd folder: keep its VAE (and judge with --judge_steps 0), train "
-                        "its text encoder and UNet further")
+                        "its text encoder and UNet further (--unet_steps 0: only --vae_decoder_steps)")
     p.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
     p.add_argument("--quick", action="store_true", help="a few steps of every stage (a smoke test, not a model)")
     a = p.parse_args(argv)
     cfg = TinyT2IConfig(output_dir=a.output_dir, seed=a.seed, num_images=a.num_images, vae_steps=a.vae_steps,
+                        vae_decoder_steps=a.vae_decoder_steps,
                         unet_steps=a.unet_steps, judge_steps=a.judge_steps, batch_size=a.batch_size, lr=a.lr,
                         threads=a.threads, time_limit_minutes=a.time_limit_minutes,
                         init_from=a.init_from, warmup_steps=a.warmup_steps)
     if a.quick:
-        cfg.num_images, cfg.vae_steps, cfg.unet_steps, cfg.judge_steps = 256, 3, 3, 3
+        # A few steps of each stage asked for (a stage given 0 steps stays off).
+        cfg.num_images = 256
+        cfg.vae_steps, cfg.unet_steps, cfg.judge_steps = (min(n, 3) for n in (cfg.vae_steps, cfg.unet_steps, cfg.judge_steps))
+        cfg.vae_decoder_steps = min(cfg.vae_decoder_steps, 2)
         cfg.batch_size, cfg.warmup_steps, cfg.eval_per_split, cfg.num_inference_steps = 8, 1, 4, 2
     out = os.path.abspath(cfg.output_dir)
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "model_index.json")):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from adaprelora.tiny_t2i import scenes
 from adaprelora.tiny_t2i.models import build_tokenizer, vocabulary_words
@@ -90,9 +91,24 @@ def test_train_script_runs_a_few_steps_into_a_temporary_folder(tmp_path):
     for name in ("model_index.json", "README.md", "samples.png", "judge/judge.safetensors", "unet/config.json"):
         assert (out / name).exists(), name
     from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
 
     pipe = StableDiffusionPipeline.from_pretrained(str(out))
     assert len(pipe.tokenizer) == len(build_tokenizer())
+
+    # A later stage that only trains the decoder: UNet, text encoder and VAE encoder come back unchanged.
+    stage2 = tmp_path / "stage2"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_sd.py"), "--quick", "--threads", "1",
+                           "--init_from", str(out), "--unet_steps", "0", "--vae_decoder_steps", "2", "--judge_steps", "0",
+                           "--output_dir", str(stage2)], capture_output=True, text=True, timeout=420, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = (load_file(str(d / "vae" / "diffusion_pytorch_model.safetensors")) for d in (out, stage2))
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(("decoder.", "post_quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    for part in ("unet", "text_encoder"):
+        w0, w1 = (load_file(str(next((d / part).glob("*.safetensors")))) for d in (out, stage2))
+        assert all(torch.equal(w0[k], w1[k]) for k in w0), part
+    assert "VAE decoder steps, encoder frozen" in (stage2 / "README.md").read_text()
 
 
 def test_train_script_refuses_a_folder_that_is_not_a_model(tmp_path):
@@ -108,3 +124,47 @@ def test_train_script_refuses_a_folder_that_is_not_a_model(tmp_path):
 def test_unknown_shape_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="unknown shape"):
         scenes.render(scenes.Scene(bad, "red", "blue"))
+
+
+def test_decoder_finetuning_learns_and_leaves_the_encoder_alone():
+    """The decoder-only stage lowers reconstruction error on fixed latents and touches no encoder weight."""
+    from torch.nn import functional as F
+
+    from adaprelora.tiny_t2i import models, train
+
+    torch.manual_seed(0)
+    _, images = train.make_dataset(0, 64)
+    vae = models.build_vae().eval()
+    encoder_before = {k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    means, stds = train.encode_all(vae, images)
+    x = train._to_unit(images)
+
+    def recon_error():
+        with torch.no_grad():
+            return F.mse_loss(vae.decode(means).sample, x).item()
+
+    start = recon_error()
+    cfg = train.TinyT2IConfig(vae_decoder_steps=60, vae_batch_size=16, vae_lr=2e-3)
+    train.finetune_vae_decoder(vae, images, means, stds, cfg)
+    assert recon_error() < 0.9 * start  # measured: 0.60 -> 0.47 (seed 0)
+    after = vae.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in encoder_before.items())
+    assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_class_images_are_captioned_ordinary_scenes(tmp_path):
+    """The prior-preservation set: every image has its caption, none is a held-out pair or a subject."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "tiny_sd_class_images.py"), str(tmp_path / "cls"),
+                           "--count", "12"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pngs = sorted((tmp_path / "cls").glob("*.png"))
+    assert len(pngs) == 12
+    for png in pngs:
+        words = png.with_suffix(".txt").read_text().split()
+        assert words[0] == "a" and words[-1] == "background", words
+        colour, shape = words[1], " ".join(words[2:words.index("on")])
+        assert shape in scenes.SHAPES and colour in scenes.COLOURS, words
+        assert not scenes.is_held_out(shape, colour), words
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "tiny_sd_class_images.py"), str(tmp_path / "x"),
+                          "--count", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "--count must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
