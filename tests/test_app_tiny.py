@@ -1,5 +1,5 @@
 """The app on its default base model, the built-in tiny-sd, over HTTP with gradio_client: train on
-the shipped example subject with the default settings, then generate with and without the LoRA;
+the shipped example subject with the default settings (half the steps), then generate with and without the LoRA;
 the model's judge sees the subject only with it. Also: the page's defaults fit the model in use."""
 from __future__ import annotations
 
@@ -65,11 +65,19 @@ def test_train_the_example_then_generate_the_subject_only_with_the_lora(app):
     files = example_images()
     captions = [[os.path.basename(p), open(os.path.splitext(p)[0] + ".txt").read().strip()] for p in files]
     prompt = TINY_PROFILE.presets["shape"]["instance_prompt"]
-    # Steps, learning rate, rank and resolution left out: the built-in model's defaults.
-    updates = list(client.submit([handle_file(p) for p in files], prompt, lora_name="heart",
+    # Learning rate, rank, batch, class images and resolution left out: the built-in model's defaults;
+    # half the default steps keep the CI short (the full default run is tests/test_tiny_t2i_model.py's
+    # and the browser test's).
+    updates = list(client.submit([handle_file(p) for p in files], prompt, TINY_PROFILE.train["max_train_steps"] // 2,
+                                 lora_name="heart",
                                  captions={"headers": ["image", "caption"], "data": captions}, api_name="/train"))
     assert updates, "the /train stream gave no update"
     assert "heart" in client.predict(api_name="/loras")
+    # Prior preservation used the model's captioned scenes, inside the output folder.
+    from pathlib import Path
+
+    captions_written = list(Path(app["root"]).rglob("class_images/*.txt"))
+    assert len(captions_written) == TINY_PROFILE.train["num_class_images"], len(captions_written)
 
     judge = load_judge(os.path.join(TINY_SD_DIR, "judge"))
     gallery = client.predict("a sks shape on a purple background", "heart", 25, 1, num_images=6, api_name="/generate")

@@ -149,7 +149,8 @@ _FLAG_LABELS = {
 
 def train_config(base_model: str, *, images, instance_prompt, max_train_steps, learning_rate, rank, optimizer,
                  resolution, captions, class_prompt, train_text_encoder, validation_prompt, validation_steps,
-                 seed, num_samples, device_type: str):
+                 seed, num_samples, device_type: str, train_batch_size: int = 1,
+                 num_class_images: Optional[int] = None):
     """The Train form as a checked `TrainConfig`, with the uploaded paths and their captions.
 
     The config's images and output folder are set when the uploads are staged (`jobs.stage_images`).
@@ -177,6 +178,7 @@ def train_config(base_model: str, *, images, instance_prompt, max_train_steps, l
         class_prompt=class_prompt or None,
         class_data_dir="class_images" if class_prompt else None,
         with_prior_preservation=bool(class_prompt),
+        **({"num_class_images": num_class_images} if num_class_images else {}),
         resolution=res,
         max_train_steps=steps,
         learning_rate=lr,
@@ -187,7 +189,7 @@ def train_config(base_model: str, *, images, instance_prompt, max_train_steps, l
         validation_steps=min(val_steps, steps),
         num_validation_images=n_samples,
         seed=whole(seed, "Seed"),
-        train_batch_size=1,
+        train_batch_size=train_batch_size,
         # About ten LoRA-only checkpoints per run (small files; two are kept), so that a run whose
         # app died can be resumed without losing much.
         checkpointing_steps=max(1, min(500, steps // 10)),

@@ -99,15 +99,21 @@ class AppHandlers:
             learning_rate=learning_rate, rank=rank, optimizer=optimizer, resolution=resolution, captions=captions,
             class_prompt=class_prompt, train_text_encoder=train_text_encoder, validation_prompt=validation_prompt,
             validation_steps=validation_steps, seed=seed, num_samples=num_samples,
-            device_type=default_device()[0].type,
+            device_type=default_device()[0].type, train_batch_size=d.get("train_batch_size", 1),
+            num_class_images=d.get("num_class_images"),
         )
         self._check_base_model()
         info = self.store.create((lora_name or "").strip() or instance_prompt, _run_meta(config, self.base, paths))
         try:
             stage_images(info, config, paths, captions_by_path)
+            if d.get("scene_class_images") and config.with_prior_preservation and class_prompt == d.get("class_prompt"):
+                # The built-in model's prior-preservation set: captioned scenes from its own data generator.
+                from adaprelora.tiny_t2i.personalise import write_class_images
+
+                write_class_images(config.class_data_dir, config.num_class_images)
         except Exception as err:
             discard(self.store, info)
-            raise gr.Error(f"Could not copy the uploaded images: {err}") from None
+            raise gr.Error(f"Could not prepare the training images: {err}") from None
         info.meta["train_config"] = _config_record(config)  # what a resume after a crash needs
         self.store.save_meta(info)
         self.base.release()  # the trainer loads its own copy of the model
