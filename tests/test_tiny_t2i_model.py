@@ -17,7 +17,7 @@ import pytest
 
 from adaprelora.tiny_t2i import TINY_SD_DIR, scenes
 from adaprelora.tiny_t2i.judge import judge_accuracy, judge_images, load_judge
-from adaprelora.tiny_t2i.personalise import evaluate_lora, trigger_prompt, write_subject_images
+from adaprelora.tiny_t2i.personalise import evaluate_lora, trigger_prompt, write_class_images, write_subject_images
 from adaprelora.tiny_t2i.quality import eval_prompts, generate, score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,17 +76,17 @@ def test_draws_the_asked_shape_colour_and_background(pipe, judge):
     wanted = eval_prompts("train", 24, seed=3)
     images = generate(pipe, [scenes.caption(s) for s in wanted], seed=4242, guidance_scale=5.0, num_inference_steps=25)
     result = score(judge_images(judge, images), wanted)
-    # measured on the shipped weights (these 24 prompts): shape 0.92, colour 0.96, background 1.00;
+    # measured on the shipped weights (these 24 prompts): shape 0.92, colour 1.00, background 1.00;
     # chance is about 0.14 / 0.13 / 0.13
-    assert result["shape"] >= 0.75 and result["colour"] >= 0.8 and result["background"] >= 0.85, result
+    assert result["shape"] >= 0.8 and result["colour"] >= 0.9 and result["background"] >= 0.9, result
 
 
 def test_composes_held_out_combinations(pipe, judge):
     wanted = eval_prompts("held_out", 24, seed=3)
     images = generate(pipe, [scenes.caption(s) for s in wanted], seed=4343, guidance_scale=5.0, num_inference_steps=25)
     result = score(judge_images(judge, images), wanted)
-    # measured: all three right in 0.79 of these 24 images; chance is about 0.002
-    assert result["all"] >= 0.6, result
+    # measured: all three right in 0.92 of these 24 images; chance is about 0.002
+    assert result["all"] >= 0.75, result
 
 
 def test_example_subject_is_shipped_with_captions():
@@ -115,6 +115,7 @@ def test_dreambooth_lora_learns_a_new_subject_through_accelerate_launch(tmp_path
     if d["train_text_encoder"]:
         cmd.append("--train_text_encoder")
     if d["with_prior_preservation"]:
+        write_class_images(str(tmp_path / "class"), d["num_class_images"])  # captioned scenes, as the app does
         cmd += ["--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt",
                 d["class_prompt"], "--num_class_images", str(d["num_class_images"])]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -127,9 +128,12 @@ def test_dreambooth_lora_learns_a_new_subject_through_accelerate_launch(tmp_path
     assert before["subject_fidelity"] <= 0.15, before
     assert after["subject_fidelity"] >= SUBJECT_FIDELITY_MIN, after
     assert after["similarity"] > before["similarity"] + SIMILARITY_GAIN_MIN, (before, after)
+    assert after["prior"] >= PRIOR_MIN, after  # ordinary prompts still drawn
 
 
-# Measured with these seeds on the shipped weights and defaults (crescent, prior preservation):
-# fidelity 0.00 -> 0.29, judge-embedding similarity 0.745 -> 0.797.
-SUBJECT_FIDELITY_MIN = 0.15
+# Measured with these seeds on the shipped weights and defaults (crescent, prior preservation on
+# captioned scenes): fidelity 0.07 -> 0.43, judge-embedding similarity 0.736 -> 0.801, all-three on
+# ordinary prompts 1.00 -> 0.43.
+SUBJECT_FIDELITY_MIN = 0.25
 SIMILARITY_GAIN_MIN = 0.03
+PRIOR_MIN = 0.2

@@ -88,8 +88,8 @@ def _dreambooth_md(rows) -> str:
     if not rows:
         return ""
     lines = ["", "DreamBooth LoRA on reserved subjects (5 images each, trigger prompt \"a sks shape on a {colour} "
-             "background\" for 7 backgrounds x 2 seeds; prior = all-three score on 14 ordinary prompts without "
-             "the trigger, base model first; the run of `tests/test_tiny_t2i_model.py`):", "",
+             "background\" for 7 backgrounds x 2 seeds unless the row says otherwise; prior = all-three score on 14 "
+             "ordinary prompts without the trigger, base model first):", "",
              "| subject | settings | subject fidelity | background | similarity | prior |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['subject']} | {r['settings']} | {r['subject_fidelity']:.2f} | {r['background']:.2f} | "
@@ -109,7 +109,7 @@ def _targets_md(report: dict) -> str:
             for split in ("train", "held_out") for key, goal in TARGETS[split].items()]
     db = report.get("dreambooth") or []
     if len(db) >= 2:
-        base, lora = db[0], db[-1]
+        base, lora = db[-2], db[-1]  # the last subject's base row and its LoRA row
         kept = lora["prior"] / base["prior"] if base["prior"] else 0.0
         rows += [(f"DreamBooth ({lora['subject']}): subject fidelity", f">= {TARGETS['dreambooth']['subject_fidelity']:.2f}",
                   lora["subject_fidelity"]),
