@@ -1,6 +1,8 @@
 """Train the built-in text-to-image model (`assets/tiny-sd`) from scratch on generated shapes.
 
-    python scripts/train_tiny_sd.py                          # the shipped model (about 40 min, 2 CPU cores)
+    python scripts/train_tiny_sd.py                          # one from-scratch run (--time_limit_minutes caps it)
+    python scripts/train_tiny_sd.py --init_from DIR ...      # a further stage; assets/tiny-sd/README.md lists the
+                                                             # six that made the shipped weights
     python scripts/train_tiny_sd.py --quick --output_dir /tmp/tiny-sd   # a few steps, to check it runs
 """
 from __future__ import annotations
