@@ -89,28 +89,40 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def train_vae(images: torch.Tensor, cfg: TinyT2IConfig, bar=None):
-    vae = models.build_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+def _fit_reconstruction(vae, params, images: torch.Tensor, steps: int, cfg: TinyT2IConfig, gen, latents, label: str,
+                        bar=None):
+    """The VAE's training loop, shared by the full VAE and the decoder-only stage: AdamW on `params`,
+    cosine lr, L1 + MSE reconstruction of random batches; `latents(x, idx, gen)` gives the latents to
+    decode and an extra loss term."""
+    opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
     vae.train()
-    for step in range(cfg.vae_steps):
+    for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = cfg.vae_lr * _cosine(step, cfg.vae_steps, 50)
+            g["lr"] = cfg.vae_lr * _cosine(step, steps, 50)
         idx = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)
         x = _to_unit(images[idx])
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        z, extra = latents(x, idx, gen)
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + extra
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if bar is not None:
-            bar.set_postfix_str(f"vae loss {float(loss):.4f}")
+            bar.set_postfix_str(f"{label} loss {float(loss):.4f}")
             bar.update(1)
-    vae.eval()
-    return vae
+    return vae.eval()
+
+
+def train_vae(images: torch.Tensor, cfg: TinyT2IConfig, bar=None):
+    vae = models.build_vae()
+
+    def sampled(x, _idx, gen):
+        posterior = vae.encode(x).latent_dist
+        return posterior.sample(generator=gen), 1e-6 * posterior.kl().mean()
+
+    return _fit_reconstruction(vae, list(vae.parameters()), images, cfg.vae_steps, cfg,
+                               torch.Generator().manual_seed(cfg.seed + 1), sampled, "vae", bar)
 
 
 def finetune_vae_decoder(vae, images: torch.Tensor, means: torch.Tensor, stds: torch.Tensor, cfg: TinyT2IConfig,
@@ -121,26 +133,14 @@ def finetune_vae_decoder(vae, images: torch.Tensor, means: torch.Tensor, stds: t
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed + 6)
-    vae.train()
-    for step in range(cfg.vae_decoder_steps):
-        for g in opt.param_groups:
-            g["lr"] = cfg.vae_lr * _cosine(step, cfg.vae_decoder_steps, 50)
-        idx = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)
-        x = _to_unit(images[idx])
-        z = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)
-        recon = vae.decode(z).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if bar is not None:
-            bar.set_postfix_str(f"decoder loss {float(loss):.4f}")
-            bar.update(1)
+
+    def cached(_x, idx, gen):
+        return means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen), 0.0
+
+    _fit_reconstruction(vae, params, images, cfg.vae_decoder_steps, cfg, torch.Generator().manual_seed(cfg.seed + 6),
+                        cached, "decoder", bar)
     vae.requires_grad_(False)
-    return vae.eval()
+    return vae
 
 
 @torch.no_grad()
