@@ -47,6 +47,12 @@ def parse_args(input_args=None):
     add("--class_prompt", type=str, default=None, help="Prompt of the class images, e.g. 'a photo of a dog'.")
     add("--with_prior_preservation", action="store_true", default=False, help="Add the prior-preservation loss.")
     add("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    add("--class_caption_dropout_rate", type=float, default=0.0,
+        help="Share of steps a class image is trained with the empty prompt (with prior preservation): keeps "
+             "the unconditional prediction that guidance subtracts where the base model had it; 0.2 on the "
+             "built-in model.")
+    add("--caption_dropout_rate", type=float, default=0.0,
+        help="Share of steps an instance image is trained with the empty prompt (kohya's flag).")
     add("--num_class_images", type=int, default=100,
         help="Class images wanted; missing ones are generated with the base model into --class_data_dir.")
     add("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")

@@ -445,6 +445,72 @@ def test_captioned_class_images_train_with_their_own_captions(instance_dir, tmp_
         "a red circle on a blue background", "a photo of a toy", "a white star on a black background"]
 
 
+def test_caption_dropout_empties_prompts_at_the_rate_and_reproducibly(instance_dir, tmp_path):
+    """--class_caption_dropout_rate trains a class image on the empty prompt (the unconditional
+    prediction guidance subtracts) on about that share of items; --caption_dropout_rate does the
+    same for instance images. Seeded per (seed, epoch, index): the same items every run, other
+    ones the next epoch; the images themselves are unchanged."""
+    from adaprelora.training.dreambooth.data import DreamBoothDataset, scan_class_images, scan_instance_images
+
+    for i in range(400):
+        Image.new("RGB", (8, 8), (i % 256, 80, 120)).save(tmp_path / f"reg{i}.png")
+        (tmp_path / f"reg{i}.txt").write_text(f"caption {i}")
+    class_records, _ = scan_class_images(str(tmp_path))
+    records, _ = scan_instance_images(instance_dir)
+
+    def prompts(epoch=0, **rates):
+        dataset = DreamBoothDataset(records, "a photo of sks toy", 8, class_records=class_records,
+                                    class_prompt="a photo of a toy", seed=5, **rates)
+        dataset.set_epoch(epoch)
+        items = [dataset[i] for i in range(len(dataset))]
+        return [e["instance_prompt"] for e in items], [e["class_prompt"] for e in items], items
+
+    plain_instance, plain_class, plain = prompts()
+    assert "" not in plain_instance + plain_class
+    inst, cls, dropped = prompts(class_caption_dropout_rate=0.25)
+    assert inst == plain_instance  # the instance prompts are untouched
+    empty = [i for i, p in enumerate(cls) if p == ""]
+    assert 0.18 < len(empty) / len(cls) < 0.32, len(empty)
+    assert all(cls[i] == plain_class[i] for i in range(len(cls)) if i not in empty)
+    assert all(torch.equal(a["class_pixel_values"], b["class_pixel_values"]) for a, b in zip(plain, dropped))
+    assert prompts(class_caption_dropout_rate=0.25)[1] == cls  # reproducible
+    assert prompts(1, class_caption_dropout_rate=0.25)[1] != cls  # another draw next epoch
+    inst, cls, _ = prompts(caption_dropout_rate=0.5)
+    assert cls == plain_class and 0.35 < inst.count("") / len(inst) < 0.65
+    assert prompts(caption_dropout_rate=1.0)[0] == [""] * len(inst)
+
+
+def test_dropped_captions_train_on_the_empty_prompt_with_cached_prompts(tiny_model, instance_dir, tmp_path,
+                                                                         monkeypatch):
+    """With --cache_latents and a frozen text encoder the prompts are encoded once: the empty
+    prompt of dropped captions must be among them, and reach the UNet."""
+    from adaprelora.training import dreambooth
+
+    calls: list[list[str]] = []
+    original = dreambooth._DreamBoothRun._encode_prompts
+
+    def spy(self, prompts):
+        calls.append(list(prompts))
+        return original(self, prompts)
+
+    monkeypatch.setattr(dreambooth._DreamBoothRun, "_encode_prompts", spy)
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (90 * i, 80, 120)).save(class_dir / f"reg{i}.png")
+        (class_dir / f"reg{i}.txt").write_text(f"a toy number {i}")
+    config = _config(tiny_model, instance_dir, tmp_path / "out", max_train_steps=3, train_batch_size=2,
+                     cache_latents=True, center_crop=True, with_prior_preservation=True,
+                     class_data_dir=str(class_dir), class_prompt="a toy", num_class_images=2,
+                     class_caption_dropout_rate=1.0, skip_export_check=True)
+    events = list(dreambooth.train(config))
+    assert events[-1].done and os.path.isfile(events[-1].outputs["diffusers"])
+    cached = [c[0] for c in calls if len(c) == 1]  # the cache encodes one prompt at a time
+    batches = [c for c in calls if len(c) > 1]  # then each step's instance prompts, then its class ones
+    assert "" in cached and len(batches) == 3, calls
+    assert all(set(b[len(b) // 2:]) == {""} and "" not in b[:len(b) // 2] for b in batches), batches
+
+
 def test_config_cross_field_errors_name_the_flags(tiny_model, instance_dir, tmp_path):
     cases = {
         "--class_data_dir": dict(with_prior_preservation=True, class_prompt="a toy"),
@@ -453,6 +519,8 @@ def test_config_cross_field_errors_name_the_flags(tiny_model, instance_dir, tmp_
         "--optimizer": dict(optimizer="nope"),
         "--output_name": dict(output_name="pytorch_lora_weights"),
         "--lora_dropout": dict(lora_dropout=1.5),
+        "--class_caption_dropout_rate": dict(class_caption_dropout_rate=-0.1),
+        "--caption_dropout_rate": dict(caption_dropout_rate=1.5),
     }
     import importlib.util
 
@@ -472,6 +540,7 @@ def test_parse_args_uses_diffusers_names_and_defaults():
     assert (args.output_dir, args.num_validation_images, args.optimizer) == ("lora-dreambooth-model", 4, "adaprelora")
     assert args.optimizer_args == {"weight_decay": 0.01, "betas": (0.9, 0.99)}
     assert args.skip_export_check is False
+    assert (args.caption_dropout_rate, args.class_caption_dropout_rate) == (0.0, 0.0)
     with pytest.raises(UserError, match="--optimizer"):
         train_dreambooth.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
                                      "--optimizer", "sgd9000"])

@@ -53,6 +53,12 @@ class TrainConfig:
     with_prior_preservation: bool = False
     prior_loss_weight: float = 1.0
     num_class_images: int = 100
+    # Caption dropout (kohya's name): the share of steps an image is trained with the empty prompt.
+    # On the class images it holds the unconditional prediction, which classifier-free guidance
+    # subtracts, to the base model's; without it a LoRA moves that prediction towards its subject
+    # and guidance then pushes every prompt away from the subject (README, "Caption dropout").
+    caption_dropout_rate: float = 0.0
+    class_caption_dropout_rate: float = 0.0
     sample_batch_size: int = 4
     prior_generation_precision: Optional[str] = None
     class_inference_steps: int = 50
@@ -215,6 +221,9 @@ class TrainConfig:
         need(self.noise_offset >= 0, f"--noise_offset must be 0 or more, got {self.noise_offset}")
         need(self.max_grad_norm >= 0, f"--max_grad_norm must be 0 (off) or more, got {self.max_grad_norm}")
         need(self.prior_loss_weight >= 0, f"--prior_loss_weight must be 0 or more, got {self.prior_loss_weight}")
+        for flag in ("caption_dropout_rate", "class_caption_dropout_rate"):
+            rate = getattr(self, flag)
+            need(0 <= rate <= 1, f"--{flag} must be between 0 and 1, got {rate}")
         check_lr_scheduler(self.lr_scheduler)
         need(self.mixed_precision in (None,) + MIXED_PRECISION,
              f"--mixed_precision {self.mixed_precision!r} is not one of: {', '.join(MIXED_PRECISION)}")

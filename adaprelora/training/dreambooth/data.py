@@ -219,6 +219,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         buckets: Optional[Sequence[tuple[int, int]]] = None,
         bucket_reso_steps: int = 64,
         bucket_no_upscale: bool = False,
+        caption_dropout_rate: float = 0.0,
+        class_caption_dropout_rate: float = 0.0,
     ):
         if not instance_records:
             raise ValueError("no instance images")
@@ -231,6 +233,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.interpolation = interpolation
         self.seed = seed
         self.random_flip = random_flip
+        self.caption_dropout_rate = caption_dropout_rate
+        self.class_caption_dropout_rate = class_caption_dropout_rate
         self.epoch = 0
         self.latents: Optional[dict] = None
         if buckets:
@@ -284,6 +288,14 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             return self.latents[(record, bucket)]
         return self.load_view(record, bucket, rng)
 
+    def _dropped(self, rate: float, index: int, kind: str) -> bool:
+        """Whether item `index` trains on the empty prompt this epoch (seeded like the crops, from
+        its own stream so that a rate of 0 changes nothing else)."""
+        if rate <= 0:
+            return False
+        rng = random.Random(f"{self.seed}-{self.epoch}-{index}-{kind}-caption") if self.seed is not None else random
+        return rng.random() < rate
+
     def __getitem__(self, index: int) -> dict:
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}") if self.seed is not None else None
         record = self.instance_records[index % len(self.instance_records)]
@@ -291,12 +303,14 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         kind = "latents" if self.latents is not None else "pixel_values"
         values, original, crop = self._view(record, bucket, rng)
         example = {f"instance_{kind}": values, "instance_original_size": original, "instance_crop_top_left": crop,
-                   "instance_prompt": self.prompt_for(record)}
+                   "instance_prompt": ("" if self._dropped(self.caption_dropout_rate, index, "instance")
+                                       else self.prompt_for(record))}
         if self.class_records:
             class_record = self.class_records[index % len(self.class_records)]
             values, original, crop = self._view(class_record, bucket, rng)
             example.update({f"class_{kind}": values}, class_original_size=original, class_crop_top_left=crop,
-                           class_prompt=class_record.caption or self.class_prompt or "")
+                           class_prompt=("" if self._dropped(self.class_caption_dropout_rate, index, "class")
+                                         else class_record.caption or self.class_prompt or ""))
         return example
 
 
@@ -342,7 +356,8 @@ def build_dataloader(cfg: TrainConfig, instance_records, class_records) -> tuple
         instance_records, cfg.instance_prompt, cfg.resolution, center_crop=cfg.center_crop,
         interpolation=cfg.image_interpolation_mode, class_records=class_records, class_prompt=cfg.class_prompt,
         seed=cfg.seed, random_flip=cfg.random_flip, buckets=buckets, bucket_reso_steps=cfg.bucket_reso_steps,
-        bucket_no_upscale=cfg.bucket_no_upscale,
+        bucket_no_upscale=cfg.bucket_no_upscale, caption_dropout_rate=cfg.caption_dropout_rate,
+        class_caption_dropout_rate=cfg.class_caption_dropout_rate,
     )
     collate = functools.partial(collate_fn, with_prior_preservation=cfg.with_prior_preservation)
     seed = cfg.seed if cfg.seed is not None else 0

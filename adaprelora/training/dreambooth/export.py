@@ -255,6 +255,7 @@ def training_metadata(
         "ss_min_snr_gamma": str(config.snr_gamma),
         "ss_noise_offset": str(config.noise_offset),
         "ss_prior_loss_weight": str(config.prior_loss_weight if config.with_prior_preservation else 0.0),
+        "ss_caption_dropout_rate": str(config.caption_dropout_rate),
         "ss_network_train_unet_only": str(not config.train_text_encoder),
         "ss_instance_prompt": str(config.instance_prompt or ""),
         "ss_enable_bucket": str(bool(config.enable_bucket)),
@@ -464,7 +465,8 @@ def write_model_card(
         "",
         f"- text encoder trained: {config.train_text_encoder}",
         f"- prior preservation: {config.with_prior_preservation}"
-        + (f" (class prompt `{config.class_prompt}`, weight {config.prior_loss_weight})"
+        + (f" (class prompt `{config.class_prompt}`, weight {config.prior_loss_weight}, "
+           f"class caption dropout {config.class_caption_dropout_rate:g})"
            if config.with_prior_preservation else ""),
         f"- learning rate {config.learning_rate:g}, scheduler {config.lr_scheduler}, batch size "
         f"{config.train_batch_size} x {config.gradient_accumulation_steps} accumulation",

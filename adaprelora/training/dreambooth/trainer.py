@@ -291,6 +291,8 @@ class _DreamBoothRun:
             prompts = {self.dataset.prompt_for(r) for r in self.instance_records}
             if cfg.with_prior_preservation:
                 prompts |= {r.caption or cfg.class_prompt or "" for r in self.dataset.class_records}
+            if cfg.caption_dropout_rate or (cfg.with_prior_preservation and cfg.class_caption_dropout_rate):
+                prompts.add("")
             with torch.no_grad():
                 cache = {prompt: self._encode_prompts([prompt]) for prompt in sorted(prompts)}
             self.prompt_cache = cache
