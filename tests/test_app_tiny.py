@@ -66,8 +66,7 @@ def test_train_the_example_then_generate_the_subject_only_with_the_lora(app):
     captions = [[os.path.basename(p), open(os.path.splitext(p)[0] + ".txt").read().strip()] for p in files]
     prompt = TINY_PROFILE.presets["shape"]["instance_prompt"]
     # Learning rate, rank, batch, class images and resolution left out: the built-in model's defaults;
-    # half the default steps keep the CI short (the full default run is tests/test_tiny_t2i_model.py's
-    # and the browser test's).
+    # half the default steps keep the CI short (the full default run is tests/test_tiny_t2i_model.py's).
     updates = list(client.submit([handle_file(p) for p in files], prompt, TINY_PROFILE.train["max_train_steps"] // 2,
                                  lora_name="heart",
                                  captions={"headers": ["image", "caption"], "data": captions}, api_name="/train"))

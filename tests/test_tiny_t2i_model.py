@@ -117,7 +117,8 @@ def test_dreambooth_lora_learns_a_new_subject_through_accelerate_launch(tmp_path
     if d["with_prior_preservation"]:
         write_class_images(str(tmp_path / "class"), d["num_class_images"])  # captioned scenes, as the app does
         cmd += ["--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt",
-                d["class_prompt"], "--num_class_images", str(d["num_class_images"])]
+                d["class_prompt"], "--num_class_images", str(d["num_class_images"]),
+                "--class_caption_dropout_rate", str(d["class_caption_dropout_rate"])]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -131,9 +132,10 @@ def test_dreambooth_lora_learns_a_new_subject_through_accelerate_launch(tmp_path
     assert after["prior"] >= PRIOR_MIN, after  # ordinary prompts still drawn
 
 
-# Measured with these seeds on the shipped weights and defaults (crescent, prior preservation on
-# captioned scenes): fidelity 0.07 -> 0.43, judge-embedding similarity 0.736 -> 0.801, all-three on
-# ordinary prompts 1.00 -> 0.43.
-SUBJECT_FIDELITY_MIN = 0.25
-SIMILARITY_GAIN_MIN = 0.03
-PRIOR_MIN = 0.2
+# Measured with these seeds on the shipped weights and defaults (crescent; batch 8, prior
+# preservation on captioned scenes with class caption dropout 0.2): fidelity 0.07 -> 0.79,
+# judge-embedding similarity 0.736 -> 0.904, all-three on ordinary prompts 1.00 -> 1.00 (14 images
+# each). Before the class caption dropout (batch 4): 0.43, 0.801 and 0.43.
+SUBJECT_FIDELITY_MIN = 0.5
+SIMILARITY_GAIN_MIN = 0.08
+PRIOR_MIN = 0.7

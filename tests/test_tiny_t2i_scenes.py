@@ -168,3 +168,13 @@ def test_class_images_are_captioned_ordinary_scenes(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "tiny_sd_class_images.py"), str(tmp_path / "x"),
                           "--count", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--count must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("args, message", [(["moon"], "unknown subject 'moon'"),
+                                           (["heart", "--model", "nowhere"], "is not a tiny-sd folder")])
+def test_dreambooth_check_script_rejects_bad_input_in_one_line(args, message):
+    """The measuring script (minutes per subject; the defaults' run is tests/test_tiny_t2i_model.py's)
+    stops on a bad subject or model folder before loading anything."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "tiny_sd_dreambooth_check.py"), *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -83,13 +83,14 @@ def _fmt(q: dict) -> str:
     return f"{q['shape']:.2f} / {q['colour']:.2f} / {q['background']:.2f} / {q['all']:.2f}"
 
 
-def _dreambooth_md(rows) -> str:
+def _dreambooth_md(rows, settings: str = "") -> str:
     """The model card's DreamBooth table from `report["dreambooth"]` (a list of measured runs)."""
     if not rows:
         return ""
     lines = ["", "DreamBooth LoRA on reserved subjects (5 images each, trigger prompt \"a sks shape on a {colour} "
-             "background\" for 7 backgrounds x 2 seeds unless the row says otherwise; prior = all-three score on 14 "
-             "ordinary prompts without the trigger, base model first):", "",
+             "background\" for 7 backgrounds x 3 seeds unless the row says otherwise; prior = all-three score on 28 "
+             "ordinary prompts without the trigger, base model first)"
+             + (f"; defaults: {settings}" if settings else "") + ":", "",
              "| subject | settings | subject fidelity | background | similarity | prior |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['subject']} | {r['settings']} | {r['subject_fidelity']:.2f} | {r['background']:.2f} | "
@@ -107,14 +108,19 @@ def _targets_md(report: dict) -> str:
     q = report["quality"]
     rows = [(f"{split.replace('_', '-')} combinations: {key}", f">= {goal:.2f}", q[split][key])
             for split in ("train", "held_out") for key, goal in TARGETS[split].items()]
-    db = report.get("dreambooth") or []
-    if len(db) >= 2:
-        base, lora = db[-2], db[-1]  # the last subject's base row and its LoRA row
+    # DreamBooth: each LoRA row against the base-model row of its subject.
+    bases = {r["subject"]: r for r in report.get("dreambooth") or [] if r["settings"].startswith("base model")}
+    goals = TARGETS["dreambooth"]
+    for lora in report.get("dreambooth") or []:
+        base = bases.get(lora["subject"])
+        if base is None or lora is base:
+            continue
         kept = lora["prior"] / base["prior"] if base["prior"] else 0.0
-        rows += [(f"DreamBooth ({lora['subject']}): subject fidelity", f">= {TARGETS['dreambooth']['subject_fidelity']:.2f}",
+        rows += [(f"DreamBooth ({lora['subject']}): subject fidelity", f">= {goals['subject_fidelity']:.2f}",
                   lora["subject_fidelity"]),
-                 ("DreamBooth: background asked for", f">= {TARGETS['dreambooth']['background']:.2f}", lora["background"]),
-                 ("DreamBooth: prior kept (LoRA / base)", f">= {TARGETS['dreambooth']['prior_kept']:.2f}", kept)]
+                 (f"DreamBooth ({lora['subject']}): background asked for", f">= {goals['background']:.2f}",
+                  lora["background"]),
+                 (f"DreamBooth ({lora['subject']}): prior kept (LoRA / base)", f">= {goals['prior_kept']:.2f}", kept)]
     lines = ["| quality | target | measured | |", "|---|---|---|---|"]
     for name, goal, value in rows:
         met = value >= float(goal.split()[1])
@@ -227,7 +233,7 @@ Generated images, DDIM {cfg['num_inference_steps']} steps, guidance {cfg['guidan
 |---|---|---|
 | training combinations | {q['train']['n']} | {_fmt(q['train'])} |
 | held-out combinations | {q['held_out']['n']} | {_fmt(q['held_out'])} |
-{_dreambooth_md(report.get('dreambooth'))}
+{_dreambooth_md(report.get('dreambooth'), report.get('dreambooth_settings', ''))}
 Against the targets:
 
 {_targets_md(report)}

@@ -302,7 +302,11 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
 def _setup(prof: dict) -> dict:
     from adaprelora.tiny_t2i.personalise import DREAMBOOTH_DEFAULTS
 
-    return {**DREAMBOOTH_DEFAULTS, "max_train_steps": prof["steps"], "lr_warmup_steps": 0, "images_per_subject": 5,
+    # This suite trains without prior preservation (it would double the step cost): say so in the record.
+    defaults = {k: v for k, v in DREAMBOOTH_DEFAULTS.items()
+                if k not in ("class_prompt", "num_class_images", "class_caption_dropout_rate")}
+    return {**defaults, "with_prior_preservation": False, "max_train_steps": prof["steps"], "lr_warmup_steps": 0,
+            "images_per_subject": 5,
             "guidance_scale": GUIDANCE, "num_inference_steps": prof["num_inference_steps"],
             "trigger_prompt": "a sks shape on a {background} background",
             "profile": {k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.items()}}
