@@ -172,6 +172,7 @@ def test_example_train_watch_generate_in_a_real_browser(app_url, browser):
     _css(driver, "#train-button")[0].click()
     _wait(driver, lambda d: f"finished at step {steps}" in _css(d, "#train-status")[0].text,
           "training did not finish in the page", seconds=2 * WAIT_S)
+    # (at a quarter of the steps the only samples are the end-of-run ones)
     _wait(driver, lambda d: len(_css(d, "#train-samples img")) >= 2, "no sample images appeared")
     _wait(driver, lambda d: _css(d, "#download-diffusers") and _css(d, "#download-diffusers")[0].is_displayed()
           and _css(d, "#download-kohya")[0].is_displayed(), "the download buttons did not appear")

@@ -134,6 +134,7 @@ class TrainingRun:
             for event in events:
                 self.last = event
                 if event.done:
+                    self._take_samples(event)  # the end-of-run validation images
                     break
                 yield self._step_update(event, progress)
             self.status = STOPPED if self.last is not None and self.last.stopped else DONE
@@ -163,10 +164,7 @@ class TrainingRun:
         step, max_steps = event.step, event.max_steps or self.config.max_train_steps
         if event.loss is not None and math.isfinite(event.loss) and (not self.history or self.history[-1][0] != step):
             self.history.append((step, float(event.loss)))
-        new_samples = [s for s in event.samples if os.path.isfile(s)]
-        self.samples.extend((path, f"step {step}") for path in new_samples)
-        if new_samples:
-            self._record_samples(new_samples, step)
+        new_samples = self._take_samples(event)
         for warning in event.warnings:
             gr.Warning(str(warning))
         text = progress_text(self.info.name, event, max_steps)
@@ -176,6 +174,14 @@ class TrainingRun:
         if new_samples:
             update["samples"] = self.samples[-MAX_SAMPLES_SHOWN:]
         return update
+
+    def _take_samples(self, event) -> list[str]:
+        """Keep (and record in the store) the event's new sample images; returns them."""
+        new_samples = [s for s in event.samples if os.path.isfile(s)]
+        self.samples.extend((path, f"step {event.step}") for path in new_samples)
+        if new_samples:
+            self._record_samples(new_samples, event.step)
+        return new_samples
 
     def _final_update(self) -> dict:
         diffusers_file, kohya_file = self._output_file("diffusers"), self._output_file("kohya")

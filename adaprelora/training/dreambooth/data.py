@@ -202,7 +202,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     resized into the bucket nearest each instance image's shape (`item_buckets`; an item's class
     image goes to the same bucket so the two stack). Each example also carries the original size
     and crop top-left of its images (SDXL's time ids). After `set_latents` (see `latent_cache`)
-    examples hold the cached VAE latents instead of pixels.
+    examples hold the cached VAE latents instead of pixels. `caption_dropout_rate` and
+    `class_caption_dropout_rate` give that share of items the empty prompt (seeded like the crops).
     """
 
     def __init__(
