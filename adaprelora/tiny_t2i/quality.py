@@ -109,11 +109,12 @@ def _targets_md(report: dict) -> str:
     rows = [(f"{split.replace('_', '-')} combinations: {key}", f">= {goal:.2f}", q[split][key])
             for split in ("train", "held_out") for key, goal in TARGETS[split].items()]
     # DreamBooth: each LoRA row against the base-model row of its subject.
-    bases = {r["subject"]: r for r in report.get("dreambooth") or [] if r["settings"].startswith("base model")}
+    runs = report.get("dreambooth") or []
+    bases = {r["subject"]: r for r in runs if r["settings"].startswith("base model")}
     goals = TARGETS["dreambooth"]
-    for lora in report.get("dreambooth") or []:
+    for lora in runs:
         base = bases.get(lora["subject"])
-        if base is None or lora is base:
+        if base is None or lora["settings"].startswith("base model"):
             continue
         kept = lora["prior"] / base["prior"] if base["prior"] else 0.0
         rows += [(f"DreamBooth ({lora['subject']}): subject fidelity", f">= {goals['subject_fidelity']:.2f}",
