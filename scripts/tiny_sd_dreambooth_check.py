@@ -3,10 +3,10 @@ a LoRA on 5 drawn images (in-process, the trainer's own code) and let the judge 
 model and the LoRA draw (subject fidelity, background asked for, similarity, ordinary prompts).
 
     python scripts/tiny_sd_dreambooth_check.py                     # the four subjects: a table
-    python scripts/tiny_sd_dreambooth_check.py heart crescent --record
-                                                                   # ...and into the model card
+    python scripts/tiny_sd_dreambooth_check.py heart crescent --seed 0 1 2 --record
+                                                                   # three LoRAs each, into the model card
 
-About 3 minutes per subject on one CPU thread. `--record` writes the rows into the model folder's
+About 3 minutes per subject and seed on one CPU thread. `--record` writes the rows into the model folder's
 `training_report.json` and rewrites its `README.md` (the model card's DreamBooth tables).
 """
 from __future__ import annotations
@@ -16,6 +16,9 @@ import json
 import os
 import sys
 import tempfile
+
+BASE_SETTINGS = "base model, no LoRA"
+DEFAULTS_SETTINGS = "defaults, `scripts/tiny_sd_dreambooth_check.py`"
 
 
 def train_default_lora(subject: str, workdir: str, *, base_model: str, images: int = 5,
@@ -63,7 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("subjects", nargs="*", default=list(scenes.SUBJECTS),
                    help=f"reserved subjects (default: all of {', '.join(scenes.SUBJECTS)})")
     p.add_argument("--model", default=TINY_SD_DIR, help="the tiny-sd folder (default: the shipped one)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subject images and the training run")
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="seed(s) of the subject images and the training run: one LoRA per seed")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--record", action="store_true", help="write the rows into the model card")
     a = p.parse_args(argv)
@@ -87,16 +91,19 @@ def main(argv=None) -> int:
     keys = ("subject_fidelity", "background", "similarity", "prior")
     rows = []
     print(f"{'subject':14s} {'model':6s} " + " ".join(f"{k:>16s}" for k in keys), flush=True)
+
+    def add_row(subject: str, name: str, settings: str, lora_dir) -> None:
+        r = evaluate_lora(pipe, judge, subject, lora_dir=lora_dir)  # the same prompts and seeds for every row
+        row = {"subject": subject, "settings": settings, **{k: round(float(r[k]), 3) for k in keys}}
+        rows.append(row)
+        print(f"{subject:14s} {name:6s} " + " ".join(f"{row[k]:16.3f}" for k in keys), flush=True)
+
     for subject in a.subjects:
-        with tempfile.TemporaryDirectory(prefix="tiny-db-") as work:
-            lora = train_default_lora(subject, work, base_model=a.model, seed=a.seed)
-            for name, lora_dir in (("base", None), ("lora", lora)):
-                r = evaluate_lora(pipe, judge, subject, lora_dir=lora_dir)
-                row = {"subject": subject, "settings": "base model, no LoRA" if lora_dir is None else
-                       f"defaults, `scripts/tiny_sd_dreambooth_check.py` (seed {a.seed})",
-                       **{k: round(float(r[k]), 3) for k in keys}}
-                rows.append(row)
-                print(f"{subject:14s} {name:6s} " + " ".join(f"{row[k]:16.3f}" for k in keys), flush=True)
+        add_row(subject, "base", BASE_SETTINGS, None)
+        for seed in a.seed:
+            with tempfile.TemporaryDirectory(prefix="tiny-db-") as work:
+                lora = train_default_lora(subject, work, base_model=a.model, seed=seed)
+                add_row(subject, f"seed {seed}", f"{DEFAULTS_SETTINGS} (seed {seed})", lora)
     if a.record:
         import fcntl
 
@@ -104,9 +111,11 @@ def main(argv=None) -> int:
         with open(path, "r+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # two runs on different subjects may finish together
             report = json.load(f)
-            # The measured subjects' rows replace their old ones; the other subjects' stay.
-            kept = [r for r in report.get("dreambooth") or [] if r["subject"] not in a.subjects]
-            report["dreambooth"] = sorted(kept + rows, key=lambda r: scenes.SUBJECTS.index(r["subject"]))
+            # A measured row replaces the one of the same subject and settings (seed); the others stay.
+            measured = {(r["subject"], r["settings"]) for r in rows}
+            kept = [r for r in report.get("dreambooth") or [] if (r["subject"], r["settings"]) not in measured]
+            report["dreambooth"] = sorted(kept + rows, key=lambda r: (scenes.SUBJECTS.index(r["subject"]),
+                                                                        r["settings"] != BASE_SETTINGS, r["settings"]))
             report["dreambooth_settings"] = defaults_text()
             f.seek(0)
             f.truncate()

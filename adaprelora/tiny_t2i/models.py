@@ -99,9 +99,12 @@ def build_vae():
     )
 
 
-def build_unet():
+def build_unet(attention_at_16: bool = True):
+    """`attention_at_16=False` leaves the 16 x 16 level plain (ResNet blocks only, like SD's last
+    level): 0.33 instead of 0.57 s per batch-32 step on 2 CPU threads, for less detail in shapes."""
     from diffusers import UNet2DConditionModel
 
+    top_down, top_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attention_at_16 else ("DownBlock2D", "UpBlock2D")
     # attention_head_dim is the number of heads per level in diffusers' SD naming: 8 channels a head.
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
@@ -109,8 +112,8 @@ def build_unet():
         out_channels=4,
         block_out_channels=(32, 64, 128),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * 3,
-        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        down_block_types=(top_down, "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", top_up),
         cross_attention_dim=64,
         attention_head_dim=(4, 8, 16),
         norm_num_groups=16,

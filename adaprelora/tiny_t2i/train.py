@@ -32,25 +32,28 @@ class TinyT2IConfig:
     output_dir: str = "assets/tiny-sd"
     seed: int = 0
     num_images: int = 32768
-    vae_steps: int = 1000
+    vae_steps: int = 1100
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     # Then train the VAE decoder alone with the encoder frozen: sharper pictures with the same latents,
     # so a UNet trained on them stays valid (what sd-vae-ft-mse did for Stable Diffusion).
     vae_decoder_steps: int = 0
-    unet_steps: int = 2600
+    unet_steps: int = 3600
+    # False: no attention at the UNet's 16 x 16 level (faster steps; the shipped model has it).
+    unet_attention_at_16: bool = True
     batch_size: int = 64
     lr: float = 6e-4
     weight_decay: float = 1e-2
     warmup_steps: int = 200
     snr_gamma: float = 5.0
     ema_decay: float = 0.999
-    judge_steps: int = 1500
+    judge_steps: int = 500
     eval_per_split: int = 96
     guidance_scale: float = 5.0
     num_inference_steps: int = 25
     threads: int = 2
-    time_limit_minutes: Optional[float] = None
+    # A safety net for a slow or busy machine: the UNet stops here (its cosine then ends early).
+    time_limit_minutes: Optional[float] = 50.0
     # Continue from an earlier tiny-sd folder: its VAE and judge are kept, its text encoder and UNet
     # trained further (a fresh optimizer and schedule).
     init_from: Optional[str] = None
@@ -167,7 +170,7 @@ def train_denoiser(data, means, stds, tokenizer, cfg: TinyT2IConfig, scaling_fac
     from diffusers import DDPMScheduler
 
     torch.manual_seed(cfg.seed + 2)
-    unet = unet if unet is not None else models.build_unet()
+    unet = unet if unet is not None else models.build_unet(cfg.unet_attention_at_16)
     text_encoder = text_encoder if text_encoder is not None else models.build_text_encoder(tokenizer)
     noise_scheduler = DDPMScheduler(**{k: v for k, v in models.scheduler_config().items()
                                        if k not in ("set_alpha_to_one", "steps_offset")})
