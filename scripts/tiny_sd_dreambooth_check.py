@@ -17,7 +17,6 @@ import os
 import sys
 import tempfile
 
-BASE_SETTINGS = "base model, no LoRA"
 DEFAULTS_SETTINGS = "defaults, `scripts/tiny_sd_dreambooth_check.py`"
 
 
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
 
     from adaprelora.tiny_t2i.judge import load_judge
     from adaprelora.tiny_t2i.personalise import evaluate_lora
-    from adaprelora.tiny_t2i.quality import write_model_card
+    from adaprelora.tiny_t2i.quality import BASE_SETTINGS, write_model_card
 
     torch.set_num_threads(a.threads)
     pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None)

@@ -83,8 +83,12 @@ def _fmt(q: dict) -> str:
     return f"{q['shape']:.2f} / {q['colour']:.2f} / {q['background']:.2f} / {q['all']:.2f}"
 
 
+# The `settings` label of a DreamBooth row measured on the base model alone (no LoRA).
+BASE_SETTINGS = "base model, no LoRA"
+
+
 def _is_base(row: dict) -> bool:
-    return row["settings"].startswith("base model")
+    return row["settings"] == BASE_SETTINGS
 
 
 def _lora_means(rows) -> dict[str, tuple[int, dict]]:
@@ -278,5 +282,5 @@ but mean nothing to it). Made for demos and tests of LoRA training, not for pict
         f.write(text)
 
 
-__all__ = ["eval_prompts", "evaluate_base", "generate", "grid", "rewrite_model_card", "score", "write_model_card",
+__all__ = ["BASE_SETTINGS", "eval_prompts", "evaluate_base", "generate", "grid", "rewrite_model_card", "score", "write_model_card",
            "write_samples_grid"]
