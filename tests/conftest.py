@@ -1,5 +1,9 @@
-"""Test-wide settings: offline Hub, no analytics, Triton kernels run in the CPU interpreter."""
+"""Test-wide settings: offline Hub, no analytics, Triton kernels run in the CPU interpreter; the
+shared `accelerate launch train_dreambooth.py` runner."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +26,30 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    """Run `accelerate launch --config_file <basic CPU config> train_dreambooth.py ARGS` as users do;
+    `threads` is accelerate's --num_cpu_threads_per_process. Raises with both streams on a failed run
+    unless `expect_ok=False`; a run past `timeout` seconds fails instead of hanging the suite."""
+    from accelerate.utils import write_basic_config
+
+    config_file = str(tmp_path_factory.mktemp("accelerate") / "default_config.yaml")
+    write_basic_config(mixed_precision="no", save_location=config_file)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+
+    def run(args: list[str], expect_ok: bool = True, threads: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+        # --quiet: accelerate's own launcher would otherwise add its CalledProcessError traceback on a
+        # non-zero exit, hiding what the script itself printed.
+        cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--quiet", "--config_file",
+               config_file, "--cpu", "--num_cpu_threads_per_process", str(threads), str(ROOT / "train_dreambooth.py")]
+        proc = subprocess.run(cmd + args, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
+        if expect_ok and proc.returncode != 0:
+            raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}")
+        return proc
+
+    return run

@@ -58,26 +58,6 @@ def instance_dir(tmp_path_factory) -> str:
     return str(folder)
 
 
-@pytest.fixture(scope="module")
-def launch(tmp_path_factory):
-    """Run `accelerate launch --config_file <basic CPU config> train_dreambooth.py ARGS`."""
-    from accelerate.utils import write_basic_config
-
-    config_file = str(tmp_path_factory.mktemp("accelerate") / "default_config.yaml")
-    write_basic_config(mixed_precision="no", save_location=config_file)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    base = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--quiet",
-            "--config_file", config_file, "--cpu", "--num_cpu_threads_per_process", "1", SCRIPT]
-
-    def run(args: list[str], expect_ok: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(base + args, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
-        if expect_ok and proc.returncode != 0:
-            raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}")
-        return proc
-
-    return run
-
-
 def _common(model, instance_dir, output_dir, steps, resolution=64):
     return ["--pretrained_model_name_or_path", model, "--instance_data_dir", instance_dir, "--instance_prompt", PROMPT,
             "--output_dir", str(output_dir), "--resolution", str(resolution), "--train_batch_size", "1",

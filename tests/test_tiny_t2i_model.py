@@ -97,7 +97,7 @@ def test_example_subject_is_shipped_with_captions():
         assert caption.startswith("a sks shape on a ") and caption.endswith(" background"), caption
 
 
-def test_dreambooth_lora_learns_a_new_subject_through_accelerate_launch(tmp_path, pipe, judge):
+def test_dreambooth_lora_learns_a_new_subject_through_accelerate_launch(tmp_path, pipe, judge, launch):
     """The CLI as users run it, on the shipped model and default settings: the judge sees the
     subject in most trigger-word images after training and in almost none before."""
     data = tmp_path / "crescent"
@@ -105,24 +105,20 @@ def test_dreambooth_lora_learns_a_new_subject_through_accelerate_launch(tmp_path
     out = tmp_path / "lora"
     from adaprelora.tiny_t2i.personalise import DREAMBOOTH_DEFAULTS as d
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--quiet",
-           str(ROOT / "train_dreambooth.py"), "--pretrained_model_name_or_path", TINY_SD_DIR,
-           "--instance_data_dir", str(data), "--instance_prompt", trigger_prompt("white"),
-           "--output_dir", str(out), "--resolution", "64", "--train_batch_size", str(d["train_batch_size"]),
-           "--max_train_steps", str(d["max_train_steps"]), "--learning_rate", str(d["learning_rate"]),
-           "--rank", str(d["rank"]), "--lr_scheduler", d["lr_scheduler"], "--lr_warmup_steps", "0",
-           "--seed", "0", "--report_to", "none", "--checkpointing_steps", "100000"]
+    args = ["--pretrained_model_name_or_path", TINY_SD_DIR, "--instance_data_dir", str(data),
+            "--instance_prompt", trigger_prompt("white"), "--output_dir", str(out), "--resolution", "64",
+            "--train_batch_size", str(d["train_batch_size"]), "--max_train_steps", str(d["max_train_steps"]),
+            "--learning_rate", str(d["learning_rate"]), "--rank", str(d["rank"]), "--lr_scheduler", d["lr_scheduler"],
+            "--lr_warmup_steps", "0", "--seed", "0", "--report_to", "none", "--checkpointing_steps", "100000"]
     if d["train_text_encoder"]:
-        cmd.append("--train_text_encoder")
+        args.append("--train_text_encoder")
     if d["with_prior_preservation"]:
         write_class_images(str(tmp_path / "class"), d["num_class_images"])  # captioned scenes, as the app does
-        cmd += ["--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt",
-                d["class_prompt"], "--num_class_images", str(d["num_class_images"]),
-                "--class_caption_dropout_rate", str(d["class_caption_dropout_rate"])]
-    # Two threads: nothing else runs while pytest waits on this process (0.29 s a step, 0.49 s on one).
-    env = dict(os.environ, OMP_NUM_THREADS=str(min(2, os.cpu_count() or 1)))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        args += ["--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt",
+                 d["class_prompt"], "--num_class_images", str(d["num_class_images"]),
+                 "--class_caption_dropout_rate", str(d["class_caption_dropout_rate"])]
+    # Two threads: nothing else runs while pytest waits on it (this test took 208 s so, 283 s on one).
+    launch(args, threads=min(2, os.cpu_count() or 1), timeout=900)
     before = evaluate_lora(pipe, judge, "crescent", per_background=2, prior_prompts=14)
     after = evaluate_lora(pipe, judge, "crescent", lora_dir=str(out), per_background=2, prior_prompts=14)
     print("before", {k: v for k, v in before.items() if k != "images"})

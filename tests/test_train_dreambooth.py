@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -26,7 +24,6 @@ from adaprelora.testing.tiny_sd import build_tiny_sd_pipeline
 from adaprelora.training.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = str(ROOT / "train_dreambooth.py")
 CAPTION = "a photo of sks toy on a red table"
 
 
@@ -72,28 +69,6 @@ def instance_dir(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("instance") / "toy"
     _write_instance_images(folder)
     return str(folder)
-
-
-@pytest.fixture(scope="module")
-def launch(tmp_path_factory):
-    """Run `accelerate launch --config_file <basic CPU config> train_dreambooth.py ARGS`."""
-    from accelerate.utils import write_basic_config
-
-    config_file = str(tmp_path_factory.mktemp("accelerate") / "default_config.yaml")
-    write_basic_config(mixed_precision="no", save_location=config_file)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    # --quiet: accelerate's own launcher would otherwise add its CalledProcessError traceback on a
-    # non-zero exit, hiding what the script itself printed.
-    base = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--quiet",
-            "--config_file", config_file, "--cpu", "--num_cpu_threads_per_process", "1", SCRIPT]
-
-    def run(args: list[str], expect_ok: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(base + args, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=600)
-        if expect_ok and proc.returncode != 0:
-            raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}")
-        return proc
-
-    return run
 
 
 def _common(tiny_model, instance_dir, output_dir, steps):
