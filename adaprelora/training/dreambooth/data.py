@@ -16,11 +16,11 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from ..errors import UserError, first_line
+from .buckets import fit_to_bucket
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -174,20 +174,10 @@ def preprocess(
     interpolation: str = "lanczos",
     rng: Optional[random.Random] = None,
 ) -> torch.Tensor:
-    """Resize the shorter side to `resolution`, crop a square, scale to [-1, 1]: float32 (3, H, W)."""
-    width, height = img.size
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        img = img.resize((new_w, new_h), resample=_RESAMPLING[interpolation])
-    if center_crop:
-        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    else:
-        rng = rng or random
-        left, top = rng.randint(0, new_w - resolution), rng.randint(0, new_h - resolution)
-    img = img.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+    """Resize the shorter side to `resolution`, crop a square, scale to [-1, 1]: float32 (3, H, W)
+    (the square bucket of `fit_to_bucket`)."""
+    return fit_to_bucket(img, (resolution, resolution), center_crop=center_crop,
+                         resample=_RESAMPLING[interpolation], rng=rng)[0]
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
@@ -274,8 +264,6 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def load_view(self, record: ImageRecord, bucket: tuple[int, int], rng=None) -> tuple[torch.Tensor, tuple, tuple]:
         """(pixels, original (h, w), crop top-left (top, left)) of `record` fitted to `bucket`."""
-        from .buckets import fit_to_bucket
-
         flip = self.random_flip and (rng or random).random() < 0.5
         return fit_to_bucket(load_rgb(record.path), bucket, center_crop=self.center_crop,
                              resample=_RESAMPLING[self.interpolation], rng=rng, flip=flip)
