@@ -28,6 +28,13 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="session")
+def training_threads() -> int:
+    """Torch threads for a test that trains while pytest only waits: both cores of the 2-core CI
+    machine, never more than there are."""
+    return min(2, os.cpu_count() or 1)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -26,10 +26,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, training_threads):
     previous = torch.get_num_threads()
-    # Two threads: the server and client are idle while a run trains, so nothing competes for the cores.
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(training_threads)  # the server and client are idle while a run trains
     root = str(tmp_path_factory.mktemp("tiny-output-root"))
     demo = build_demo(DEFAULT_BASE_MODEL, root, check_base_model_in_background=False)
     port = _free_port()

@@ -2,7 +2,6 @@
 from-scratch training script run for a handful of steps (so it keeps working; it never retrains)."""
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
@@ -84,13 +83,10 @@ def test_caption_variants_cover_guidance_generic_noun_and_triggers():
     assert caps.count("a red star on a green background") / len(caps) > 0.5
 
 
-# Two threads where there are two cores: nothing else runs while pytest waits (24 s a run, 38 s on one).
-THREADS = str(min(2, os.cpu_count() or 1))
-
-
-def test_train_script_runs_a_few_steps_into_a_temporary_folder(tmp_path):
+def test_train_script_runs_a_few_steps_into_a_temporary_folder(tmp_path, training_threads):
     out = tmp_path / "tiny"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_sd.py"), "--quick", "--threads", THREADS,
+    threads = str(training_threads)  # 24 s a run on two, 38 s on one
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_sd.py"), "--quick", "--threads", threads,
                            "--no_attention_at_16", "--output_dir", str(out)],
                           capture_output=True, text=True, timeout=420, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -115,7 +111,7 @@ def test_train_script_runs_a_few_steps_into_a_temporary_folder(tmp_path):
 
     # A later stage that only trains the decoder: UNet, text encoder and VAE encoder come back unchanged.
     stage2 = tmp_path / "stage2"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_sd.py"), "--quick", "--threads", THREADS,
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_sd.py"), "--quick", "--threads", threads,
                            "--init_from", str(out), "--unet_steps", "0", "--vae_decoder_steps", "2", "--judge_steps", "0",
                            "--output_dir", str(stage2)], capture_output=True, text=True, timeout=420, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
