@@ -194,13 +194,13 @@ def test_dreambooth_check_script_rejects_bad_input_in_one_line(args, message):
 
 
 def test_model_card_scores_dreambooth_by_the_mean_over_seeds():
-    from adaprelora.tiny_t2i.quality import _dreambooth_md, _targets_md
+    from adaprelora.tiny_t2i.quality import BASE_SETTINGS, _dreambooth_md, _targets_md
 
     def row(settings, fidelity, background, similarity, prior):
         return {"subject": "heart", "settings": settings, "subject_fidelity": fidelity, "background": background,
                 "similarity": similarity, "prior": prior}
 
-    runs = [row("base model, no LoRA", 0.0, 1.0, 0.7, 0.9),
+    runs = [row(BASE_SETTINGS, 0.0, 1.0, 0.7, 0.9),
             row("defaults (seed 0)", 0.5, 1.0, 0.9, 0.81), row("defaults (seed 1)", 0.8, 0.6, 0.8, 0.63)]
     table = _dreambooth_md(runs)
     assert "| heart | **mean of the 2 LoRAs above** | 0.65 | 0.80 | 0.850 | 0.72 |" in table
