@@ -51,6 +51,7 @@ def parse_args(argv=None) -> TinyT2IConfig:
         cfg.vae_steps, cfg.unet_steps, cfg.judge_steps = (min(n, 3) for n in (cfg.vae_steps, cfg.unet_steps, cfg.judge_steps))
         cfg.vae_decoder_steps = min(cfg.vae_decoder_steps, 2)
         cfg.batch_size, cfg.warmup_steps, cfg.eval_per_split, cfg.num_inference_steps = 8, 1, 4, 2
+        cfg.vae_batch_size, cfg.judge_eval_images = 8, 64
     out = os.path.abspath(cfg.output_dir)
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "model_index.json")):
         p.error(f"--output_dir {cfg.output_dir} is a non-empty folder that holds no model; "

@@ -257,7 +257,7 @@ the side), position and small rotation. Captions: "a {{colour}} {{shape}} on a {
 
 {_stages_md(report)}
 ## Quality (measured by the judge)
-Judge accuracy on 1,000 freshly drawn images (shape / colour / background):
+Judge accuracy on {cfg.get('judge_eval_images', 1000):,} freshly drawn images (shape / colour / background):
 {report['judge_accuracy']['shape']:.3f} / {report['judge_accuracy']['colour']:.3f} / {report['judge_accuracy']['background']:.3f}.
 
 Generated images, DDIM {cfg['num_inference_steps']} steps, guidance {cfg['guidance_scale']}, one seed per image:

@@ -48,6 +48,8 @@ class TinyT2IConfig:
     snr_gamma: float = 5.0
     ema_decay: float = 0.999
     judge_steps: int = 500
+    # Freshly drawn scenes the judge's accuracy is measured on (the model card's first quality line).
+    judge_eval_images: int = 1000
     eval_per_split: int = 96
     guidance_scale: float = 5.0
     num_inference_steps: int = 25
@@ -283,7 +285,7 @@ def run(cfg: TinyT2IConfig) -> dict:
         judge = load_judge(os.path.join(cfg.init_from, "judge"))
     else:
         judge = train_judge(steps=cfg.judge_steps, seed=cfg.seed + 5, progress=lambda _step, _loss: bar.update(1))
-    judge_metrics = judge_accuracy(judge)
+    judge_metrics = judge_accuracy(judge, count=cfg.judge_eval_images)
     timings["judge_s"] = time.time() - t
     bar.close()
 
