@@ -55,7 +55,7 @@ def defaults_text() -> str:
     return (f"{d['max_train_steps']} steps, batch {d['train_batch_size']}, lr {d['learning_rate']:g} "
             f"({d['lr_scheduler']}), rank {d['rank']}, UNet" + (" + text encoder" if d["train_text_encoder"] else "")
             + f" LoRA, prior preservation on {d['num_class_images']} captioned scenes with class caption dropout "
-            f"{d['class_caption_dropout_rate']:g}")
+            f"{d['class_caption_dropout_rate']:g}" + (f", min-SNR-{d['snr_gamma']:g} loss weighting" if d.get("snr_gamma") else ""))
 
 
 def main(argv=None) -> int:
@@ -67,12 +67,16 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=TINY_SD_DIR, help="the tiny-sd folder (default: the shipped one)")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="seed(s) of the subject images and the training run: one LoRA per seed")
+    p.add_argument("--prior_prompts", type=int, default=96,
+                   help="ordinary prompts (no trigger word) the prior is scored on, base model and LoRAs alike")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--record", action="store_true", help="write the rows into the model card")
     a = p.parse_args(argv)
     unknown = [s for s in a.subjects if s not in scenes.SUBJECTS]
     if unknown:
         p.error(f"unknown subject {unknown[0]!r}; choose from: {', '.join(scenes.SUBJECTS)}")
+    if a.prior_prompts < 1:
+        p.error(f"--prior_prompts must be 1 or more, got {a.prior_prompts}")
     if not os.path.isfile(os.path.join(a.model, "model_index.json")):
         p.error(f"--model {a.model!r} is not a tiny-sd folder (no model_index.json)")
 
@@ -92,8 +96,10 @@ def main(argv=None) -> int:
     print(f"{'subject':14s} {'model':6s} " + " ".join(f"{k:>16s}" for k in keys), flush=True)
 
     def add_row(subject: str, name: str, settings: str, lora_dir) -> None:
-        r = evaluate_lora(pipe, judge, subject, lora_dir=lora_dir)  # the same prompts and seeds for every row
-        row = {"subject": subject, "settings": settings, **{k: round(float(r[k]), 3) for k in keys}}
+        # the same prompts and seeds for every row
+        r = evaluate_lora(pipe, judge, subject, lora_dir=lora_dir, prior_prompts=a.prior_prompts)
+        row = {"subject": subject, "settings": settings, **{k: round(float(r[k]), 3) for k in keys},
+               "prior_prompts": a.prior_prompts}
         rows.append(row)
         print(f"{subject:14s} {name:6s} " + " ".join(f"{row[k]:16.3f}" for k in keys), flush=True)
 

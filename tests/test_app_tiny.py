@@ -77,6 +77,13 @@ def test_train_the_example_then_generate_the_subject_only_with_the_lora(app):
 
     captions_written = list(Path(app["root"]).rglob("class_images/*.txt"))
     assert len(captions_written) == TINY_PROFILE.train["num_class_images"], len(captions_written)
+    # The run used the built-in model's loss weighting too (recorded for a resume after a crash).
+    import json
+
+    from adaprelora.app.store import META_FILE
+
+    (meta_path,) = Path(app["root"]).rglob(META_FILE)
+    assert json.loads(meta_path.read_text())["train_config"]["snr_gamma"] == TINY_PROFILE.train["snr_gamma"] == 5.0
 
     judge = load_judge(os.path.join(TINY_SD_DIR, "judge"))
     # One background the examples show and one they do not (at half the default steps the LoRA draws

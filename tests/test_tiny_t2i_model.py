@@ -113,6 +113,8 @@ def test_dreambooth_lora_learns_a_new_subject_through_accelerate_launch(tmp_path
             "--lr_warmup_steps", "0", "--seed", "0", "--report_to", "none", "--checkpointing_steps", "100000"]
     if d["train_text_encoder"]:
         args.append("--train_text_encoder")
+    if d.get("snr_gamma"):
+        args += ["--snr_gamma", str(d["snr_gamma"])]
     if d["with_prior_preservation"]:
         write_class_images(str(tmp_path / "class"), d["num_class_images"])  # captioned scenes, as the app does
         args += ["--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt",

@@ -184,7 +184,8 @@ def test_class_images_are_captioned_ordinary_scenes(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [(["moon"], "unknown subject 'moon'"),
-                                           (["heart", "--model", "nowhere"], "is not a tiny-sd folder")])
+                                           (["heart", "--model", "nowhere"], "is not a tiny-sd folder"),
+                                           (["heart", "--prior_prompts", "0"], "--prior_prompts must be 1 or more")])
 def test_dreambooth_check_script_rejects_bad_input_in_one_line(args, message):
     """The measuring script (minutes per subject; the defaults' run is tests/test_tiny_t2i_model.py's)
     stops on a bad subject or model folder before loading anything."""
@@ -204,6 +205,9 @@ def test_model_card_scores_dreambooth_by_the_mean_over_seeds():
             row("defaults (seed 0)", 0.5, 1.0, 0.9, 0.81), row("defaults (seed 1)", 0.8, 0.6, 0.8, 0.63)]
     table = _dreambooth_md(runs)
     assert "| heart | **mean of the 2 LoRAs above** | 0.65 | 0.80 | 0.850 | 0.72 |" in table
+    # The prior's prompt count comes from the rows (rows from before it was recorded: 28).
+    assert "all-three score on 28 ordinary prompts" in table
+    assert "all-three score on 96 ordinary prompts" in _dreambooth_md([dict(r, prior_prompts=96) for r in runs])
     quality = {"train": {"shape": 1.0, "colour": 1.0, "background": 1.0}, "held_out": {"all": 0.5}}
     targets = _targets_md({"quality": quality, "dreambooth": runs})
     assert "| DreamBooth (heart, mean of 2 seeds): subject fidelity | >= 0.60 | 0.65 | met |" in targets

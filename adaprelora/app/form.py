@@ -150,7 +150,8 @@ _FLAG_LABELS = {
 def train_config(base_model: str, *, images, instance_prompt, max_train_steps, learning_rate, rank, optimizer,
                  resolution, captions, class_prompt, train_text_encoder, validation_prompt, validation_steps,
                  seed, num_samples, device_type: str, train_batch_size: int = 1,
-                 num_class_images: Optional[int] = None, class_caption_dropout_rate: float = 0.0):
+                 num_class_images: Optional[int] = None, class_caption_dropout_rate: float = 0.0,
+                 snr_gamma: Optional[float] = None):
     """The Train form as a checked `TrainConfig`, with the uploaded paths and their captions.
 
     The config's images and output folder are set when the uploads are staged (`jobs.stage_images`).
@@ -180,6 +181,7 @@ def train_config(base_model: str, *, images, instance_prompt, max_train_steps, l
         with_prior_preservation=bool(class_prompt),
         **({"num_class_images": num_class_images} if num_class_images else {}),
         class_caption_dropout_rate=class_caption_dropout_rate if class_prompt else 0.0,
+        snr_gamma=snr_gamma,
         resolution=res,
         max_train_steps=steps,
         learning_rate=lr,

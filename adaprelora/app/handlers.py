@@ -101,7 +101,7 @@ class AppHandlers:
             validation_steps=validation_steps, seed=seed, num_samples=num_samples,
             device_type=default_device()[0].type, train_batch_size=d.get("train_batch_size", 1),
             num_class_images=d.get("num_class_images"),
-            class_caption_dropout_rate=d.get("class_caption_dropout_rate", 0.0),
+            class_caption_dropout_rate=d.get("class_caption_dropout_rate", 0.0), snr_gamma=d.get("snr_gamma"),
         )
         self._check_base_model()
         info = self.store.create((lora_name or "").strip() or instance_prompt, _run_meta(config, self.base, paths))

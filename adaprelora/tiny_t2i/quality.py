@@ -105,9 +105,11 @@ def _dreambooth_md(rows, settings: str = "") -> str:
     """The model card's DreamBooth table from `report["dreambooth"]` (a list of measured runs)."""
     if not rows:
         return ""
+    # Rows from before the count was recorded were scored on 28 prompts.
+    counts = sorted({r.get("prior_prompts", 28) for r in rows})
     lines = ["", "DreamBooth LoRA on reserved subjects (5 images each, trigger prompt \"a sks shape on a {colour} "
-             "background\" for 7 backgrounds x 3 seeds unless the row says otherwise; prior = all-three score on 28 "
-             "ordinary prompts without the trigger, base model first)"
+             "background\" for 7 backgrounds x 3 seeds unless the row says otherwise; prior = all-three score on "
+             f"{' or '.join(map(str, counts))} ordinary prompts without the trigger, base model first)"
              + (f"; defaults: {settings}" if settings else "") + ":", "",
              "| subject | settings | subject fidelity | background | similarity | prior |", "|---|---|---|---|---|---|"]
     means = _lora_means(rows)
