@@ -165,6 +165,26 @@ def test_decoder_finetuning_learns_and_leaves_the_encoder_alone():
     assert not any(p.requires_grad for p in vae.parameters())
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_learning_rate_anneals_by_steps_or_by_the_time_budget_whichever_leads(seed):
+    """The UNet's schedule: warm-up, then cosine over steps, fitted to the time budget when time runs ahead."""
+    from adaprelora.tiny_t2i.train import _cosine
+
+    rng = random.Random(seed)
+    total, warmup = rng.randint(300, 5000), rng.randint(1, 250)
+    for _ in range(200):
+        step, elapsed = rng.randrange(total), rng.random() * 1.2
+        if step < warmup:
+            expected = (step + 1) / warmup
+        else:
+            by_steps = (step - warmup) / (total - warmup)
+            frac = min(1.0, max(by_steps, elapsed))
+            expected = (1 + np.cos(np.pi * frac)) / 2
+        assert _cosine(step, total, warmup, elapsed) == pytest.approx(expected, abs=1e-12)
+    assert _cosine(total - 1, total, warmup, 0.0) < 1e-4   # the steps end annealed
+    assert _cosine(warmup, total, warmup, 1.0) == 0.0      # so does a spent time budget
+
+
 def test_class_images_are_captioned_ordinary_scenes(tmp_path):
     """The prior-preservation set: every image has its caption, none is a held-out pair or a subject."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "tiny_sd_class_images.py"), str(tmp_path / "cls"),

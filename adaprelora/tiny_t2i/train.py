@@ -54,7 +54,8 @@ class TinyT2IConfig:
     guidance_scale: float = 5.0
     num_inference_steps: int = 25
     threads: int = 2
-    # A safety net for a slow or busy machine: the UNet stops here (its cosine then ends early).
+    # The UNet stops this many minutes after the start, or after `unet_steps`, whichever comes first; its
+    # cosine follows whichever is ahead, so a slow or busy machine still ends on annealed weights.
     time_limit_minutes: Optional[float] = 50.0
     # Continue from an earlier tiny-sd folder: its VAE and judge are kept, its text encoder and UNet
     # trained further (a fresh optimizer and schedule).
@@ -88,10 +89,13 @@ def _to_unit(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float() / 127.5 - 1.0
 
 
-def _cosine(step: int, total: int, warmup: int) -> float:
+def _cosine(step: int, total: int, warmup: int, elapsed: float = 0.0) -> float:
+    """Linear warm-up, then cosine to zero by `total` steps, or sooner when `elapsed` (the fraction
+    of a time budget spent) runs ahead of the steps: a run cut short by time still ends annealed."""
     if step < warmup:
         return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    done = max((step - warmup) / max(1, total - warmup), elapsed)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
 def _fit_reconstruction(vae, params, images: torch.Tensor, steps: int, cfg: TinyT2IConfig, gen, latents, label: str,
@@ -190,11 +194,14 @@ def train_denoiser(data, means, stds, tokenizer, cfg: TinyT2IConfig, scaling_fac
     losses = []
     unet.train()
     text_encoder.train()
+    started = time.time()
     for step in range(cfg.unet_steps):
-        if deadline is not None and time.time() > deadline:
+        # The share of the time budget spent: the learning rate follows it when it leads the steps.
+        elapsed = (time.time() - started) / max(1e-9, deadline - started) if deadline is not None else 0.0
+        if elapsed >= 1.0:
             break
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * _cosine(step, cfg.unet_steps, cfg.warmup_steps)
+            g["lr"] = cfg.lr * _cosine(step, cfg.unet_steps, cfg.warmup_steps, elapsed)
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling_factor
         ids = tokenizer([caption_for_training(data[i], rng) for i in idx.tolist()], padding="max_length",
