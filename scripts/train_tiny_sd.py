@@ -32,7 +32,8 @@ def parse_args(argv=None) -> TinyT2IConfig:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
     p.add_argument("--time_limit_minutes", type=float, default=d.time_limit_minutes,
-                   help="stop UNet training this many minutes after the start (default: %(default)s)")
+                   help="stop UNet training this many minutes after the start; its learning rate reaches zero by then "
+                        "if the steps would not (default: %(default)s)")
     p.add_argument("--init_from", default=None,
                    help="continue from this tiny-sd folder: keep its VAE (and judge with --judge_steps 0), train "
                         "its text encoder and UNet further (--unet_steps 0: only --vae_decoder_steps)")
