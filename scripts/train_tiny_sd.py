@@ -13,6 +13,7 @@ import os
 import sys
 
 from adaprelora.tiny_t2i.train import TinyT2IConfig, run
+from adaprelora.training.errors import UserError
 
 
 def parse_args(argv=None) -> TinyT2IConfig:
@@ -53,6 +54,8 @@ def parse_args(argv=None) -> TinyT2IConfig:
         cfg.vae_decoder_steps = min(cfg.vae_decoder_steps, 2)
         cfg.batch_size, cfg.warmup_steps, cfg.eval_per_split, cfg.num_inference_steps = 8, 1, 4, 2
         cfg.vae_batch_size, cfg.judge_eval_images = 8, 64
+    if cfg.time_limit_minutes is not None and cfg.time_limit_minutes < 0:
+        p.error(f"--time_limit_minutes must be positive (or 0 for no limit), got {cfg.time_limit_minutes}")
     out = os.path.abspath(cfg.output_dir)
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "model_index.json")):
         p.error(f"--output_dir {cfg.output_dir} is a non-empty folder that holds no model; "
@@ -61,7 +64,12 @@ def parse_args(argv=None) -> TinyT2IConfig:
 
 
 def main(argv=None) -> int:
-    report = run(parse_args(argv))
+    cfg = parse_args(argv)
+    try:
+        report = run(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     q = report["quality"]
     print(f"wrote {report['config']['output_dir']}: train shape/colour/bg "
           f"{q['train']['shape']:.2f}/{q['train']['colour']:.2f}/{q['train']['background']:.2f}, held-out all "

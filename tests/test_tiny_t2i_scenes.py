@@ -133,6 +133,18 @@ def test_train_script_refuses_a_folder_that_is_not_a_model(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("limit, message", [("-1", "must be positive"), ("0.0001", "ran out before the UNet's first step")])
+def test_train_script_time_limit_errors_are_one_line(tmp_path, limit, message):
+    """A negative limit, or one spent before the UNet starts: one `error:` line, exit 2, no folder written."""
+    out = tmp_path / "model"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_sd.py"), "--quick", "--threads", "1",
+                           "--output_dir", str(out), "--time_limit_minutes", limit],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not (tmp_path / "model.tmp").exists()
+
+
 @pytest.mark.parametrize("bad", ["pentagon"])
 def test_unknown_shape_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="unknown shape"):

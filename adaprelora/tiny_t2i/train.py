@@ -22,6 +22,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..training.errors import UserError
 from . import models, scenes
 
 
@@ -283,6 +284,10 @@ def run(cfg: TinyT2IConfig) -> dict:
         unet=previous.unet.train() if previous else None,
         text_encoder=previous.text_encoder.train() if previous else None)
     timings["unet_s"] = time.time() - t
+    if cfg.unet_steps and not losses:
+        bar.close()
+        raise UserError(f"--time_limit_minutes {cfg.time_limit_minutes:g} ran out before the UNet's first step "
+                        f"(data and VAE took {(time.time() - start) / 60:.1f} min); give more time or 0 for no limit")
     del images, means, stds
 
     t = time.time()
