@@ -18,6 +18,9 @@ from adaprelora.app.examples import example_images  # noqa: E402
 from adaprelora.tiny_t2i import TINY_SD_DIR, scenes  # noqa: E402
 from adaprelora.tiny_t2i.judge import judge_images, load_judge, similarity  # noqa: E402
 
+# Hearts the judge must see in the 24 images made with the LoRA (measured 9; see the generation loop).
+HEARTS_WITH_LORA_MIN = 5
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -104,6 +107,3 @@ def test_train_the_example_then_generate_the_subject_only_with_the_lora(app):
         f"the judge saw {hearts[0]} of {len(with_lora)} hearts with the LoRA, {hearts[1]} without"
     assert gain > 0.03, f"images with the LoRA are not closer to the example pictures (similarity gain {gain:.3f})"
 
-
-# Of the 24 images with the LoRA; see the measurement above the generation loop.
-HEARTS_WITH_LORA_MIN = 5
