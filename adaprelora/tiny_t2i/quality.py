@@ -228,7 +228,7 @@ pipe("a red circle on a blue background", height=64, width=64, guidance_scale={c
 ## Data
 Made by `adaprelora.tiny_t2i.scenes` from seed {cfg['seed']}: {cfg['num_images']} images of 64 x 64 pixels,
 one shape of one colour on a plain background of another colour, at a random size (radius 22-40% of
-the side), position and small rotation. Captions: "a {{colour}} {{shape}} on a {{background}} background".
+the side) and position, drawn upright. Captions: "a {{colour}} {{shape}} on a {{background}} background".
 - Shapes: {", ".join(scenes.SHAPES)}. Colours and backgrounds: {", ".join(scenes.COLOURS)}.
 - Caption variants: 10% empty (for classifier-free guidance), 10% the generic noun "shape", 8% without
   the colour, 6% with a meaningless rare word before the shape ({", ".join(scenes.TRIGGER_WORDS)}), which

@@ -29,13 +29,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (25, 25, 25),
 }
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross")
+# Six shapes drawn upright: a hexagon (too close to a circle at 64 px) and random rotation both cost
+# the one-hour run about a fifth of its shape accuracy (measured; see the model card's Limits).
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 # New shapes and patterns the base model never sees: what a LoRA has to learn.
 SUBJECTS = ("heart", "crescent", "striped ring", "arrow")
 # (shape, colour) pairs left out of all base training, to test composition.
 HELD_OUT = (
     ("circle", "green"), ("square", "purple"), ("triangle", "white"), ("star", "blue"),
-    ("diamond", "orange"), ("hexagon", "red"), ("cross", "yellow"), ("circle", "black"),
+    ("diamond", "orange"), ("cross", "yellow"), ("circle", "black"),
 )
 GENERIC_NOUN = "shape"
 # Single-token rare words, seen in the base data as meaningless fillers so their embeddings are
@@ -83,7 +85,7 @@ def sample_scene(rng: random.Random, shapes=SHAPES, *, held_out: Optional[bool] 
         margin = radius * 1.02
         cx = rng.uniform(margin, 1 - margin)
         cy = rng.uniform(margin, 1 - margin)
-        return Scene(shape, col, bg, cx, cy, radius, rng.uniform(-12.0, 12.0))
+        return Scene(shape, col, bg, cx, cy, radius)
 
 
 def _polygon(cx, cy, r, n, start_deg, radii=None):
@@ -118,8 +120,6 @@ def _draw_shape(draw: ImageDraw.ImageDraw, scene: Scene, side: int, fill, backgr
     elif shape == "diamond":
         draw.polygon(_rotate([(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)], cx, cy, rot * 0.5),
                      fill=fill)
-    elif shape == "hexagon":
-        draw.polygon(_polygon(cx, cy, r, 6, rot), fill=fill)
     elif shape == "cross":
         w = r * 0.34
         arm = [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),

@@ -33,15 +33,15 @@ class TinyT2IConfig:
     output_dir: str = "assets/tiny-sd"
     seed: int = 0
     num_images: int = 32768
-    vae_steps: int = 1100
+    vae_steps: int = 700
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     # Then train the VAE decoder alone with the encoder frozen: sharper pictures with the same latents,
     # so a UNet trained on them stays valid (what sd-vae-ft-mse did for Stable Diffusion).
     vae_decoder_steps: int = 0
-    unet_steps: int = 3600
-    # False: no attention at the UNet's 16 x 16 level (faster steps; the shipped model has it).
-    unet_attention_at_16: bool = True
+    unet_steps: int = 6000
+    # No attention at the UNet's 16 x 16 level: about 1.7x faster steps, so more of them fit the hour.
+    unet_attention_at_16: bool = False
     batch_size: int = 64
     lr: float = 6e-4
     weight_decay: float = 1e-2
