@@ -23,7 +23,8 @@ CLASS_NOUN = scenes.GENERIC_NOUN
 # DreamBooth settings for this model (the app's defaults and the tests' run), chosen by measuring
 # the judge's subject fidelity, background and prior on reserved subjects (heart to tune, crescent,
 # striped ring and arrow to check; single runs of 21 trigger-word images and 48 ordinary prompts,
-# about +-0.1; the model card has the defaults' runs). What mattered, in the order found:
+# about +-0.1) on the model's earlier weights (seven shapes, rotated); the model card has the
+# defaults' runs on the shipped ones. What mattered, in the order found:
 # - batch 4 instead of 1: heart fidelity 0.24 -> 0.71 at the same 400 steps;
 # - prior preservation on captioned ordinary scenes (`write_class_images`, each image with its own
 #   prompt) instead of the base model's drawings of one class prompt: every prompt the LoRA must not
