@@ -29,8 +29,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (25, 25, 25),
 }
-# Six shapes drawn upright: a hexagon (too close to a circle at 64 px) and random rotation both cost
-# the one-hour run about a fifth of its shape accuracy (measured; see the model card's Limits).
+# Six shapes drawn upright: a seventh (a hexagon, too close to a circle at 64 px) or random rotation
+# each cost about a fifth of the shape accuracy at 2,300 UNet steps (the model card's Limits).
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 # New shapes and patterns the base model never sees: what a LoRA has to learn.
 SUBJECTS = ("heart", "crescent", "striped ring", "arrow")
