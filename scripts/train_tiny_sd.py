@@ -4,7 +4,7 @@
                                                              # on 2 free CPU cores (the UNet stops at
                                                              # --time_limit_minutes)
     python scripts/train_tiny_sd.py --init_from DIR ...      # a further stage: train a tiny-sd folder's text
-                                                             # encoder and UNet on
+                                                             # encoder and UNet further
     python scripts/train_tiny_sd.py --quick --output_dir /tmp/tiny-sd   # a few steps, to check it runs
 """
 from __future__ import annotations

@@ -196,13 +196,14 @@ def test_example_train_watch_generate_in_a_real_browser(app_url, browser):
     from adaprelora.tiny_t2i.judge import similarity
 
     refs = judge_images(judge, [Image.open(p).convert("RGB") for p in example_images()])
-    gain = similarity(judge_images(judge, with_lora), refs) - similarity(judge_images(judge, plain), refs)
+    seen_with, seen_without = judge_images(judge, with_lora), judge_images(judge, plain)
+    gain = similarity(seen_with, refs) - similarity(seen_without, refs)
     _screenshot(driver, "screenshot_generate.png")
     # Eight images are too few for a learning score (tests/test_app_tiny.py and tests/test_tiny_t2i_model.py
     # count the judge's hearts on more); here the judge's embedding must move towards the example pictures
     # and the base model must draw no heart. Measured: similarity gain 0.166 with 2 of the 8 judged hearts
     # (a quarter of the steps, twice), 0.158 with 1 (half), 0.169 with 3 (all the steps).
-    hearts = [sum(v.shape == "heart" for v in judge_images(judge, images)) for images in (with_lora, plain)]
+    hearts = [sum(v.shape == "heart" for v in seen) for seen in (seen_with, seen_without)]
     print(f"judge-embedding similarity to the example pictures, with minus without the LoRA: {gain:.3f}; "
           f"hearts with / without: {hearts} of {len(with_lora)} / {len(plain)}")
     assert any((np.asarray(a) != np.asarray(b)).any() for a, b in zip(plain, with_lora[4:])), "the LoRA changed nothing"
