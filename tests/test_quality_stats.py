@@ -1,0 +1,132 @@
+"""The quality suites' comparison statistics (benchmarks/quality/stats.py) against explicit
+references: a loop-by-loop percentile bootstrap with the same seed, and hand-worked lr bands."""
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.quality import stats
+
+
+def _reference_interval(diffs, level, n_boot, seed):
+    """One resample per loop iteration, quantiles by sorting and interpolating by hand."""
+    x = [float(v) for v in diffs]
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    means = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        means.append(sum(x[i] for i in idx) / n)
+    means.sort()
+
+    def quantile(q):
+        pos = q * (n_boot - 1)
+        i = int(math.floor(pos))
+        frac = pos - i
+        return means[i] if i + 1 >= n_boot else means[i] * (1 - frac) + means[i + 1] * frac
+
+    return sum(x) / n, quantile((1 - level) / 2), quantile((1 + level) / 2)
+
+
+@pytest.mark.parametrize("n_units,seed", [(5, 0), (12, 3), (20, 11)])
+def test_paired_interval_matches_loop_reference(n_units, seed):
+    rng = np.random.default_rng(100 + n_units)
+    units = [(f"subject{i % 4}", i // 4) for i in range(n_units)]
+    base = {u: float(v) for u, v in zip(units, rng.normal(0.6, 0.2, n_units))}
+    cand = {u: base[u] + float(d) for u, d in zip(units, rng.normal(0.02, 0.05, n_units))}
+    iv = stats.paired_interval(cand, base, n_boot=2000, seed=seed)
+    ordered = sorted(units, key=str)
+    mean, lo, hi = _reference_interval([cand[u] - base[u] for u in ordered], 0.95, 2000, seed)
+    assert iv["n"] == n_units
+    assert iv["mean"] == pytest.approx(mean, rel=1e-12, abs=1e-15)
+    assert iv["lo"] == pytest.approx(lo, rel=1e-12, abs=1e-15)
+    assert iv["hi"] == pytest.approx(hi, rel=1e-12, abs=1e-15)
+    assert iv["lo"] <= iv["mean"] <= iv["hi"]
+
+
+def test_relative_differences_and_missing_units():
+    base = {"a": 2.0, "b": 4.0, "c": 1.0, "d": None}
+    cand = {"a": 2.2, "b": 3.0, "d": 5.0, "e": 1.0}
+    assert stats.paired_differences(cand, base) == pytest.approx({"a": 0.2, "b": -1.0})
+    assert stats.paired_differences(cand, base, relative=True) == pytest.approx({"a": 0.1, "b": -0.25})
+    assert stats.paired_interval({"x": 1.0}, {"y": 1.0}) is None
+
+
+def test_interval_excludes_zero_for_a_consistent_gain_and_includes_it_for_noise():
+    rng = np.random.default_rng(7)
+    base = {i: float(v) for i, v in enumerate(rng.normal(0.5, 0.3, 20))}
+    # a gain of 0.05 on every unit, with a spread of raw scores (0.3) six times larger
+    better = {i: base[i] + 0.05 + float(e) for i, e in enumerate(rng.normal(0.0, 0.01, 20))}
+    iv = stats.paired_interval(better, base)
+    assert iv["excludes_zero"] and iv["lo"] > 0.04 and iv["hi"] < 0.06
+    # unpaired noise of the same size as the spread: the interval straddles zero
+    noisy = {i: base[i] + float(e) for i, e in enumerate(rng.normal(0.0, 0.3, 20))}
+    noisy_iv = stats.paired_interval(noisy, base)
+    d = np.array([noisy[i] - base[i] for i in range(20)])
+    assert abs(d.mean()) < 2 * d.std() / math.sqrt(20)  # the draw is noise, not a gap
+    assert not noisy_iv["excludes_zero"] and noisy_iv["lo"] < 0 < noisy_iv["hi"]
+
+
+def test_bootstrap_rejects_bad_input():
+    with pytest.raises(ValueError):
+        stats.bootstrap_mean_interval([])
+    with pytest.raises(ValueError):
+        stats.bootstrap_mean_interval([1.0, float("nan")])
+    one = stats.bootstrap_mean_interval([0.3])
+    assert one["lo"] == one["hi"] == one["mean"] == 0.3
+
+
+def _reference_band(lrs, scores, higher, within=0.9):
+    order = np.argsort(lrs)
+    lrs = [lrs[i] for i in order]
+    scores = [scores[i] for i in order]
+    good = [s is not None for s in scores]
+    cand = [i for i in range(len(lrs)) if good[i]]
+    best = max(cand, key=lambda i: scores[i]) if higher else min(cand, key=lambda i: scores[i])
+    ok = [good[i] and ((scores[i] >= within * scores[best]) if higher else (scores[best] / scores[i] >= within))
+          for i in range(len(lrs))]
+    lo = hi = best
+    while lo > 0 and ok[lo - 1]:
+        lo -= 1
+    while hi < len(lrs) - 1 and ok[hi + 1]:
+        hi += 1
+    return lrs[best], lrs[lo], lrs[hi], math.log2(lrs[hi] / lrs[lo]), 0 < best < len(lrs) - 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lr_band_matches_reference_on_random_sweeps(seed):
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(3, 8))
+    lrs = list(1e-4 * 2.0 ** np.arange(k))
+    rng.shuffle(lrs)
+    scores = [float(s) for s in rng.uniform(0.2, 1.0, k)]
+    if seed % 3 == 0:
+        scores[int(rng.integers(0, k))] = None  # a diverged run
+    for higher in (True, False):
+        band = stats.lr_band(lrs, scores, higher_is_better=higher)
+        best, lo, hi, width, interior = _reference_band(lrs, scores, higher)
+        assert (band["best_lr"], band["band_lo"], band["band_hi"], band["interior"]) == (best, lo, hi, interior)
+        assert band["band_width_log2"] == pytest.approx(width)
+
+
+def test_lr_band_worked_examples():
+    lrs = [1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3]
+    # accuracy: best 0.80 at 4e-4; 0.75 and 0.73 are within 90% (>= 0.72); 0.70 is not
+    band = stats.lr_band(lrs, [0.70, 0.75, 0.80, 0.73, 0.50])
+    assert band["best_lr"] == 4e-4 and band["interior"]
+    assert (band["band_lo"], band["band_hi"]) == (2e-4, 8e-4) and band["band_width_log2"] == pytest.approx(2.0)
+    # a loss whose best is at the top end: not interior; 0.1 / 0.105 >= 0.9 but 0.1 / 0.2 is not
+    band = stats.lr_band(lrs, [0.4, 0.3, 0.2, 0.105, 0.1], higher_is_better=False)
+    assert band["best_lr"] == 1.6e-3 and not band["interior"] and band["band_width_log2"] == pytest.approx(1.0)
+    # an isolated good point beyond a diverged one does not widen the band
+    band = stats.lr_band(lrs, [0.79, None, 0.80, 0.5, 0.5])
+    assert band["band_width_log2"] == 0.0
+    assert stats.lr_band(lrs, [None] * 5) is None
+    with pytest.raises(ValueError):
+        stats.lr_band(lrs, [0.1, -0.2, 0.3, 0.4, 0.5])
+
+
+def test_interval_text():
+    assert stats.interval_text(None) == "-"
+    assert stats.interval_text({"mean": 0.0123, "lo": -0.004, "hi": 0.03}) == "+0.012 [-0.004, +0.030]"
+    assert stats.interval_text({"mean": -0.021, "lo": -0.03, "hi": -0.012, "relative": True}) == "-2.1% [-3.0, -1.2]"
