@@ -1,6 +1,11 @@
-"""Test-wide settings: offline Hub, no analytics, Triton kernels run in the CPU interpreter; the
-shared `accelerate launch train_dreambooth.py` runner."""
+"""Test-wide settings (offline Hub, no analytics, Triton kernels in the CPU interpreter) and the
+fixtures several modules share: thread settings, the tiny SD / SDXL pipelines, instance images,
+free ports, and the `accelerate launch train_dreambooth.py` runner with its common flags.
+
+Markers (registered in pyproject.toml): `slow` (over about 10 s on the 2-core CI machine; the fast
+subset is `pytest -m "not slow"`), `browser` (headless Chromium), `gpu` (needs CUDA)."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +19,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Must be set before triton is first imported: lets @triton.jit kernels run on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+# The instance images of `instance_dir`, (height, width): wide, tall and square, so that
+# aspect-ratio buckets tell them apart.
+INSTANCE_SHAPES = [(64, 128), (128, 64), (80, 80)]
+INSTANCE_PROMPT = "a photo of sks toy"
 
 
 @pytest.fixture(scope="module")
@@ -35,21 +46,89 @@ def training_threads() -> int:
     return min(2, os.cpu_count() or 1)
 
 
-ROOT = Path(__file__).resolve().parents[1]
+@pytest.fixture(scope="session")
+def tiny_sd() -> str:
+    """Folder of the tiny Stable Diffusion 1.x pipeline built in code, saved once per process."""
+    from adaprelora.testing.tiny_sd import tiny_sd_pipeline_dir
+
+    return tiny_sd_pipeline_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl() -> str:
+    """Folder of the tiny SDXL pipeline built in code, saved once per process."""
+    from adaprelora.testing.tiny_sdxl import tiny_sdxl_pipeline_dir
+
+    return tiny_sdxl_pipeline_dir()
+
+
+@pytest.fixture(scope="session")
+def write_images():
+    """`write_images(folder, shapes, prefix="img", seed=0)`: random RGB PNGs `<prefix><i>.png` of the
+    given (height, width) shapes in `folder` (made if missing); returns their paths."""
+    import numpy as np
+    from PIL import Image
+
+    def write(folder, shapes, prefix: str = "img", seed: int = 0) -> list[str]:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(seed)
+        paths = []
+        for i, (h, w) in enumerate(shapes):
+            path = folder / f"{prefix}{i}.png"
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+            paths.append(str(path))
+        return paths
+
+    return write
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory, write_images) -> str:
+    """A DreamBooth subject folder: `img0.png` .. `img2.png` in the shapes of INSTANCE_SHAPES."""
+    folder = tmp_path_factory.mktemp("instance") / "toy"
+    write_images(folder, INSTANCE_SHAPES)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """`free_port()`: a TCP port on 127.0.0.1 that nothing listens on (for a server under test)."""
+    def pick() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    return pick
+
+
+@pytest.fixture(scope="session")
+def dreambooth_args():
+    """`dreambooth_args(model, instance_dir, output_dir, steps, resolution=32)`: the flags every small
+    `train_dreambooth.py` run in the tests shares (batch 1, seed 0, fp32, INSTANCE_PROMPT); callers
+    add what their run is about."""
+    def args(model: str, instance_dir: str, output_dir, steps: int, resolution: int = 32) -> list[str]:
+        return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance_dir),
+                "--instance_prompt", INSTANCE_PROMPT, "--output_dir", str(output_dir),
+                "--resolution", str(resolution), "--train_batch_size", "1", "--max_train_steps", str(steps),
+                "--seed", "0", "--mixed_precision", "no"]
+
+    return args
 
 
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
     """Run `accelerate launch --config_file <basic CPU config> train_dreambooth.py ARGS` as users do;
     `threads` is accelerate's --num_cpu_threads_per_process. Raises with both streams on a failed run
-    unless `expect_ok=False`; a run past `timeout` seconds fails instead of hanging the suite."""
+    unless `expect_ok=False`; a run past `timeout` seconds fails instead of hanging the suite (the default
+    stays under pytest's 600 s per test, so the run's own timeout, naming the command, fires first)."""
     from accelerate.utils import write_basic_config
 
     config_file = str(tmp_path_factory.mktemp("accelerate") / "default_config.yaml")
     write_basic_config(mixed_precision="no", save_location=config_file)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
 
-    def run(args: list[str], expect_ok: bool = True, threads: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+    def run(args: list[str], expect_ok: bool = True, threads: int = 1, timeout: float = 480) -> subprocess.CompletedProcess:
         # --quiet: accelerate's own launcher would otherwise add its CalledProcessError traceback on a
         # non-zero exit, hiding what the script itself printed.
         cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--quiet", "--config_file",
