@@ -3,25 +3,14 @@ diffusers' `load_lora_weights` and must reproduce the trained model; a file that
 warning. Also the diffusers file's text-encoder layout (`text_encoder.text_model.…`)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adaprelora.testing.tiny_sd import tiny_sd_pipeline_dir
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def instance_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("toy")
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return str(folder)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py, as is instance_dir
 
 
 def _config(instance_dir, output_dir, **kw):
