@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from .pairs import LoraPair, find_lora_pairs, pairs_from_tuples
+from .param_list_pairs import list_pairs
 
 NO_PAIRS_MSG = (
     "did not find any trainable LoRA (lora_A/lora_B) parameter pairs: this optimizer only applies "
@@ -74,19 +75,23 @@ class LoRAPairOptimizer(Optimizer):
     _rebalance_sgd = False
 
     def __init__(self, params: Union[nn.Module, Iterable], defaults: dict, *, variant: str = "adamw",
-                 pairs=None, nonfinite: str = "skip"):
+                 pairs=None, nonfinite: str = "skip", pairs_from: Optional[str] = None,
+                 lora_scale=None):
         if variant not in ("adamw", "sgd"):
             raise ValueError(f"variant must be 'adamw' or 'sgd', got {variant!r}")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         self._validate(defaults)
         if isinstance(params, nn.Module):
+            if pairs_from is not None or lora_scale is not None:
+                raise ValueError("pairs_from and lora_scale apply to parameter lists: a model's pairs and "
+                                 "scales are read from its LoRA layers")
             self.model = params
             found = pairs_from_tuples(pairs) if pairs is not None else find_lora_pairs(params)
             params = [p for p in params.parameters() if p.requires_grad]
-        else:
+        else:  # a parameter list: the pairs given, or found from names or order (param_list_pairs)
             self.model = None
-            found = pairs_from_tuples(pairs) if pairs is not None else []
+            params, found = list_pairs(params, pairs, pairs_from, lora_scale)
         if not found:
             raise ValueError(NO_PAIRS_MSG)
         super().__init__(params, defaults)

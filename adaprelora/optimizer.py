@@ -53,6 +53,14 @@ class AdaPreLoRA(LoRAPairOptimizer):
         nonfinite (str): "skip" (leave the pair untouched, warn once) or "raise" (default: "skip")
         backend (str): "auto", "torch" or "triton" (default: "auto": Triton on CUDA if importable)
         pairs (list, optional): [(A, B, scale), ...] when params are bare tensors
+        pairs_from (str, optional): how to find the pairs of a parameter list without `pairs`:
+            "names" ((name, tensor) items, e.g. `model.named_parameters()`), "order" (each
+            lora_down/lora_A directly followed by its lora_up/lora_B, or kohya's LoRA+ groups),
+            "none" (only `pairs`). Default: "names" for named items, else "order".
+            `docs/integrations.md` shows it in kohya, diffusers' scripts and TRL.
+        lora_scale (float or list, optional): the LoRA scale s (alpha / r) of the pairs found in a
+            parameter list, one for all or one per pair; default 1. It cancels out of the "adamw"
+            variant's step; the "sgd" variant's weight step is lr * s_true / lora_scale.
     """
 
     _rebalance_sgd = True
@@ -61,7 +69,8 @@ class AdaPreLoRA(LoRAPairOptimizer):
                  stats: Optional[str] = None, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, decay_rate: float = -0.8,
                  eps_factored: float = 1e-30, clip_threshold: Optional[float] = 1.0, damping: float = 0.1,
-                 nonfinite: str = "skip", backend: str = "auto", pairs=None, momentum_before_solve: bool = False):
+                 nonfinite: str = "skip", backend: str = "auto", pairs=None, momentum_before_solve: bool = False,
+                 pairs_from: Optional[str] = None, lora_scale=None):
         has_model = isinstance(params, nn.Module)
         if stats is None:
             stats = "exact" if has_model and pairs is None else "tangent"
@@ -85,7 +94,9 @@ class AdaPreLoRA(LoRAPairOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
                         decay_rate=decay_rate, eps_factored=eps_factored, clip_threshold=clip_threshold,
                         damping=damping)
-        super().__init__(params, defaults, variant=variant, pairs=pairs, nonfinite=nonfinite)
+        super().__init__(params, defaults, variant=variant, pairs=pairs, nonfinite=nonfinite, pairs_from=pairs_from,
+                         lora_scale=lora_scale)
+        self._scale_given = pairs is not None or lora_scale is not None
         self.stats = stats
         self.momentum_before_solve = bool(momentum_before_solve)
         self.backend = resolve_backend(backend, self.pairs[0].A.device)
@@ -112,6 +123,22 @@ class AdaPreLoRA(LoRAPairOptimizer):
         divided by the scale like the gradients are."""
         if self._collector is not None:
             self._collector.set_grad_scaler(scaler)
+
+    def attach(self, *models: nn.Module) -> "AdaPreLoRA":
+        """Switch an optimizer built from a parameter list to exact energies: hook the LoRA layers
+        of `models` (a PEFT model, a diffusers UNet and text encoder, a kohya-style network) whose
+        weights are the pairs' tensors, matched by identity. A PEFT layer's own scale replaces the
+        default 1 unless `lora_scale` or `pairs` gave one. Call it before the first step."""
+        from .pairs import bind_pair_modules
+        from .stats import ExactEnergyCollector
+
+        bind_pair_modules(self.pairs, models, adopt_scale=not self._scale_given)
+        if self._collector is not None:
+            self._collector.remove()
+        energy_fn, conv_fn = self._energy_functions()
+        self._collector = ExactEnergyCollector(self.pairs, energy_fn, conv_fn)
+        self.stats = "exact"
+        return self
 
     def remove_hooks(self) -> None:
         """Remove the backward hooks of `stats="exact"` (the optimizer then falls back to tangent

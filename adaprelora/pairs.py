@@ -107,3 +107,38 @@ def pairs_from_tuples(items: Iterable) -> list[LoraPair]:
         _check_shapes(f"pairs[{i}]", A, B)
         pairs.append(LoraPair(f"pairs[{i}]", A, B, scale=float(scale)))
     return pairs
+
+
+def bind_pair_modules(pairs: list[LoraPair], models: Iterable[nn.Module], adopt_scale: bool = True) -> None:
+    """Give pairs found in a parameter list the modules that hold their tensors (matched by
+    identity), so exact-energy hooks can be placed: the Linear/Conv2d whose weight is A (PEFT's
+    `lora_A[adapter]`, kohya's `lora_down`) and the one whose weight is B. With `adopt_scale`, a
+    pair inside a PEFT LoraLayer reads that layer's live `scaling[adapter]` from then on."""
+    models = list(models)
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise TypeError("attach() takes the model(s) holding the LoRA layers, e.g. attach(model) or attach(unet, text_encoder)")
+    holder: dict[int, nn.Module] = {}
+    peft: dict[int, tuple] = {}
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        LoraLayer = ()
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and isinstance(getattr(module, "weight", None), nn.Parameter):
+                holder.setdefault(id(module.weight), module)
+            if LoraLayer and isinstance(module, LoraLayer):
+                for adapter, lora_A in module.lora_A.items():
+                    weight = getattr(lora_A, "weight", None)
+                    if weight is not None:
+                        peft[id(weight)] = (module, adapter)
+    missing = [p.name for p in pairs if id(p.A) not in holder or id(p.B) not in holder]
+    if missing:
+        raise ValueError(
+            f"attach(): the tensors of LoRA pair(s) {missing[:3]}{' ...' if len(missing) > 3 else ''} are not the "
+            "weights of a Linear or Conv2d in the model(s) given: pass every model that holds them, e.g. "
+            "attach(unet, text_encoder)")
+    for p in pairs:
+        p.lora_A_module, p.lora_B_module = holder[id(p.A)], holder[id(p.B)]
+        if adopt_scale and id(p.A) in peft:
+            p.module, p.adapter = peft[id(p.A)]
