@@ -27,6 +27,15 @@ INSTANCE_SHAPES = [(64, 128), (128, 64), (80, 80)]
 INSTANCE_PROMPT = "a photo of sks toy"
 
 
+def pytest_runtest_setup(item):
+    """A test marked `gpu` is skipped, with the reason, where torch sees no CUDA device."""
+    if item.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning

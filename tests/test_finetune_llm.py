@@ -61,7 +61,7 @@ def run_finetune(args, cwd: Path, check: bool = True, **env_extra) -> subprocess
                HF_DATASETS_CACHE=str(cwd / "hf_datasets_cache"), TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT), **env_extra)
     proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=480)  # under pytest's 600 s per test
     if check:
         assert proc.returncode == 0, f"finetune_llm.py {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc

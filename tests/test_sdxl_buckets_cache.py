@@ -21,60 +21,28 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from adaprelora.testing.tiny_sd import build_tiny_sd_pipeline
-from adaprelora.testing.tiny_sdxl import build_tiny_sdxl_pipeline
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "train_dreambooth.py")
 PROMPT = "a photo of sks toy"
-# (height, width) of the three instance images: wide, tall, square.
+# (height, width): wide, tall, square, as the images of conftest's `instance_dir`.
 SHAPES = [(64, 128), (128, 64), (80, 80)]
 BUCKET_ARGS = ["--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "16"]
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-sdxl") / "model"
-    build_tiny_sdxl_pipeline(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-sd") / "model"
-    build_tiny_sd_pipeline(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def instance_dir(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("instance") / "toy"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate(SHAPES):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return str(folder)
-
-
-def _common(model, instance_dir, output_dir, steps, resolution=64):
-    return ["--pretrained_model_name_or_path", model, "--instance_data_dir", instance_dir, "--instance_prompt", PROMPT,
-            "--output_dir", str(output_dir), "--resolution", str(resolution), "--train_batch_size", "1",
-            "--max_train_steps", str(steps), "--seed", "0", "--mixed_precision", "no", "--report_to", "none"]
-
-
+# The models (tiny_sd, tiny_sdxl), instance_dir and the common flags (dreambooth_args) are tests/conftest.py's.
 # SDXL, both text encoders, buckets, checkpoints every 2 steps, validation images 96 x 48.
-RUN_ARGS = ["--train_text_encoder", "--center_crop", *BUCKET_ARGS, "--checkpointing_steps", "2",
+RUN_ARGS = ["--report_to", "none", "--train_text_encoder", "--center_crop", *BUCKET_ARGS, "--checkpointing_steps", "2",
             "--learning_rate", "1e-2", "--optimizer", "adamw", "--validation_prompt", "sks toy on a beach",
             "--num_validation_images", "1", "--validation_steps", "100", "--validation_inference_steps", "2",
             "--validation_width", "96", "--validation_height", "48", "--output_name", "sks_xl"]
 
 
 @pytest.fixture(scope="module")
-def sdxl_run(launch, tiny_sdxl, instance_dir, tmp_path_factory):
+def sdxl_run(launch, dreambooth_args, tiny_sdxl, instance_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sdxl-run") / "out"
-    return out, launch(_common(tiny_sdxl, instance_dir, out, 4) + RUN_ARGS)
+    return out, launch(dreambooth_args(tiny_sdxl, instance_dir, out, 4, resolution=64) + RUN_ARGS)
 
 
 def _metadata(path) -> dict:
@@ -155,13 +123,14 @@ def test_sdxl_files_load_in_diffusers_and_reproduce_the_trained_unet(sdxl_run, t
         torch.testing.assert_close(_unet_output(pipe), expected, rtol=1e-4, atol=1e-5, msg=weight_name)
 
 
-def test_sdxl_resume_with_buckets_equals_the_uninterrupted_run(sdxl_run, launch, tiny_sdxl, instance_dir, tmp_path):
+def test_sdxl_resume_with_buckets_equals_the_uninterrupted_run(sdxl_run, launch, dreambooth_args, tiny_sdxl,
+                                                               instance_dir, tmp_path):
     out_a, _ = sdxl_run
     out_b = tmp_path / "out"
     out_b.mkdir()
     shutil.copytree(out_a / "checkpoint-2", out_b / "checkpoint-2")
-    proc = launch(_common(tiny_sdxl, instance_dir, out_b, 4) + RUN_ARGS + ["--resume_from_checkpoint", "latest",
-                                                                           "--skip_export_check"])
+    proc = launch(dreambooth_args(tiny_sdxl, instance_dir, out_b, 4, resolution=64) + RUN_ARGS
+                  + ["--resume_from_checkpoint", "latest", "--skip_export_check"])
     assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
     w_a = load_file(str(out_a / "checkpoint-4" / "pytorch_lora_weights.safetensors"))
     w_b = load_file(str(out_b / "checkpoint-4" / "pytorch_lora_weights.safetensors"))
@@ -176,10 +145,12 @@ def test_sdxl_resume_with_buckets_equals_the_uninterrupted_run(sdxl_run, launch,
                 torch.testing.assert_close(opt_b["state"][index][name], value, rtol=1e-5, atol=1e-7)
 
 
-def test_sdxl_prior_preservation_with_latents_cached_on_disk(launch, tiny_sdxl, instance_dir, tmp_path):
+def test_sdxl_prior_preservation_with_latents_cached_on_disk(launch, dreambooth_args, tiny_sdxl, instance_dir,
+                                                             tmp_path):
     out, class_dir = tmp_path / "out", tmp_path / "class"
-    args = _common(tiny_sdxl, instance_dir, out, 2, resolution=32) + [
-        "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "a photo of a toy",
+    args = dreambooth_args(tiny_sdxl, instance_dir, out, 2) + [
+        "--report_to", "none", "--with_prior_preservation", "--class_data_dir", str(class_dir),
+        "--class_prompt", "a photo of a toy",
         "--num_class_images", "2", "--sample_batch_size", "2", "--class_inference_steps", "2",
         "--cache_latents_to_disk", "--center_crop", "--crops_coords_top_left_h", "0"]
     proc = launch(args)
@@ -201,19 +172,20 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_combinations_are_one_clear_line_and_exit_2(case, launch, tiny_sd, instance_dir, tmp_path):
+def test_bad_combinations_are_one_clear_line_and_exit_2(case, launch, dreambooth_args, tiny_sd, instance_dir, tmp_path):
     args, expected = BAD_INPUTS[case]
-    proc = launch(_common(tiny_sd, instance_dir, tmp_path / "out", 1, resolution=32) + args, expect_ok=False)
+    proc = launch(dreambooth_args(tiny_sd, instance_dir, tmp_path / "out", 1) + ["--report_to", "none"] + args,
+                  expect_ok=False)
     assert proc.returncode != 0  # accelerate's launcher turns the script's exit 2 into its own 1
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr
 
 
-def test_the_script_itself_exits_2_on_a_bad_combination(tiny_sd, instance_dir, tmp_path):
+def test_the_script_itself_exits_2_on_a_bad_combination(dreambooth_args, tiny_sd, instance_dir, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    args = _common(tiny_sd, instance_dir, tmp_path / "out", 1, resolution=32) + ["--cache_latents", "--random_flip",
-                                                                                 "--center_crop"]
+    args = dreambooth_args(tiny_sd, instance_dir, tmp_path / "out", 1) + ["--report_to", "none", "--cache_latents",
+                                                                          "--random_flip", "--center_crop"]
     proc = subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [

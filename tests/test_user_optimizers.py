@@ -134,7 +134,7 @@ def test_adamw8bit_keeps_8_bit_moments_for_large_tensors_on_this_device():
     assert opt.state[bias]["state1"].dtype == torch.float32
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 def test_adamw8bit_on_cuda_matches_the_package():
     ours, theirs = _wide_lora(seed=3).cuda(), _wide_lora(seed=3).cuda()
     opt = create_optimizer("adamw8bit", ours, lr=1e-2)
