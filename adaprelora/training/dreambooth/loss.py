@@ -15,6 +15,17 @@ from ..errors import UserError
 from .config import TrainConfig
 
 
+def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict: the noise, or the velocity for v-prediction."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise UserError(f"unsupported scheduler prediction_type {prediction_type!r}")
+
+
 def denoising_loss(cfg: TrainConfig, noise_scheduler, unet, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
                    added_cond_kwargs: Optional[dict] = None) -> torch.Tensor:
     """MSE between the UNet's prediction and its target (noise, or velocity for v-prediction), with
@@ -35,12 +46,7 @@ def denoising_loss(cfg: TrainConfig, noise_scheduler, unet, latents: torch.Tenso
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False, **extra)[0]
 
     prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise UserError(f"unsupported scheduler prediction_type {prediction_type!r}")
+    target = prediction_target(noise_scheduler, latents, noise, timesteps)
 
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
@@ -58,4 +64,4 @@ def denoising_loss(cfg: TrainConfig, noise_scheduler, unet, latents: torch.Tenso
     return per_sample.mean()
 
 
-__all__ = ["denoising_loss"]
+__all__ = ["denoising_loss", "prediction_target"]
