@@ -1,14 +1,14 @@
 """`LoRAPairOptimizer`: the torch.optim plumbing shared by AdaPreLoRA and the preconditioned
-baselines. A subclass only says how a bucket of pairs turns gradients into factor directions
-(dA, dB); this class finds the pairs, buckets them by shape for batched r x r solves, keeps the
-state (stacked per bucket, exposed per parameter for `state_dict`), applies AdamW or SGD, skips
-non-finite pairs, and updates every other trainable tensor with plain AdamW.
+baselines. It finds the pairs, buckets them by shape (and param groups) for batched r x r solves,
+keeps the state (stacked per bucket, exposed per parameter for `state_dict`), hands each bucket to
+its rule's functional step (`step.py`, via `_step_bucket`), reports the pairs that step skipped for
+a non-finite gradient, and updates every other trainable tensor with plain AdamW.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple, Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -27,9 +27,12 @@ NO_PAIRS_MSG = (
 
 @dataclass
 class Bucket:
-    """Pairs of one param group with equal (device, dtype, m, n, r), stepped together."""
+    """Pairs with equal (param groups, device, dtype, m, n, r), stepped together. `group` is A's
+    param group (every hyperparameter), `group_B` B's (its learning rate: kohya's LoRA+ puts B
+    in a group of its own)."""
 
     group: dict
+    group_B: dict
     pair_ids: list
     m: int
     n: int
@@ -37,42 +40,13 @@ class Bucket:
     state: dict = field(default_factory=dict)  # name -> stacked tensor (k, ...), compute dtype
 
 
-class StackedBucket(NamedTuple):
-    """A bucket's factors, gradients and scales stacked in the compute dtype (`_stack`)."""
-
-    pairs: list  # the bucket's LoraPairs, in order
-    A: torch.Tensor  # (k, r, n)
-    B: torch.Tensor  # (k, m, r)
-    gradA: torch.Tensor  # (k, r, n); zeros for a pair without gradients
-    gradB: torch.Tensor  # (k, m, r)
-    s: torch.Tensor  # (k, 1, 1) LoRA scales
-    present: torch.Tensor  # (k,) bool: the pair has both gradients
-
-
-@dataclass
-class StepContext:
-    """What `_directions` receives for one bucket (all stacked, compute dtype)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    gradA: torch.Tensor
-    gradB: torch.Tensor
-    s: torch.Tensor  # (k, 1, 1) LoRA scales
-    step: torch.Tensor  # (k,) new step counts
-    ok: torch.Tensor  # (k,) pairs being updated
-    bucket: Bucket
-    updates: dict = field(default_factory=dict)  # state name -> new stacked value (set by subclasses)
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
 class LoRAPairOptimizer(Optimizer):
-    """Base class; see the module docstring. Not for direct use."""
-
-    #: rebalance (B c, A / c) after each SGD step (AdaPreLoRA's sgd variant)
-    _rebalance_sgd = False
+    """Base class; see the module docstring. Not for direct use: a subclass implements
+    `_step_bucket` with its rule's functional step."""
 
     def __init__(self, params: Union[nn.Module, Iterable], defaults: dict, *, variant: str = "adamw",
                  pairs=None, nonfinite: str = "skip", pairs_from: Optional[str] = None,
@@ -118,6 +92,7 @@ class LoRAPairOptimizer(Optimizer):
             raise ValueError(f"Invalid momentum: {d.get('momentum')}")
 
     def _map_pairs_to_groups(self) -> list:
+        """(A's group index, B's group index) of every pair."""
         where = {}
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -127,9 +102,7 @@ class LoRAPairOptimizer(Optimizer):
             ga, gb = where.get(id(pair.A)), where.get(id(pair.B))
             if ga is None or gb is None:
                 raise ValueError(f"LoRA pair {pair.name!r}: A and B must both be among the optimized parameters")
-            if ga != gb:
-                raise ValueError(f"LoRA pair {pair.name!r}: A and B must be in the same parameter group")
-            out.append(ga)
+            out.append((ga, gb))
         return out
 
     def __setstate__(self, state):
@@ -165,12 +138,12 @@ class LoRAPairOptimizer(Optimizer):
     def _build_buckets(self) -> list:
         groups: dict = {}
         for i, pair in enumerate(self.pairs):
-            key = (self._pair_group[i],) + pair.bucket_key()
+            key = self._pair_group[i] + pair.bucket_key()
             groups.setdefault(key, []).append(i)
         buckets = []
         for key, ids in groups.items():
             first = self.pairs[ids[0]]
-            bucket = Bucket(self.param_groups[key[0]], ids, first.m, first.n, first.r)
+            bucket = Bucket(self.param_groups[key[0]], self.param_groups[key[1]], ids, first.m, first.n, first.r)
             cdt = _compute_dtype(first.A.dtype)
             for name, shape in self._pair_state_shapes(first.m, first.n, first.r).items():
                 owner, key_ = self._state_key(name)
@@ -206,12 +179,10 @@ class LoRAPairOptimizer(Optimizer):
         self._buckets = None
 
     # -- stepping ---------------------------------------------------------------------------
-    def _directions(self, ctx: StepContext):
-        """Return (dA, dB) for a bucket, in the compute dtype. Subclasses implement."""
+    def _step_bucket(self, bucket: Bucket, pairs: list) -> torch.Tensor:
+        """Step one bucket with the rule's functional (`step.py`); return which pairs it updated
+        ((k,) bool). Subclasses implement."""
         raise NotImplementedError
-
-    def _sgd_scale(self, s: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(s)
 
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
@@ -229,7 +200,13 @@ class LoRAPairOptimizer(Optimizer):
         if self._buckets is None:
             self._buckets = self._build_buckets()
         for bucket in self._buckets:
-            self._step_bucket(bucket)
+            ps = [self.pairs[i] for i in bucket.pair_ids]
+            present = [p.A.grad is not None and p.B.grad is not None for p in ps]
+            if not any(present):
+                continue
+            ok = self._step_bucket(bucket, ps)
+            if self.nonfinite == "raise" or "nonfinite" not in self._warned:  # one sync, until warned
+                self._check_nonfinite(ok, present, ps)
         self._after_pairs()
         self._step_other_params()
         return loss
@@ -240,100 +217,30 @@ class LoRAPairOptimizer(Optimizer):
     def _after_pairs(self) -> None:
         pass
 
-    def _stack(self, bucket: Bucket) -> Optional[StackedBucket]:
-        """Stack a bucket's factors, gradients and scales (compute dtype); None if no gradients."""
-        ps = [self.pairs[i] for i in bucket.pair_ids]
-        As, Bs = [p.A for p in ps], [p.B for p in ps]
-        gAs, gBs = [a.grad for a in As], [b.grad for b in Bs]
-        m, n, r, k = bucket.m, bucket.n, bucket.r, len(ps)
-        cdt = _compute_dtype(As[0].dtype)
-        present = [ga is not None and gb is not None for ga, gb in zip(gAs, gBs)]
-        if not any(present):
-            return None
-        if not all(present):
-            gAs = [g if ok else torch.zeros_like(a) for g, a, ok in zip(gAs, As, present)]
-            gBs = [g if ok else torch.zeros_like(b) for g, b, ok in zip(gBs, Bs, present)]
-        A = torch.stack(As).view(k, r, n).to(cdt)
-        B = torch.stack(Bs).view(k, m, r).to(cdt)
-        gradA = torch.stack(gAs).view(k, r, n).to(cdt)
-        gradB = torch.stack(gBs).view(k, m, r).to(cdt)
-        s = torch.tensor([p.scaling() for p in ps], dtype=cdt, device=A.device).reshape(-1, 1, 1)
-        return StackedBucket(ps, A, B, gradA, gradB, s, torch.tensor(present, device=A.device))
+    @staticmethod
+    def _factors(pairs: list) -> tuple:
+        """The functional steps' tensor lists: (A, B, A.grad, B.grad)."""
+        return [p.A for p in pairs], [p.B for p in pairs], [p.A.grad for p in pairs], [p.B.grad for p in pairs]
 
     @staticmethod
-    def _finite(*tensors) -> torch.Tensor:
-        """(k,) True where every element is finite: a sum is non-finite iff some element is (or the
-        values are so large that they overflow, which is no usable gradient either)."""
-        ok = None
-        for t in tensors:
-            f = torch.isfinite(t.sum(tuple(range(1, t.dim()))))
-            ok = f if ok is None else ok & f
-        return ok
+    def _scales(pairs: list) -> torch.Tensor:
+        """(k,) LoRA scales, read at every step (set_scale, rsLoRA); float64 factors keep a float64 1/s."""
+        dtype = _compute_dtype(pairs[0].A.dtype)
+        return torch.tensor([p.scaling() for p in pairs], dtype=dtype, device=pairs[0].A.device)
 
-    def _check_nonfinite(self, ok: torch.Tensor, present: torch.Tensor, ps) -> None:
-        bad = present & ~ok
-        if bool(bad.any()):
-            names = [p.name for p, b in zip(ps, bad.tolist()) if b]
+    def _check_nonfinite(self, ok: torch.Tensor, present: list, ps) -> None:
+        bad = [p and not o for p, o in zip(present, ok.tolist())]
+        if any(bad):
+            names = [p.name for p, b in zip(ps, bad) if b]
             msg = (f"non-finite gradient in LoRA pair(s) {names[:3]}{' ...' if len(names) > 3 else ''}: "
                    "their update and state were left untouched")
             if self.nonfinite == "raise":
                 raise FloatingPointError(msg)
             self._warn_once("nonfinite", msg + " (warned once)")
 
-    def _step_bucket(self, bucket: Bucket) -> None:
-        x = self._stack(bucket)
-        if x is None:
-            return
-        ps, A, B, s, present = x.pairs, x.A, x.B, x.s, x.present
-        gradA, gradB = x.gradA, x.gradB
-        ok = self._finite(gradA, gradB) & present
-        self._check_nonfinite(ok, present, ps)
-        if not bool(ok.any()):
-            return
-        if not bool(ok.all()):
-            zero = torch.zeros((), dtype=A.dtype, device=A.device)
-            gradA = torch.where(ok[:, None, None], gradA, zero)
-            gradB = torch.where(ok[:, None, None], gradB, zero)
-        st = bucket.state
-        ctx = StepContext(A, B, gradA, gradB, s, st["step"] + ok.to(st["step"].dtype), ok, bucket)
-        directions = self._directions(ctx)
-        if directions is None:  # the subclass found a problem it already reported
-            return
-        ok = ctx.ok  # a subclass may narrow it (non-finite energies)
-        skipped = None if bool(ok.all()) else (~ok).nonzero().flatten()
-        saved = None if skipped is None else {name: t[skipped].clone() for name, t in st.items()}
-        st["step"].copy_(ctx.step)
-        for name, value in ctx.updates.items():
-            st[name].copy_(value)
-        self._apply_(bucket, A, B, directions[0], directions[1], s, ctx.step)
-        if saved is not None:  # pairs that must not move get their old state back
-            for name, value in saved.items():
-                st[name][skipped] = value
-        self._write_back(bucket, ps, ok, A, B)
-
-    def _apply_(self, bucket: Bucket, A, B, dA, dB, s, step) -> None:
-        """Update the stacked factors A, B and the bucket's state in place (spec 3.5)."""
-        g = bucket.group
-        F.factor_step_(A, B, dA, dB, bucket.state, step, variant=self.variant, lr=g["lr"], betas=g["betas"],
-                       eps=g["eps"], weight_decay=g["weight_decay"], momentum=g.get("momentum", 0.0),
-                       sgd_scale=self._sgd_scale(s), rebalance_sgd=self._rebalance_sgd)
-
-    def _write_back(self, bucket: Bucket, ps, ok, A, B) -> None:
-        """Copy the new stacked factors A, B into the parameters of the pairs that were updated
-        (pairs of a bucket share their exact shapes, so one foreach copy does it)."""
-        k = len(ps)
-        A_new = A.view((k,) + tuple(ps[0].A.shape)).unbind(0)
-        B_new = B.view((k,) + tuple(ps[0].B.shape)).unbind(0)
-        targets = range(k) if bool(ok.all()) else ok.nonzero().flatten().tolist()
-        dst = [ps[j].A for j in targets] + [ps[j].B for j in targets]
-        src = [A_new[j] for j in targets] + [B_new[j] for j in targets]
-        torch._foreach_copy_(dst, src)  # casts back to the parameters' dtype
-
     # -- parameters outside pairs: plain AdamW ---------------------------------------------
     def _other_params(self, group: dict) -> list:
-        pair_ids = getattr(self, "_pair_param_ids", None)
-        if pair_ids is None:
-            pair_ids = self._pair_param_ids = {id(t) for p in self.pairs for t in (p.A, p.B)}
+        pair_ids = {id(t) for p in self.pairs for t in (p.A, p.B)}
         return [p for p in group["params"] if id(p) not in pair_ids and p.grad is not None]
 
     def _step_other_params(self) -> None:

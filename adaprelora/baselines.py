@@ -1,7 +1,8 @@
 """Published LoRA optimizers in the same framework, for comparison runs (spec section 5).
 
 `adamw` and `loraplus` are plain `torch.optim.AdamW` (see `factory.py`); the two preconditioned
-methods below share AdaPreLoRA's pair discovery, batching and state handling.
+methods below share AdaPreLoRA's pair discovery, batching and state handling (`base.py`) and its
+stepping path (`step.py`: `scaled_lora_step`, `lora_pro_step`).
 """
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from typing import Iterable, Tuple, Union
 
 from torch import nn
 
-from . import functional as F
-from .base import LoRAPairOptimizer, StepContext
+from .base import LoRAPairOptimizer
+from .step import lora_pro_step, scaled_lora_step
 
 
 class ScaledLoRA(LoRAPairOptimizer):
@@ -44,8 +45,11 @@ class ScaledLoRA(LoRAPairOptimizer):
         super().__init__(params, defaults, variant="sgd" if variant == "gd" else "adamw",
                          pairs=pairs, nonfinite=nonfinite)
 
-    def _directions(self, ctx: StepContext):
-        return F.scaled_gradients(ctx.A, ctx.B, ctx.gradA, ctx.gradB, ctx.bucket.group["reg"])
+    def _step_bucket(self, bucket, pairs):
+        g = bucket.group
+        return scaled_lora_step(*self._factors(pairs), bucket.state, g["lr"], lr_B=bucket.group_B["lr"],
+                                variant=self.variant, reg=g["reg"], betas=g["betas"], eps=g["eps"],
+                                weight_decay=g["weight_decay"], momentum=g["momentum"])
 
 
 class LoRAPro(LoRAPairOptimizer):
@@ -81,5 +85,8 @@ class LoRAPro(LoRAPairOptimizer):
         defaults = dict(lr=lr, reg=reg, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, variant="adamw", pairs=pairs, nonfinite=nonfinite)
 
-    def _directions(self, ctx: StepContext):
-        return F.lora_pro_gradients(ctx.A, ctx.B, ctx.gradA, ctx.gradB, ctx.s, ctx.bucket.group["reg"])
+    def _step_bucket(self, bucket, pairs):
+        g = bucket.group
+        return lora_pro_step(*self._factors(pairs), bucket.state, self._scales(pairs), g["lr"],
+                             lr_B=bucket.group_B["lr"], reg=g["reg"], betas=g["betas"], eps=g["eps"],
+                             weight_decay=g["weight_decay"])

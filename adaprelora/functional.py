@@ -205,16 +205,16 @@ def lora_pro_gradients(A, B, gradA, gradB, s, reg: float = 1e-6):
 def adamw_(param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay):
     """One AdamW step (torch.optim.AdamW's formula) on stacked tensors, in place. `step` is (k,),
     already incremented, so pairs may have different counts."""
-    if lr == 0:
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        return
-    t = step.to(param.dtype).reshape((-1,) + (1,) * (param.dim() - 1))
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-    # param -= (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps), with the per-pair factors folded in denom
-    denom = exp_avg_sq.sqrt().div_(torch.sqrt(bc2)).add_(eps).mul_(bc1 / lr)
+    if lr == 0:
+        return
+    t = step.to(param.dtype).reshape((-1,) + (1,) * (param.dim() - 1))
+    bc1, sqrt_bc2 = 1 - beta1 ** t, torch.sqrt(1 - beta2 ** t)
+    # param -= (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps), the per-pair factors folded into one
+    # pass over the denominator: sqrt(v) bc1 / (lr sqrt(bc2)) + eps bc1 / lr
+    denom = exp_avg_sq.sqrt()
+    torch.addcmul(eps * bc1 / lr, denom, bc1 / (lr * sqrt_bc2), out=denom)
     if weight_decay:
         param.mul_(1 - lr * weight_decay)
     param.addcdiv_(exp_avg, denom, value=-1)
@@ -230,46 +230,99 @@ def adamw_update(param, grad, exp_avg, exp_avg_sq, step, **hyper):
 def solve_from_grams(grams, mean_r, m, n, damping, clip_threshold):
     """(c M_B^-1, c Y, c M_A^-1) for every pair, c the clip factor, from the fused step's Grams
     (k, 9, r, r): B^T S B, B^T B, B^T S^-1 gB, gB^T S^-2 gB, A Q A^T, A A^T, gA A^T, gA Q^-1 A^T,
-    gA Q^-2 gA^T (S = diag sqrt(R), Q = diag sqrt(C)); `balanced_solve` and `clip_factor` in r x r
-    products only, without a host sync (see kernels/fused_step.py)."""
+    gA Q^-2 gA^T (S = diag sqrt(R), Q = diag sqrt(C), so P = S / sqrt(mean R)), without a host
+    sync (see kernels/fused_step.py)."""
     G1, G2, G3, G4, H1, H2, K, H3, H4 = grams.unbind(1)
     sq_mr = torch.sqrt(mean_r)[:, None, None]
-    LB = cholesky(add_ridge(G1 / sq_mr, damping), sync=False)  # B^T P B + ridge
-    LA = cholesky(add_ridge(H1, damping), sync=False)  # A Q A^T + ridge
-    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device).expand_as(K)
+    return solve_rxr(G1 / sq_mr, G2, G3 * sq_mr, G4 * (sq_mr * sq_mr), H1, H2, K, H3, H4, m, n, damping,
+                     clip_threshold, sync=False)
+
+
+def solve_rxr(BPB, BtB, BgBp, gBpgBp, AQA, AAt, K, H3, H4, m, n, damping, clip_threshold, *, sync=True):
+    """`balanced_solve` and `clip_factor` in r x r algebra only: (c M_B^-1, c Y, c M_A^-1) with
+    Y = 1/2 M_B^-1 K M_A^-1 and c the clip factor, so that dA = c M_B^-1 gAq - c Y A and
+    dB = c gBp M_A^-1 - c B Y, from the Grams B^T P B, B^T B, B^T gBp, gBp^T gBp, A Q A^T, A A^T,
+    K = gA A^T, gA Q^-1 A^T, gA Q^-2 gA^T (gAq = gA Q^-1, gBp = P^-1 gB). `sync=False` never asks
+    the host whether a Cholesky factor failed (see `cholesky`)."""
+    LB = cholesky(add_ridge(BPB, damping), sync=sync)  # B^T P B + ridge
+    LA = cholesky(add_ridge(AQA, damping), sync=sync)  # A Q A^T + ridge
+    eye = _eye_like(K).expand_as(K)
     MBi = torch.cholesky_solve(eye, LB)
     MAi = torch.cholesky_solve(eye, LA)
-    Y = 0.5 * torch.cholesky_solve(torch.cholesky_solve(K.mT, LA).mT, LB)  # 1/2 M_B^-1 K M_A^-1
+    Y = 0.5 * (MBi @ K @ MAi)  # 1/2 M_B^-1 K M_A^-1
     if clip_threshold is None:
         return MBi, Y, MAi
     # ||B dA + dB A||^2 = <B^T B, dA dA^T> + 2 <B^T dB, dA A^T> + <dB^T dB, A A^T>, with
-    # dA = M_B^-1 gAq - Y A and dB = gBp M_A^-1 - B Y (gAq = gA Q^-1, gBp = P^-1 gB):
-    BgBp = G3 * sq_mr  # B^T P^-1 gB
-    gBpgBp = G4 * (sq_mr * sq_mr)  # gB^T P^-2 gB
-    dAdAt = MBi @ H4 @ MBi - MBi @ H3 @ Y.mT - Y @ H3.mT @ MBi + Y @ H2 @ Y.mT
-    dAAt = MBi @ H3 - Y @ H2
-    BtdB = BgBp @ MAi - G2 @ Y
-    dBtdB = MAi @ gBpgBp @ MAi - MAi @ BgBp.mT @ Y - Y.mT @ BgBp @ MAi + Y.mT @ G2 @ Y
-    sq = (G2 * dAdAt).sum((-2, -1)) + 2 * (BtdB * dAAt).sum((-2, -1)) + (dBtdB * H2).sum((-2, -1))
+    # dA = M_B^-1 gAq - Y A and dB = gBp M_A^-1 - B Y:
+    MBi_H3 = MBi @ H3
+    dAdAt = MBi @ H4 @ MBi - MBi_H3 @ Y.mT - Y @ MBi_H3.mT + Y @ AAt @ Y.mT
+    dAAt = MBi_H3 - Y @ AAt
+    BtdB = BgBp @ MAi - BtB @ Y
+    MAi_BgBp_Y = MAi @ BgBp.mT @ Y
+    dBtdB = MAi @ gBpgBp @ MAi - MAi_BgBp_Y - MAi_BgBp_Y.mT + Y.mT @ BtB @ Y
+    sq = (BtB * dAdAt).sum((-2, -1)) + 2 * (BtdB * dAAt).sum((-2, -1)) + (dBtdB * AAt).sum((-2, -1))
     rms = torch.sqrt(sq.clamp_min(0) / (m * n))
     c = (clip_threshold / torch.clamp(rms, min=clip_threshold))[:, None, None]
     return MBi * c, Y * c, MAi * c
 
 
+def balanced_step_(XA, XB, p, q, inv_s, damping: float = 0.1, clip_threshold=1.0):
+    r"""`balanced_solve` then `clip_factor` (spec 3.3, 3.4) on a stacked bucket, with few passes
+    over factor-sized data: the torch implementation of AdaPreLoRA's step.
+
+    XA (k, 2r, n) holds [A; grad A] and XB (k, 2, m, r) holds [B, grad B] per pair (the layout
+    `step._stack_pairs` makes); the gradient halves are overwritten with gA Q^-1 / s and
+    P^-1 gB / s. Every Gram comes from four products (a Gram of XA, XA against A Q, the Grams of
+    B and of P^-1 gB in one batch, B^T P^-1 gB) plus B^T P B, the clip factor from r x r algebra
+    (`solve_rxr`), and then dA = [-c Y, c M_B^-1] XA, dB = P^-1 gB c M_A^-1 - B c Y.
+    p (k, m), q (k, n), inv_s (k, 1, 1). Returns the clipped (dA, dB).
+    """
+    k, r2, n = XA.shape
+    r, m = r2 // 2, XB.shape[-2]
+    A, gA = XA[:, :r], XA[:, r:]
+    B, gB = XB[:, 0], XB[:, 1]
+    gA.mul_(inv_s / q[:, None, :])
+    gB.mul_(inv_s / p[:, :, None])
+    HA = XA @ XA.mT  # [[A A^T, .], [gA Q^-1 A^T, gA Q^-2 gA^T]]
+    H1K = XA @ (A * q[:, None, :]).mT  # [A Q A^T; gA A^T]
+    XB2 = XB.flatten(0, 1)
+    GB = (XB2.mT @ XB2).view(k, 2, r, r)  # B^T B, gB^T P^-2 gB
+    MBi, Y, MAi = solve_rxr(B.mT @ (B * p[:, :, None]), GB[:, 0], B.mT @ gB, GB[:, 1], H1K[:, :r], HA[:, :r, :r],
+                            H1K[:, r:], HA[:, r:, :r], HA[:, r:, r:], m, n, damping, clip_threshold)
+    dA = torch.cat([-Y, MBi], dim=-1) @ XA
+    dB = torch.baddbmm(gB @ MAi, B, Y, alpha=-1)
+    return dA, dB
+
+
+def gradient_ema_(ema_A, ema_B, gA, gB, step, beta: float) -> None:
+    """Momentum before the solve (`momentum_before_solve`): EMAs of the factor gradients with
+    weight 1 - beta, then gA, gB overwritten with their bias-corrected values (step (k,) is the
+    new count), Adafactor-with-momentum style: the solve then sees the averaged gradients."""
+    ema_A.lerp_(gA, 1 - beta)
+    ema_B.lerp_(gB, 1 - beta)
+    correction = (1 - beta ** step.to(ema_A.dtype))[:, None, None]
+    torch.div(ema_A, correction, out=gA) if gA.is_contiguous() else gA.copy_(ema_A / correction)
+    torch.div(ema_B, correction, out=gB) if gB.is_contiguous() else gB.copy_(ema_B / correction)
+
+
 def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_decay, momentum=0.0,
-                 sgd_scale=None, rebalance_sgd=False):
+                 sgd_scale=None, rebalance_sgd=False, lr_B=None):
     """Move stacked factors A, B along directions dA, dB in place, with the bucket's `state`.
 
     "adamw": AdamW on each factor (moments "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B").
     "sgd": A -= lr sgd_scale dA (likewise B) after decoupled weight decay, with heavy-ball momentum
-    ("momentum_buffer_A/B") when `momentum`, then, with `rebalance_sgd`, B c, A / c (`rebalance`).
-    `step` (k,) is the new step count; `sgd_scale` (k, 1, 1), ones when None.
+    ("momentum_buffer_A/B") when `momentum`, then, with `rebalance_sgd`, B c, A / c (`rebalance`;
+    momentum buffers and gradient EMAs "grad_ema_A/B" follow the new coordinates).
+    `step` (k,) is the new step count; `sgd_scale` (k, 1, 1), ones when None; `lr_B` is B's
+    learning rate when it differs from A's (B in its own param group), else None.
     """
+    lr_B = lr if lr_B is None else lr_B
     if variant == "adamw":
         b1, b2 = betas
-        hyper = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay)
-        adamw_(A, dA, state["exp_avg_A"], state["exp_avg_sq_A"], step, **hyper)
-        adamw_(B, dB, state["exp_avg_B"], state["exp_avg_sq_B"], step, **hyper)
+        adamw_(A, dA, state["exp_avg_A"], state["exp_avg_sq_A"], step, lr=lr, beta1=b1, beta2=b2, eps=eps,
+               weight_decay=weight_decay)
+        adamw_(B, dB, state["exp_avg_B"], state["exp_avg_sq_B"], step, lr=lr_B, beta1=b1, beta2=b2, eps=eps,
+               weight_decay=weight_decay)
         return
     if momentum:
         first = (step <= 1)[:, None, None]
@@ -277,12 +330,10 @@ def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_d
             buf = state[name]
             buf.copy_(torch.where(first, d, buf.mul_(momentum).add_(d)))
         dA, dB = state["momentum_buffer_A"], state["momentum_buffer_B"]
-    scale = lr if sgd_scale is None else lr * sgd_scale
-    if weight_decay:
-        A.mul_(1 - lr * weight_decay)
-        B.mul_(1 - lr * weight_decay)
-    A.sub_(scale * dA)
-    B.sub_(scale * dB)
+    for x, d, rate in ((A, dA, lr), (B, dB, lr_B)):
+        if weight_decay:
+            x.mul_(1 - rate * weight_decay)
+        x.sub_((rate if sgd_scale is None else rate * sgd_scale) * d)
     if rebalance_sgd:
         c = rebalance(A, B)[:, None, None]
         A.div_(c)
@@ -290,6 +341,9 @@ def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_d
         if momentum:  # keep the buffers in the rebalanced coordinates (dA -> dA / c, dB -> dB c)
             state["momentum_buffer_A"].div_(c)
             state["momentum_buffer_B"].mul_(c)
+        if "grad_ema_A" in state:  # gradients transform the other way (gA -> c gA, gB -> gB / c)
+            state["grad_ema_A"].mul_(c)
+            state["grad_ema_B"].div_(c)
 
 
 def rebalance(A, B):

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Tuple, Union
 
-import torch
 from torch import nn
 
-from . import functional as F
 from .base import LoRAPairOptimizer
-from .kernels import resolve_backend
+from .kernels import resolve_backend, triton_energy_functions
 from .step import adaprelora_step
 
 
@@ -63,8 +61,6 @@ class AdaPreLoRA(LoRAPairOptimizer):
             variant's step; the "sgd" variant's weight step is lr * s_true / lora_scale.
     """
 
-    _rebalance_sgd = True
-
     def __init__(self, params: Union[nn.Module, Iterable], lr: float = 1e-3, *, variant: str = "adamw",
                  stats: Optional[str] = None, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, decay_rate: float = -0.8,
@@ -108,13 +104,7 @@ class AdaPreLoRA(LoRAPairOptimizer):
             self._collector = ExactEnergyCollector(self.pairs, energy_fn, conv_fn)
 
     def _energy_functions(self):
-        if self.backend == "triton":
-            from . import kernels
-
-            getter = getattr(kernels, "triton_energy_functions", None)
-            if getter is not None:
-                return getter()
-        return None, None
+        return triton_energy_functions() if self.backend == "triton" else (None, None)
 
     # -- public extras ----------------------------------------------------------------------
     def set_grad_scaler(self, scaler) -> None:
@@ -154,7 +144,7 @@ class AdaPreLoRA(LoRAPairOptimizer):
     # -- the rule ---------------------------------------------------------------------------
     def _extra_pair_state(self, m: int, n: int, r: int) -> dict:
         extra = {"adafactor_row": (m,), "adafactor_col": (n,)}
-        if getattr(self, "momentum_before_solve", False):
+        if self.momentum_before_solve:
             extra.update(grad_ema_A=(r, n), grad_ema_B=(m, r))
         return extra
 
@@ -166,99 +156,23 @@ class AdaPreLoRA(LoRAPairOptimizer):
         if self._collector is not None:
             self._collector.reset()
 
-    def _energies(self, bucket, pairs):
-        """Row (k, m) and column (k, n) energies of a bucket: the exact ones the hooks collected,
-        else (stats="tangent", or a layer the hooks missed) the tangent ones from `.grad`."""
-        rows = cols = None
-        if self._collector is not None:
-            rows, cols = self._collector.take(bucket.pair_ids)
-            if all(r is not None for r in rows):
-                return rows, cols
+    def _energies(self, bucket):
+        """The exact energies the hooks collected for a bucket (lists, None for a layer they
+        missed), or None: `adaprelora_step` computes the missing ones as `stats` says."""
+        if self._collector is None:
+            return None, None
+        rows, cols = self._collector.take(bucket.pair_ids)
+        if any(r is None for r in rows):
             self._warn_once("no-energies", "stats='exact': some LoRA layers had gradients but no hooked backward "
                             "(hooks removed, or run outside the model): using tangent energies for them")
-        x = self._stack(bucket)
-        inv_s = 1.0 / x.s
-        if self.stats == "raw":
-            return F.raw_surrogate_energies(x.A, x.B, x.gradA * inv_s, x.gradB * inv_s)
-        t_row, t_col = F.tangent_energies(x.A, x.B, x.gradA * inv_s, x.gradB * inv_s, bucket.group["damping"])
-        if rows is None:
-            return t_row, t_col
-        row = torch.stack([t_row[j] if r is None else r.to(x.A.dtype) for j, r in enumerate(rows)])
-        col = torch.stack([t_col[j] if c is None else c.to(x.A.dtype) for j, c in enumerate(cols)])
-        return row, col
+        return rows, cols
 
-    def _step_bucket(self, bucket) -> None:
-        """One `adaprelora_step` over the bucket: the fused Triton kernels with backend="triton"
-        when the bucket qualifies (both gradients present, fp32/bf16/fp16 contiguous factors),
-        the torch implementation otherwise."""
-        ps = [self.pairs[i] for i in bucket.pair_ids]
-        gradA, gradB = [p.A.grad for p in ps], [p.B.grad for p in ps]
-        present = torch.tensor([ga is not None and gb is not None for ga, gb in zip(gradA, gradB)])
-        if not bool(present.any()):
-            return
-        rows, cols = self._energies(bucket, ps)
+    def _step_bucket(self, bucket, pairs):
+        rows, cols = self._energies(bucket)
         g = bucket.group
-        if self.momentum_before_solve:
-            gradA, gradB = self._gradient_ema(bucket, gradA, gradB, rows, cols, g["betas"][0])
-        backend = "triton" if self.backend == "triton" and self._fused_ok(bucket) else "torch"
-        cdt = torch.promote_types(ps[0].A.dtype, torch.float32)  # float64 factors keep a float64 1/s
-        scale = torch.tensor([p.scaling() for p in ps], dtype=cdt, device=ps[0].A.device)
-        ok = adaprelora_step(
-            [p.A for p in ps], [p.B for p in ps], gradA, gradB, rows, cols, bucket.state, scale, g["lr"],
+        return adaprelora_step(
+            *self._factors(pairs), rows, cols, bucket.state, self._scales(pairs), g["lr"], lr_B=bucket.group_B["lr"],
             variant=self.variant, betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
-            momentum=g["momentum"], decay_rate=g["decay_rate"], eps_factored=g["eps_factored"],
-            clip_threshold=g["clip_threshold"], damping=g["damping"],
-            rebalance=self._rebalance_sgd and not self.momentum_before_solve, backend=backend)
-        if self.momentum_before_solve:
-            self._rebalance_with_ema(bucket, ps, ok)
-        if self.nonfinite == "raise" or "nonfinite" not in self._warned:  # one sync, until warned
-            self._check_nonfinite(ok, present.to(ok.device), ps)
-
-    def _gradient_ema(self, bucket, gradA, gradB, rows, cols, beta):
-        """momentum_before_solve: update the EMAs of the factor gradients (pairs with finite
-        gradients and energies only) and return their bias-corrected values as the gradients."""
-        st = bucket.state
-        emaA, emaB = st["grad_ema_A"], st["grad_ema_B"]
-        ok = [ga is not None and gb is not None for ga, gb in zip(gradA, gradB)]
-        gA = torch.stack([ga.reshape(emaA.shape[1:]) if o else torch.zeros_like(emaA[0])
-                          for ga, o in zip(gradA, ok)]).to(emaA.dtype)
-        gB = torch.stack([gb.reshape(emaB.shape[1:]) if o else torch.zeros_like(emaB[0])
-                          for gb, o in zip(gradB, ok)]).to(emaB.dtype)
-        rows = rows if isinstance(rows, torch.Tensor) else torch.stack(list(rows))
-        cols = cols if isinstance(cols, torch.Tensor) else torch.stack(list(cols))
-        good = torch.tensor(ok, device=gA.device) & self._finite(gA, gB, rows, cols)
-        w = torch.where(good, torch.full_like(st["step"], 1 - beta, dtype=emaA.dtype), 0.0)[:, None, None]
-        emaA.mul_(1 - w).add_(w * torch.where(good[:, None, None], gA, 0.0))
-        emaB.mul_(1 - w).add_(w * torch.where(good[:, None, None], gB, 0.0))
-        correction = 1 - beta ** (st["step"].to(emaA.dtype) + 1)  # the step count after this step
-        newA = (emaA / correction[:, None, None]).unbind(0)
-        newB = (emaB / correction[:, None, None]).unbind(0)
-        shapeA, shapeB = self.pairs[bucket.pair_ids[0]].A.shape, self.pairs[bucket.pair_ids[0]].B.shape
-        outA = [a.reshape(shapeA).to(ga.dtype) if o else None for a, ga, o in zip(newA, gradA, ok)]
-        outB = [b.reshape(shapeB).to(gb.dtype) if o else None for b, gb, o in zip(newB, gradB, ok)]
-        return outA, outB
-
-    def _rebalance_with_ema(self, bucket, ps, ok) -> None:
-        """The sgd variant's rebalance B c, A / c, done here so the gradient EMAs follow the
-        gauge (gA -> c gA, gB -> gB / c) and the trajectory stays the unbalanced one."""
-        A = torch.stack([p.A.detach().flatten() for p in ps]).to(torch.float64)
-        B = torch.stack([p.B.detach().flatten() for p in ps]).to(torch.float64)
-        c = F.rebalance_from_norms(torch.linalg.vector_norm(A, dim=1), torch.linalg.vector_norm(B, dim=1),
-                                   ok.to(A.device))
-        for j, p in enumerate(ps):
-            p.A.div_(c[j].to(p.A.dtype))
-            p.B.mul_(c[j].to(p.B.dtype))
-        st = bucket.state
-        st["grad_ema_A"].mul_(c.to(st["grad_ema_A"].dtype)[:, None, None])
-        st["grad_ema_B"].div_(c.to(st["grad_ema_B"].dtype)[:, None, None])
-
-    def _fused_ok(self, bucket) -> bool:
-        for i in bucket.pair_ids:
-            p = self.pairs[i]
-            for t in (p.A, p.B, p.A.grad, p.B.grad):
-                if t is None or t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not t.is_contiguous():
-                    return False
-            if p.A.grad.dtype != p.A.dtype or p.B.grad.dtype != p.B.dtype:
-                return False
-        return True
-
+            momentum=g["momentum"], momentum_before_solve=self.momentum_before_solve, decay_rate=g["decay_rate"],
+            eps_factored=g["eps_factored"], clip_threshold=g["clip_threshold"], damping=g["damping"],
+            stats="tangent" if self.stats == "exact" else self.stats, backend=self.backend)

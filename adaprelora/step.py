@@ -1,111 +1,262 @@
-"""AdaPreLoRA's step for one bucket of pairs: one signature, two implementations.
+"""The stepping path of every LoRA-pair optimizer: one public function per rule, one private
+helper that all the torch implementations go through.
 
-As `torch.optim.adam` picks `_single_tensor_adam`, `_multi_tensor_adam` or `_fused_adam`,
-`adaprelora_step(...)` picks the implementation: `_torch_adaprelora_step` (batched torch ops over
-the stacked bucket, the readable reference) or the fused Triton kernels
-(`kernels.fused_step.fused_bucket_step`). Both take the pairs' tensors as lists, the gradient
-energies, the bucket's stacked state and the hyperparameters as keywords; both update the factors
-and the state in place and return which pairs they updated. The r x r algebra (ridge, Cholesky,
-the balanced solve, the clip factor, the rebalance) is `functional`'s in both.
+As in `torch.optim.adam` (the class validates and keeps the state, `adam()` picks an
+implementation, private functions do the maths on tensor lists): `adaprelora_step`,
+`scaled_lora_step` and `lora_pro_step` take a bucket's factors and gradients as lists, its
+stacked state and the hyperparameters; `_choose_impl` picks the fused Triton kernels
+(`kernels.fused_step`) or the batched torch implementation; every torch implementation runs inside
+`_bucket_step`, which stacks the bucket in the compute dtype, masks the pairs with a missing or
+non-finite gradient or energy, gives those pairs their old state back and writes the others to
+the parameters. The maths itself is `functional`'s.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
 from . import functional as F
 
 
+class _Stacked(NamedTuple):
+    """A bucket stacked in the compute dtype (`_stack_pairs`); A/gradA and B/gradB are views into
+    one buffer each, so implementations can use the pairs [A; gA] and [B, gB] in one product."""
+
+    XA: torch.Tensor  # (k, 2r, n): [A; gradA] per pair
+    XB: torch.Tensor  # (k, 2, m, r): B, gradB per pair
+    present: list  # the pairs that have both gradients
+
+    @property
+    def A(self):
+        return self.XA[:, : self.XA.shape[1] // 2]
+
+    @property
+    def gradA(self):
+        return self.XA[:, self.XA.shape[1] // 2:]
+
+    @property
+    def B(self):
+        return self.XB[:, 0]
+
+    @property
+    def gradB(self):
+        return self.XB[:, 1]
+
+
+def _stack_pairs(A, B, gradA, gradB) -> _Stacked:
+    """Stack a bucket's factors and gradients (zeros for a missing gradient) with one copy per side."""
+    k, r, n, m = len(A), A[0].shape[0], A[0][0].numel(), B[0].shape[0]
+    cdt = torch.promote_types(A[0].dtype, torch.float32)
+    present = [ga is not None and gb is not None for ga, gb in zip(gradA, gradB)]
+    if not all(present):
+        gradA = [g if ok else torch.zeros_like(a) for g, a, ok in zip(gradA, A, present)]
+        gradB = [g if ok else torch.zeros_like(b) for g, b, ok in zip(gradB, B, present)]
+    XA = torch.stack([t for pair in zip(A, gradA) for t in pair]).view(k, 2 * r, n).to(cdt)
+    XB = torch.stack([t for pair in zip(B, gradB) for t in pair]).view(k, 2, m, r).to(cdt)
+    return _Stacked(XA, XB, present)
+
+
+class _Bucket(NamedTuple):
+    """What an implementation's update receives from `_bucket_step`."""
+
+    x: _Stacked  # factors and gradients (zeros for the pairs left out)
+    energies: tuple  # stacked (k, ...) energies, zeros for the pairs left out
+    step: torch.Tensor  # (k,) new step counts (unchanged for the pairs left out)
+
+
+def _finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """(k,) True where a stacked tensor's row is finite: a sum is non-finite iff some element is
+    (or the values overflow, which is no usable gradient either)."""
+    return torch.isfinite(t.sum(tuple(range(1, t.dim()))))
+
+
+def _bucket_step(A, B, gradA, gradB, state: dict, update: Callable, energies=None) -> torch.Tensor:
+    """The one stack / mask / restore / write-back of every torch implementation.
+
+    Stacks the bucket (`_stack_pairs`), computes `energies(x)` if given (a tuple of (k, ...)
+    tensors), leaves out the pairs with a missing gradient or a NaN/inf gradient or energy (their
+    gradients and energies are zeroed so they cannot spread a NaN into batched algebra), runs
+    `update(bucket)` (which moves the stacked factors and `state` in place), gives the pairs left
+    out their old state back, advances the step counts and copies the updated factors into the
+    parameters. Returns ok (k,): the pairs that were updated.
+    """
+    x = _stack_pairs(A, B, gradA, gradB)
+    k = len(A)
+    ok = torch.tensor(x.present, device=x.XA.device)
+    if not any(x.present):
+        return ok
+    es = tuple(energies(x)) if energies is not None else ()
+    ok = ok & _finite_rows(x.gradA) & _finite_rows(x.gradB)
+    for e in es:
+        ok = ok & _finite_rows(e)
+    all_ok = bool(ok.all())
+    skipped = saved = None
+    if not all_ok:
+        if not bool(ok.any()):
+            return ok
+        zero = torch.zeros((), dtype=x.XA.dtype, device=x.XA.device)
+        keep = ok[:, None, None]
+        x.XA[:, x.XA.shape[1] // 2:] = torch.where(keep, x.gradA, zero)
+        x.XB[:, 1] = torch.where(keep, x.gradB, zero)
+        es = tuple(torch.where(ok.view((k,) + (1,) * (e.dim() - 1)), e, zero) for e in es)
+        skipped = (~ok).nonzero().flatten()
+        saved = {name: t[skipped].clone() for name, t in state.items()}
+    step = state["step"] + ok.to(state["step"].dtype)
+    update(_Bucket(x, es, step))
+    state["step"].copy_(step)
+    if saved is not None:
+        for name, value in saved.items():
+            state[name][skipped] = value
+    targets = range(k) if all_ok else ok.nonzero().flatten().tolist()
+    A_new, B_new = x.A.unbind(0), x.B.unbind(0)
+    torch._foreach_copy_([A[j] for j in targets] + [B[j] for j in targets],  # casts to the params' dtype
+                         [A_new[j].view(A[j].shape) for j in targets] + [B_new[j].view(B[j].shape) for j in targets])
+    return ok
+
+
+def _fusable(*lists) -> bool:
+    """Every tensor present, contiguous, float32/bfloat16/float16, and of one dtype."""
+    dtype = lists[0][0].dtype
+    return dtype in (torch.float32, torch.bfloat16, torch.float16) and all(
+        t is not None and t.dtype == dtype and t.is_contiguous() for ts in lists for t in ts)
+
+
+def _choose_impl(backend: str, A, B, gradA, gradB, *, fusable: bool = True) -> Optional[Callable]:
+    """The implementation for one bucket, as torch's `_default_to_fused_or_foreach`: the fused
+    Triton step (`kernels.fused_step.fused_bucket_step`) when `backend` is "triton" (resolved by
+    `kernels.resolve_backend`), the rule allows it (`fusable`) and every factor and gradient is
+    present, contiguous and of one float32/bfloat16/float16 dtype; None (the torch path) otherwise."""
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+    if backend == "triton" and fusable and _fusable(A, B, gradA, gradB):
+        from .kernels.fused_step import fused_bucket_step
+
+        return fused_bucket_step
+    return None
+
+
+def _stacked_energies(e, k: int):
+    """(k, d) energies from a tensor or a complete list of (d,) tensors."""
+    return e if isinstance(e, torch.Tensor) else torch.stack(list(e))
+
+
+def _complete_energies(row, col, k: int, stacked: Callable[[], _Stacked], scale, stats: str, damping: float):
+    """Row and column energies, (k, m) / (k, n), with the missing ones (row/col None, or None
+    entries: a pair the hooks missed) computed from the stacked bucket `stacked()`: the tangent
+    projection's (`stats="tangent"`) or the raw surrogate's (`stats="raw"`)."""
+    if row is not None and (isinstance(row, torch.Tensor) or all(e is not None for e in row)):
+        return _stacked_energies(row, k), _stacked_energies(col, k)
+    x = stacked()
+    inv_s = 1.0 / scale.to(device=x.XA.device, dtype=x.XA.dtype).reshape(-1, 1, 1)
+    gA, gB = x.gradA * inv_s, x.gradB * inv_s
+    if stats == "raw":
+        t_row, t_col = F.raw_surrogate_energies(x.A, x.B, gA, gB)
+    elif stats == "tangent":
+        t_row, t_col = F.tangent_energies(x.A, x.B, gA, gB, damping)
+    else:
+        raise ValueError(f"stats must be 'tangent' or 'raw' for energies not given, got {stats!r}")
+    if row is None:
+        return t_row, t_col
+    row = torch.stack([t if e is None else e.to(t.dtype) for t, e in zip(t_row, row)])
+    col = torch.stack([t if e is None else e.to(t.dtype) for t, e in zip(t_col, col)])
+    return row, col
+
+
+# -- AdaPreLoRA ------------------------------------------------------------------------------------
 def adaprelora_step(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], gradA: Sequence[Optional[torch.Tensor]],
                     gradB: Sequence[Optional[torch.Tensor]], row, col, state: dict, scale: torch.Tensor, lr, *,
-                    variant: str = "adamw", betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                    momentum: float = 0.0, decay_rate: float = -0.8, eps_factored: float = 1e-30,
-                    clip_threshold: Optional[float] = 1.0, damping: float = 0.1, rebalance: bool = True,
+                    lr_B=None, variant: str = "adamw", betas=(0.9, 0.999), eps: float = 1e-8,
+                    weight_decay: float = 0.0, momentum: float = 0.0, momentum_before_solve: bool = False,
+                    decay_rate: float = -0.8, eps_factored: float = 1e-30, clip_threshold: Optional[float] = 1.0,
+                    damping: float = 0.1, rebalance: bool = True, stats: str = "tangent",
                     backend: str = "torch") -> torch.Tensor:
-    """One AdaPreLoRA step (spec 3.2 to 3.5) for a bucket of k pairs of equal (m, n, r, dtype).
+    """One AdaPreLoRA step (spec 3.1 to 3.5) for a bucket of k pairs of equal (m, n, r, dtype).
 
     Args:
         A, B: the k factors (r, n) / (m, r) (conv: (r, in, kh, kw) / (out, r, 1, 1)); updated in place.
-        gradA, gradB: their `.grad`s (the LoRA scale s included); None for a pair without gradients
-            (torch backend only), which is left untouched.
-        row, col: gradient energies, (k, m) / (k, n) or lists of (m,) / (n,).
+        gradA, gradB: their `.grad`s (the LoRA scale s included); None for a pair without
+            gradients, which is left untouched.
+        row, col: gradient energies, (k, m) / (k, n) or lists of (m,) / (n,); None (or None
+            entries) for energies to compute from the gradients as `stats` says.
         state: the bucket's stacked state (`base.Bucket.state`), updated in place.
-        scale: (k,) LoRA scales s.
-        backend: "torch" or "triton" (CUDA tensors, or the CPU interpreter).
+        scale: (k,) LoRA scales s. lr: the learning rate; lr_B: B's when it differs (B in its own
+            param group, kohya's LoRA+), else None.
+        momentum_before_solve: feed the solve the bias-corrected EMA of the gradients (state
+            "grad_ema_A/B"; sgd variant; torch path).
+        backend: "torch" or "triton" (CUDA tensors, or the CPU interpreter); `_choose_impl`
+            falls back to torch for a bucket the kernels do not take.
     Returns:
         ok (k,) bool: the pairs that were updated; the others (no gradient, or a NaN/inf gradient
         or energy) kept their factors and state.
     """
-    if backend == "triton":
-        from .kernels.fused_step import fused_bucket_step as impl
-    elif backend == "torch":
-        impl = _torch_adaprelora_step
-    else:
-        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
-    return impl(A, B, gradA, gradB, row, col, state, scale, lr, variant=variant, betas=betas, eps=eps,
-                weight_decay=weight_decay, momentum=momentum, decay_rate=decay_rate, eps_factored=eps_factored,
-                clip_threshold=clip_threshold, damping=damping, rebalance=rebalance)
+    hyper = dict(lr_B=lr_B, variant=variant, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                 decay_rate=decay_rate, eps_factored=eps_factored, clip_threshold=clip_threshold, damping=damping,
+                 rebalance=rebalance)
+    impl = _choose_impl(backend, A, B, gradA, gradB, fusable=not momentum_before_solve)
+    if impl is not None:
+        row, col = _complete_energies(row, col, len(A), lambda: _stack_pairs(A, B, gradA, gradB), scale, stats,
+                                      damping)
+        return impl(A, B, gradA, gradB, row, col, state, scale, lr, **hyper)
+    return _torch_adaprelora_step(A, B, gradA, gradB, row, col, state, scale, lr, stats=stats,
+                                  momentum_before_solve=momentum_before_solve, **hyper)
 
 
-def _stacked(tensors, present, shape, dtype) -> torch.Tensor:
-    """(k, *shape) in `dtype`; zeros for the pairs without a tensor."""
-    ref = next(t for t in tensors if t is not None)
-    if not all(present):
-        tensors = [t if ok else torch.zeros_like(ref) for t, ok in zip(tensors, present)]
-    return torch.stack(list(tensors)).view((len(tensors),) + shape).to(dtype)
-
-
-def _torch_adaprelora_step(A, B, gradA, gradB, row, col, state, scale, lr, *, variant, betas, eps, weight_decay,
-                           momentum, decay_rate, eps_factored, clip_threshold, damping, rebalance) -> torch.Tensor:
-    k, r, n, m = len(A), A[0].shape[0], A[0][0].numel(), B[0].shape[0]
+def _torch_adaprelora_step(A, B, gradA, gradB, row, col, state, scale, lr, *, lr_B, variant, betas, eps,
+                           weight_decay, momentum, momentum_before_solve, decay_rate, eps_factored, clip_threshold,
+                           damping, rebalance, stats) -> torch.Tensor:
     cdt = torch.promote_types(A[0].dtype, torch.float32)
-    present = [ga is not None and gb is not None for ga, gb in zip(gradA, gradB)]
-    A_, B_ = _stacked(A, [True] * k, (r, n), cdt), _stacked(B, [True] * k, (m, r), cdt)
-    gA, gB = _stacked(gradA, present, (r, n), cdt), _stacked(gradB, present, (m, r), cdt)
-    rows = (row if isinstance(row, torch.Tensor) else torch.stack(list(row))).to(cdt)
-    cols = (col if isinstance(col, torch.Tensor) else torch.stack(list(col))).to(cdt)
-    inv_s = 1.0 / scale.to(device=A_.device, dtype=cdt).reshape(-1, 1, 1)
+    inv_s = 1.0 / scale.to(device=A[0].device, dtype=cdt).reshape(-1, 1, 1)
 
-    ok = torch.tensor(present, device=A_.device)
-    for t in (gA, gB, rows, cols):  # a sum is non-finite iff some element is (or it overflows)
-        ok = ok & torch.isfinite(t.sum(tuple(range(1, t.dim()))))
-    all_ok = bool(ok.all())
-    if not all_ok:  # the pairs left out must not spread a NaN into the batched algebra
-        zero = torch.zeros((), dtype=cdt, device=A_.device)
-        gA, gB = torch.where(ok[:, None, None], gA, zero), torch.where(ok[:, None, None], gB, zero)
-        rows, cols = torch.where(ok[:, None], rows, zero), torch.where(ok[:, None], cols, zero)
+    def energies(x):
+        return _complete_energies(row, col, len(A), lambda: x, scale, stats, damping)
 
-    # Adafactor accumulators, the balanced solve, update clipping (spec 3.2 to 3.4)
-    step = state["step"] + ok.to(state["step"].dtype)
-    R, C, p, q = F.adafactor_accumulators(state["adafactor_row"], state["adafactor_col"], rows, cols,
-                                          torch.clamp(step, min=1), decay_rate, eps_factored)
-    dA, dB = F.balanced_solve(A_, B_, gA, gB, p, q, damping, inv_s=inv_s)
-    if clip_threshold is not None:
-        c = F.clip_factor(A_, B_, dA, dB, clip_threshold)[:, None, None]
-        dA.mul_(c)
-        dB.mul_(c)
+    def update(b: _Bucket) -> None:
+        x, (rows, cols), step = b
+        if momentum_before_solve:
+            F.gradient_ema_(state["grad_ema_A"], state["grad_ema_B"], x.gradA, x.gradB, step, betas[0])
+        R, C, p, q = F.adafactor_accumulators(state["adafactor_row"], state["adafactor_col"], rows.to(cdt),
+                                              cols.to(cdt), torch.clamp(step, min=1), decay_rate, eps_factored)
+        state["adafactor_row"].copy_(R)
+        state["adafactor_col"].copy_(C)
+        dA, dB = F.balanced_step_(x.XA, x.XB, p, q, inv_s, damping, clip_threshold)
+        F.factor_step_(x.A, x.B, dA, dB, state, step, variant=variant, lr=lr, lr_B=lr_B, betas=betas, eps=eps,
+                       weight_decay=weight_decay, momentum=momentum, sgd_scale=inv_s, rebalance_sgd=rebalance)
 
-    # The factor step (spec 3.5); the pairs left out get their old state back
-    skipped = None if all_ok else (~ok).nonzero().flatten()
-    saved = None if skipped is None else {name: t[skipped].clone() for name, t in state.items()}
-    state["step"].copy_(step)
-    state["adafactor_row"].copy_(R)
-    state["adafactor_col"].copy_(C)
-    F.factor_step_(A_, B_, dA, dB, state, step, variant=variant, lr=lr, betas=betas, eps=eps,
-                   weight_decay=weight_decay, momentum=momentum, sgd_scale=inv_s, rebalance_sgd=rebalance)
-    if saved is not None:
-        for name, value in saved.items():
-            state[name][skipped] = value
-
-    # Write the updated pairs back (one foreach copy; casts to the parameters' dtype)
-    targets = range(k) if all_ok else ok.nonzero().flatten().tolist()
-    if not targets:
-        return ok
-    A_new, B_new = A_.view((k,) + tuple(A[0].shape)).unbind(0), B_.view((k,) + tuple(B[0].shape)).unbind(0)
-    torch._foreach_copy_([A[j] for j in targets] + [B[j] for j in targets],
-                         [A_new[j] for j in targets] + [B_new[j] for j in targets])
-    return ok
+    return _bucket_step(A, B, gradA, gradB, state, update, energies)
 
 
-__all__ = ["adaprelora_step"]
+# -- the preconditioned baselines (torch only) -----------------------------------------------------
+def scaled_lora_step(A, B, gradA, gradB, state: dict, lr, *, lr_B=None, variant: str = "adamw", reg: float = 1e-6,
+                     betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                     momentum: float = 0.0) -> torch.Tensor:
+    """One Scaled GD / Scaled AdamW step (Zhang and Pilanci 2024) for a bucket: the gradients
+    preconditioned by (B^T B + reg I)^-1 and (A A^T + reg I)^-1 (`functional.scaled_gradients`),
+    then SGD ("sgd", with heavy-ball `momentum`) or AdamW ("adamw"). Arguments as `adaprelora_step`."""
+
+    def update(b: _Bucket) -> None:
+        x = b.x
+        dA, dB = F.scaled_gradients(x.A, x.B, x.gradA, x.gradB, reg)
+        F.factor_step_(x.A, x.B, dA, dB, state, b.step, variant=variant, lr=lr, lr_B=lr_B, betas=betas, eps=eps,
+                       weight_decay=weight_decay, momentum=momentum)
+
+    return _bucket_step(A, B, gradA, gradB, state, update)
+
+
+def lora_pro_step(A, B, gradA, gradB, state: dict, scale: torch.Tensor, lr, *, lr_B=None, reg: float = 1e-6,
+                  betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> torch.Tensor:
+    """One LoRA-Pro step (Wang et al. 2025, efficient mode) for a bucket: the factor gradients
+    whose equivalent gradient is the Frobenius projection of the full one
+    (`functional.lora_pro_gradients`), then AdamW. Arguments as `adaprelora_step`."""
+
+    def update(b: _Bucket) -> None:
+        x = b.x
+        s = scale.to(device=x.XA.device, dtype=x.XA.dtype).reshape(-1, 1, 1)
+        dA, dB = F.lora_pro_gradients(x.A, x.B, x.gradA, x.gradB, s, reg)
+        F.factor_step_(x.A, x.B, dA, dB, state, b.step, variant="adamw", lr=lr, lr_B=lr_B, betas=betas, eps=eps,
+                       weight_decay=weight_decay)
+
+    return _bucket_step(A, B, gradA, gradB, state, update)
+
+
+__all__ = ["adaprelora_step", "lora_pro_step", "scaled_lora_step"]

@@ -10,6 +10,8 @@ Sets of LoRA pairs:
 The "train step" runs every adapted projection on random activations that require grad (as inside
 a real network, so backward also forms input gradients), then backward, then step. Token counts
 are flags: CPU defaults are small, the GPU numbers belong to benchmarks/triton_kernels.py.
+Every optimizer gets its own copy of the model and all are timed in interleaved rounds (medians),
+so load from other processes falls on each alike and the "x AdamW" ratios hold within one run.
 
     python benchmarks/optimizer_step.py                 # full table, JSON to benchmarks/results/
     python benchmarks/optimizer_step.py --quick         # fewer repeats, sd15 r=16 only
@@ -83,15 +85,19 @@ def state_bytes(opt) -> int:
                if isinstance(t, torch.Tensor))
 
 
-def median_time(fn, repeats, warmup=2):
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds of each function, timed in rounds that call every function once, so load
+    from other processes falls on all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def make_optimizer(name, model, lr=1e-4):
@@ -104,13 +110,15 @@ def make_optimizer(name, model, lr=1e-4):
 
 
 def bench_set(set_name, shapes, r, names, tokens, text_tokens, repeats):
-    rows = []
+    """step() alone and the whole train step of every optimizer, each on its own copy of the
+    model, timed in interleaved rounds (`interleaved_medians`)."""
     inputs = make_inputs(shapes, tokens, text_tokens)
+    step_fns, train_fns, opts = {}, {}, {}
     for name in names:
         model = build(shapes, r)
         opt = make_optimizer(name, model)
 
-        def fwd_bwd():
+        def fwd_bwd(model=model):
             model(inputs).backward()
 
         fwd_bwd()
@@ -123,26 +131,30 @@ def bench_set(set_name, shapes, r, names, tokens, text_tokens, repeats):
         collector = getattr(opt, "_collector", None)
         saved = None if collector is None else ([r.clone() for r in collector.rows], [c.clone() for c in collector.cols])
 
-        def step_only():
+        def step_only(opt=opt, collector=collector, saved=saved):
             if saved is not None:
                 collector.rows, collector.cols = list(saved[0]), list(saved[1])
             opt.step()
 
-        step_t = median_time(step_only, max(repeats, 5))
-
-        def train_step():
+        def train_step(opt=opt, fwd_bwd=fwd_bwd):
             opt.zero_grad()
             fwd_bwd()
             opt.step()
 
-        train_t = median_time(train_step, repeats)
+        step_fns[name], train_fns[name], opts[name] = step_only, train_step, (opt, model)
+    step_t = interleaved_medians(step_fns, max(repeats, 5))
+    for opt, _ in opts.values():  # the train step starts from fresh gradients
+        opt.zero_grad()
+    train_t = interleaved_medians(train_fns, repeats)
+    rows = []
+    for name, (opt, model) in opts.items():
         pairs = sum(1 for n, _ in model.named_parameters() if "lora_A" in n)
-        rows.append(dict(set=set_name, r=r, optimizer=name, step_ms=step_t * 1e3, train_step_ms=train_t * 1e3,
-                         state_bytes=state_bytes(opt), pairs=pairs))
+        rows.append(dict(set=set_name, r=r, optimizer=name, step_ms=step_t[name] * 1e3,
+                         train_step_ms=train_t[name] * 1e3, state_bytes=state_bytes(opt), pairs=pairs))
         if hasattr(opt, "remove_hooks"):
             opt.remove_hooks()
-        print(f"  {set_name:6s} r={r:<3d} {name:20s} step {step_t * 1e3:9.2f} ms   train step {train_t * 1e3:9.1f} ms"
-              f"   state {state_bytes(opt) / 2**20:8.2f} MiB", flush=True)
+        print(f"  {set_name:6s} r={r:<3d} {name:20s} step {step_t[name] * 1e3:9.2f} ms   train step "
+              f"{train_t[name] * 1e3:9.1f} ms   state {state_bytes(opt) / 2**20:8.2f} MiB", flush=True)
     ref = next(row for row in rows if row["optimizer"] == "torch-adamw-foreach")
     for row in rows:
         row["step_vs_adamw"] = row["step_ms"] / ref["step_ms"]

@@ -15,7 +15,9 @@ from adaprelora.testing.lora_models import SimpleNet, batch, forward_backward, m
 # ---------------------------------------------------------------------------------------------
 # An independent single-pair reference of spec section 3, written with explicit matrices.
 def _ref_step(state, A, B, G, s, *, lr, variant, clip=1.0, damping=0.1, decay=-0.8, betas=(0.9, 0.999),
-              eps=1e-8, wd=0.0, momentum=0.0, stats="tangent", ema_before_solve=False):
+              eps=1e-8, wd=0.0, momentum=0.0, stats="tangent", ema_before_solve=False, lr_B=None):
+    """lr_B: B's learning rate when it differs from A's (B in its own param group)."""
+    lr_B = lr if lr_B is None else lr_B
     m, r = B.shape
     n = A.shape[1]
     gA, gB = B.T @ G, G @ A.T
@@ -53,17 +55,17 @@ def _ref_step(state, A, B, G, s, *, lr, variant, clip=1.0, damping=0.1, decay=-0
         dA, dB = dA * clip / rms, dB * clip / rms
     if variant == "adamw":
         out = []
-        for name, x, d in (("A", A, dA), ("B", B, dB)):
+        for name, x, d, rate in (("A", A, dA, lr), ("B", B, dB, lr_B)):
             mo = state[name + "m"] = betas[0] * state.get(name + "m", 0) + (1 - betas[0]) * d
             v = state[name + "v"] = betas[1] * state.get(name + "v", 0) + (1 - betas[1]) * d * d
             mh, vh = mo / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
-            out.append(x * (1 - lr * wd) - lr * mh / (np.sqrt(vh) + eps))
+            out.append(x * (1 - rate * wd) - rate * mh / (np.sqrt(vh) + eps))
         return out
     if momentum:
         dA = state["bA"] = dA if t == 1 else momentum * state["bA"] + dA
         dB = state["bB"] = dB if t == 1 else momentum * state["bB"] + dB
     A2 = A * (1 - lr * wd) - lr / s * dA
-    B2 = B * (1 - lr * wd) - lr / s * dB
+    B2 = B * (1 - lr_B * wd) - lr_B / s * dB
     c = np.sqrt(np.linalg.norm(A2) / np.linalg.norm(B2))
     if momentum:
         state["bA"], state["bB"] = state["bA"] / c, state["bB"] * c
@@ -409,8 +411,36 @@ def test_bare_parameter_lists_with_pairs_and_param_groups():
     assert bias.abs().sum() > 0, "a tensor outside pairs gets AdamW"
     with pytest.raises(ValueError, match="rank mismatch"):
         AdaPreLoRA([A1, B2], lr=0.1, pairs=[(A1, B2, 1.0)])
-    with pytest.raises(ValueError, match="same parameter group"):
-        AdaPreLoRA([{"params": [A1]}, {"params": [B1]}], lr=0.1, pairs=[(A1, B1, 1.0)])
+
+
+@pytest.mark.parametrize("variant", ["adamw", "sgd"])
+def test_pair_split_over_param_groups_steps_B_with_its_groups_lr(variant):
+    """kohya's LoRA+ puts every B (lora_up) in a group of its own with lr * ratio: B's factor
+    update uses B's group lr, every other hyperparameter comes from A's group; a pair whose
+    factors share one group is bucketed apart from it even at equal shapes."""
+    rng = np.random.default_rng(4)
+    m, n, r, s = 9, 7, 3, 1.3
+    A0, B0 = rng.standard_normal((r, n)), rng.standard_normal((m, r))
+    A, B = nn.Parameter(torch.tensor(A0)), nn.Parameter(torch.tensor(B0))
+    A2, B2 = nn.Parameter(torch.tensor(A0)), nn.Parameter(torch.tensor(B0))  # same pair, one group
+    lr, ratio, wd = (0.02, 4.0, 0.05) if variant == "adamw" else (0.01, 3.0, 0.02)
+    opt = AdaPreLoRA([{"params": [A, A2, B2]}, {"params": [B], "lr": lr * ratio, "weight_decay": 0.7, "damping": 5.0}],
+                     lr=lr, variant=variant, weight_decay=wd, pairs=[(A, B, s), (A2, B2, s)])
+    state, Ar, Br, same, Asr, Bsr = {}, A0, B0, {}, A0, B0
+    for step in range(4):
+        G = rng.standard_normal((m, n)) * np.exp(rng.standard_normal(n))
+        for a, b in ((A, B), (A2, B2)):
+            a.grad = torch.tensor(s * b.detach().numpy().T @ G)
+            b.grad = torch.tensor(s * G @ a.detach().numpy().T)
+        opt.step()
+        Ar, Br = _ref_step(state, Ar, Br, G, s, lr=lr, lr_B=lr * ratio, variant=variant, wd=wd)
+        Asr, Bsr = _ref_step(same, Asr, Bsr, G, s, lr=lr, variant=variant, wd=wd)
+        np.testing.assert_allclose(A.detach().numpy(), Ar, rtol=1e-8, atol=1e-10, err_msg=f"A at step {step}")
+        np.testing.assert_allclose(B.detach().numpy(), Br, rtol=1e-8, atol=1e-10, err_msg=f"B at step {step}")
+        np.testing.assert_allclose(A2.detach().numpy(), Asr, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(B2.detach().numpy(), Bsr, rtol=1e-8, atol=1e-10)
+    assert not np.allclose(Ar, Asr, rtol=1e-4)  # B's lr changed the trajectory
+    assert len(opt._buckets) == 2
 
 
 def test_non_lora_trainable_tensors_get_plain_adamw():

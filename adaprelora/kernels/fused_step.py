@@ -15,7 +15,7 @@ You will learn about:
 # Motivations
 # -----------
 #
-# The torch path (`adaprelora.step._torch_adaprelora_step`) stacks each bucket, then runs ~60
+# The torch path (`adaprelora.step._torch_adaprelora_step`) stacks each bucket, then runs ~40
 # small kernels per bucket, and syncs the host on the finiteness checks.  LoRA factors are tiny
 # (SD 1.5 attention, r = 16: 128 pairs of at most 1280 x 16), so that step is launch- and
 # sync-bound.  Per bucket of k pairs, the memory traffic of one step is (T = r (m + n) per pair):
@@ -178,7 +178,7 @@ def _bucket_apply_kernel(
     a_tab, b_tab, ga_tab, gb_tab,
     # Stacked fp32: new accumulators (from phase a) and optimizer moments (k, ...)
     R_new_ptr, C_new_ptr, m1a_ptr, m2a_ptr, m1b_ptr, m2b_ptr,
-    # Per pair: r x r matrices (k, 3, R_PAD, R_PAD) = c M_B^-1, c Y, c M_A^-1; vectors (k, 8)
+    # Per pair: r x r matrices (k, 3, R_PAD, R_PAD) = c M_B^-1, c Y, c M_A^-1; vectors (k, 9)
     mats_ptr, vec_ptr,
     # Output: squared norms of the new A and B per tile (k, tiles), for the sgd rebalancing
     norms_ptr,
@@ -193,13 +193,11 @@ def _bucket_apply_kernel(
     pid = tl.program_id(0)
     tile = tl.program_id(1)
     n_tiles_a = tl.cdiv(N, BLOCK)
-    vec = vec_ptr + pid * 8
+    vec = vec_ptr + pid * 9
     ok_f = tl.load(vec)  # 1.0 or 0.0
     inv_s = tl.load(vec + 1)
     sq_mr = tl.load(vec + 3)  # sqrt(mean R_new): P^-1 = sq_mr / sqrt(R_new)
-    step_size = tl.load(vec + 4)
     sqrt_bc2 = tl.load(vec + 5)
-    wd_mult = tl.load(vec + 6)
     first = tl.load(vec + 7) != 0
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < RANK
@@ -213,6 +211,8 @@ def _bucket_apply_kernel(
         mask = mask_r[:, None] & mask_n[None, :]
         mask_ok = mask & ok_r[:, None]
         idx = offs_r[:, None] * N + offs_n[None, :]
+        step_size = tl.load(vec + 4)  # A's learning rate (its group's)
+        wd_mult = tl.load(vec + 6)
         a_ptrs = tl.load(a_tab + pid).to(tl.pointer_type(PARAM_DTYPE)) + idx
         ga_ptrs = tl.load(ga_tab + pid).to(tl.pointer_type(PARAM_DTYPE)) + idx
         a = tl.load(a_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -233,6 +233,8 @@ def _bucket_apply_kernel(
         mask = mask_m[:, None] & mask_r[None, :]
         mask_ok = mask & ok_r[None, :]
         idx = offs_m[:, None] * RANK + offs_r[None, :]
+        step_size = tl.load(vec + 2)  # B's learning rate (its own group's, e.g. LoRA+)
+        wd_mult = tl.load(vec + 8)
         b_ptrs = tl.load(b_tab + pid).to(tl.pointer_type(PARAM_DTYPE)) + idx
         gb_ptrs = tl.load(gb_tab + pid).to(tl.pointer_type(PARAM_DTYPE)) + idx
         b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -321,7 +323,7 @@ def fused_bucket_step(
     A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
     gradA: Sequence[torch.Tensor], gradB: Sequence[torch.Tensor],
     row: Union[torch.Tensor, Sequence[torch.Tensor]], col: Union[torch.Tensor, Sequence[torch.Tensor]],
-    state: dict, scale: torch.Tensor, lr, *, variant: str = "adamw", betas=(0.9, 0.999), eps: float = 1e-8,
+    state: dict, scale: torch.Tensor, lr, *, lr_B=None, variant: str = "adamw", betas=(0.9, 0.999), eps: float = 1e-8,
     weight_decay: float = 0.0, momentum: float = 0.0, decay_rate: float = -0.8, eps_factored: float = 1e-30,
     clip_threshold: Optional[float] = 1.0, damping: float = 0.1, rebalance: bool = True,
 ) -> torch.Tensor:
@@ -336,7 +338,8 @@ def fused_bucket_step(
             "adafactor_row" (k, m), "adafactor_col" (k, n), and "exp_avg_A", "exp_avg_sq_A",
             "exp_avg_B", "exp_avg_sq_B" (adamw) or "momentum_buffer_A/B" (sgd with momentum);
             updated in place.
-        scale: (k,) LoRA scales s. lr: float or 0-d device tensor.
+        scale: (k,) LoRA scales s. lr: float or 0-d device tensor; lr_B: B's, when B sits in
+            another param group than A (kohya's LoRA+), else None (= lr).
     Returns:
         ok (k,) bool: pairs that were updated (the others had a NaN/inf gradient or energy and
         were left untouched, state included). Nothing here synchronises with the host.
@@ -385,23 +388,25 @@ def fused_bucket_step(
     new_step = step + ok.to(step.dtype)
     t = new_step.to(f32)
     b1, b2 = betas
+    lr_B = lr if lr_B is None else lr_B
     if variant == "adamw":
-        step_size = lr / (1 - b1 ** t)
+        step_size, step_size_B = lr / (1 - b1 ** t), lr_B / (1 - b1 ** t)
         sqrt_bc2 = torch.sqrt(1 - b2 ** t)
         kernel_variant = 0
         m1a, m2a, m1b, m2b = (state[x] for x in ("exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B"))
     else:
-        step_size = lr * inv_s
+        step_size, step_size_B = lr * inv_s, lr_B * inv_s
         sqrt_bc2 = torch.ones_like(t)
         kernel_variant = 2 if momentum else 1
         m1a = state["momentum_buffer_A"] if momentum else R_new  # (unused pointers when no momentum)
         m1b = state["momentum_buffer_B"] if momentum else R_new
         m2a = m2b = R_new
-    wd_mult = 1 - lr * weight_decay
+    def per_pair(x):
+        return torch.as_tensor(x, dtype=f32, device=device).expand(k)
+
     vec = torch.stack([
-        ok.to(f32), inv_s, torch.zeros_like(inv_s), torch.sqrt(mean_r),
-        torch.as_tensor(step_size, dtype=f32, device=device).expand(k),
-        sqrt_bc2, torch.as_tensor(wd_mult, dtype=f32, device=device).expand(k), (t <= 1).to(f32),
+        ok.to(f32), inv_s, per_pair(step_size_B), torch.sqrt(mean_r), per_pair(step_size), sqrt_bc2,
+        per_pair(1 - lr * weight_decay), (t <= 1).to(f32), per_pair(1 - lr_B * weight_decay),
     ], dim=1).contiguous()
 
     # phase (c): directions, clipping, moments, weight decay and the parameter write
