@@ -148,6 +148,10 @@ def test_an_order_we_do_not_know_is_one_error():
     loha = [nn.Parameter(torch.randn(*s)) for s in [(16, 4), (4, 12), (16, 4), (4, 12)]]
     with pytest.raises(ValueError, match="LoHa"):
         AdaPreLoRA(loha, lr=1e-3)
+    # one layer's LoRA split in three (q, k, v): three down factors, then three up factors
+    split = [nn.Parameter(torch.randn(*s)) for s in [(4, 12)] * 3 + [(8, 4)] * 3]
+    with pytest.raises(ValueError, match=r"tensor 0 \(param group 0, position 0, shape \(4, 12\)\).*no partner"):
+        AdaPreLoRA(split, lr=1e-3)
     # a reversed LoRA+ layout (up factors' group first) leaves every factor without partner
     te, unet, network = tiny_kohya_setup(loraplus_lr_ratio=4)
     params, _ = network.prepare_optimizer_params(1e-3, 1e-3, 1e-3)
