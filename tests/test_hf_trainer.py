@@ -180,8 +180,9 @@ def test_resume_from_checkpoint_continues_exactly_like_the_uninterrupted_run(uni
 
 @pytest.mark.timeout(300)
 def test_optimizer_cls_and_kwargs_builds_it_from_the_trainers_param_groups(tmp_path):
-    """The Trainer passes its own parameter groups (no model), so the pairs are given explicitly
-    and the energies come from `.grad` (stats="tangent"); `optimizers=(...)` keeps exact energies."""
+    """The Trainer passes its own parameter groups (no model); here the pairs are given explicitly
+    (without them they are found in the groups: the next test) and the energies come from `.grad`
+    (stats="tangent"); `optimizers=(...)` keeps exact energies."""
     from peft.tuners.lora import LoraLayer
     from transformers import Trainer
 
@@ -195,3 +196,33 @@ def test_optimizer_cls_and_kwargs_builds_it_from_the_trainers_param_groups(tmp_p
     assert isinstance(trainer.optimizer.optimizer, AdaPreLoRA) and trainer.optimizer.optimizer.stats == "tangent"
     assert trainer.state.global_step == 2
     assert any(not torch.equal(before[n], p) for n, p in _lora_params(model).items())
+
+
+@pytest.mark.timeout(300)
+def test_list_built_optimizer_from_the_trainers_groups_resumes_exactly(tmp_path):
+    """`optimizer_cls_and_kwargs` without `pairs`: the pairs are found in the Trainer's own param
+    groups (by order), and a run resumed from its checkpoint ends where the uninterrupted one does."""
+    from peft.tuners.lora import LoraLayer
+    from transformers import Trainer
+
+    def run(out, lora_seed, resume=None):
+        model = _peft_model(lora_seed)
+        trainer = Trainer(model=model, args=_args(out), train_dataset=TokenDataset(),
+                          optimizer_cls_and_kwargs=(AdaPreLoRA, {"lr": 2e-3}))
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer
+
+    model, trainer = run(tmp_path / "full", lora_seed=1)
+    opt = trainer.optimizer.optimizer
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert len(opt.pairs) == len(layers) == 4 and opt.stats == "tangent"
+    assert {(id(p.A), id(p.B)) for p in opt.pairs} == {
+        (id(m.lora_A["default"].weight), id(m.lora_B["default"].weight)) for m in layers}
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", resumed_dir / "checkpoint-3")
+    resumed, _ = run(resumed_dir, lora_seed=7, resume=str(resumed_dir / "checkpoint-3"))
+    expected, got = _lora_params(model), _lora_params(resumed)
+    assert expected.keys() == got.keys() and expected
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.equal(value, _lora_params(_peft_model(1))[name]) for name, value in expected.items())
