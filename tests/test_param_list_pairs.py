@@ -314,6 +314,7 @@ _RESUME = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_state_dict_round_trips_in_a_fresh_process_and_the_resumed_run_continues_exactly(tmp_path):
     te, unet, network = tiny_kohya_setup(seed=8)
     params, _ = network.prepare_optimizer_params(5e-4, 2e-3, 1e-3)
