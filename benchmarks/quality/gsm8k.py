@@ -87,7 +87,7 @@ def _train_examples(tok, rows):
     return out
 
 
-def _collate(examples, pad_id: int):
+def collate(examples, pad_id: int):
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -107,7 +107,7 @@ def heldout_loss(model, test_ex, pad_id: int, batch: int = 20) -> float:
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(test_ex), batch):
-        ids, mask, labels = _collate(test_ex[i:i + batch], pad_id)
+        ids, mask, labels = collate(test_ex[i:i + batch], pad_id)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
@@ -143,23 +143,31 @@ def generate_and_score(model, tok, rows, max_new_tokens: int) -> dict:
                          for r, c in zip(rows[:5], completions[:5])]}
 
 
-def run_one(base_state, model_cls_cfg, tok, train_ex, test_rows, config: C.OptConfig, lr: float, seed: int,
-            prof: dict, log=print, test_ex=None) -> dict:
+def train_lora(base_state, model_cls_cfg, tok, train_ex, config: C.OptConfig, lr: float, seed: int, prof: dict,
+               log=print, setup: Optional[dict] = None):
+    """SmolLM2 with a fresh LoRA (seeded; rank, alpha, targets and schedule from `setup`, default
+    this suite's `SETUP`) trained `prof["steps"]` steps of batch `prof["batch"]` drawn from
+    `train_ex` in a seeded order (the same for every optimizer at one seed): returns (model,
+    optimizer, record of the training). The model is left in eval mode, ready to score
+    (schedule-free optimizers are switched to their averaged weights)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    config_hf = model_cls_cfg
-    model = AutoModelForCausalLM.from_config(config_hf)
+    model = AutoModelForCausalLM.from_config(model_cls_cfg)
     model.load_state_dict(base_state, strict=False)
     model.tie_weights()
+    setup = setup or SETUP
     torch.manual_seed(seed)
-    lcfg = LoraConfig(r=SETUP["rank"], lora_alpha=SETUP["alpha"], target_modules=list(SETUP["targets"]),
+    lcfg = LoraConfig(r=setup["rank"], lora_alpha=setup["alpha"], target_modules=list(setup["targets"]),
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
     model.train()
     opt = config.build(model, lr)
+    train_eval = C.uses_train_eval(opt)
+    if train_eval:
+        opt.train()
     steps = prof["steps"]
-    sched = C.LrSchedule([opt], steps, SETUP["schedule"], warmup=max(1, int(SETUP["warmup_frac"] * steps)))
+    sched = C.LrSchedule([opt], steps, setup["schedule"], warmup=max(1, int(setup["warmup_frac"] * steps)))
     rng = np.random.default_rng(40_000 + seed)
     timer = C.StepTimer(skip=2)
     losses = []
@@ -169,7 +177,7 @@ def run_one(base_state, model_cls_cfg, tok, train_ex, test_rows, config: C.OptCo
         t0 = time.perf_counter()
         sched.set(step)
         idx = rng.integers(0, len(train_ex), prof["batch"])
-        ids, mask, labels = _collate([train_ex[i] for i in idx], tok.pad_token_id)
+        ids, mask, labels = collate([train_ex[i] for i in idx], tok.pad_token_id)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -181,14 +189,23 @@ def run_one(base_state, model_cls_cfg, tok, train_ex, test_rows, config: C.OptCo
             break
         if (step + 1) % 10 == 0:
             log(f"    {config.label} step {step + 1}: loss {np.mean(losses[-10:]):.4f}")
-    train_s = time.perf_counter() - t_train
+    if train_eval:
+        opt.eval()
+    model.eval()
+    record = {"config": config.label, "lr": lr, "seed": seed,
+              "final_train_loss": float(np.mean(losses[-10:])) if not nonfinite else None, "train_loss": losses,
+              "nonfinite": nonfinite, "train_s": time.perf_counter() - t_train, "state_bytes": C.state_bytes(opt),
+              **timer.summary(), "peak_rss_bytes": C.peak_rss_bytes()}
+    return model, opt, record
+
+
+def run_one(base_state, model_cls_cfg, tok, train_ex, test_rows, config: C.OptConfig, lr: float, seed: int,
+            prof: dict, log=print, test_ex=None) -> dict:
+    model, _, rec = train_lora(base_state, model_cls_cfg, tok, train_ex, config, lr, seed, prof, log)
+    nonfinite = rec["nonfinite"]
     ev = generate_and_score(model, tok, test_rows, prof["max_new_tokens"]) if not nonfinite else None
     hl = heldout_loss(model, test_ex, tok.pad_token_id) if (test_ex and not nonfinite) else None
-    return {"config": config.label, "lr": lr, "seed": seed, "accuracy": ev["accuracy"] if ev else None,
-            "heldout_answer_loss": hl,
-            "final_train_loss": float(np.mean(losses[-10:])) if not nonfinite else None, "train_loss": losses,
-            "nonfinite": nonfinite, "train_s": train_s, "eval": ev, "state_bytes": C.state_bytes(opt),
-            **timer.summary(), "peak_rss_bytes": C.peak_rss_bytes()}
+    return {**rec, "accuracy": ev["accuracy"] if ev else None, "heldout_answer_loss": hl, "eval": ev}
 
 
 def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None, img_dir=None) -> dict:

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from . import classification, conditioning, dreambooth, gsm8k, studies
+from . import classification, conditioning, dreambooth, e2e, gsm8k, studies
 from .common import markdown_table
 
 
@@ -80,6 +80,18 @@ def main(folder: str = "benchmarks/results") -> None:
         print(f"\n### GSM8K-format ({ps['steps']} steps x batch {ps['batch']}, evaluated on "
               f"{res['data']['evaluated']} of {res['data']['test_total']} held-out problems, wall {res['wall_s']:.0f} s)\n")
         print(markdown_table(gsm8k.TABLE_HEADERS, gsm8k.table_rows(res)))
+    path = os.path.join(folder, "quality_e2e.json")
+    if os.path.exists(path):
+        res = json.load(open(path))
+        ps = res["profile_settings"]
+        print(f"\n### E2E-style data-to-text ({ps['steps']} steps x batch {ps['batch']}, {res['data']['test']} test "
+              f"records x {res['data']['refs_per_record']} references, {len(ps['seeds'])} seeds; differences to AdamW "
+              f"paired by seed with bootstrap 95% intervals; wall {res['wall_s']:.0f} s)\n")
+        print(markdown_table(e2e.TABLE_HEADERS, e2e.table_rows(res)))
+        rows = e2e.sweep_rows(res)
+        if rows:
+            print("\nLearning-rate sweep (seed 0; validation BLEU / validation loss):\n")
+            print(markdown_table(["optimizer"] + [f"lr {i + 1}" for i in range(len(rows[0]) - 1)], rows))
 
 
 if __name__ == "__main__":
