@@ -183,7 +183,7 @@ def _pairs_by_name(entries: list[list[_Entry]]) -> list[tuple[_Entry, _Entry]]:
     sides: dict[str, dict[str, _Entry]] = {}
     for row in entries:
         for e in row:
-            split = _split_name(e.name) if e.tensor.requires_grad else None
+            split = _split_name(e.name) if e.tensor.requires_grad and e.tensor.dim() in (2, 4) else None
             if split is not None:
                 sides.setdefault(split[1], {})[split[0]] = e
     found = []

@@ -61,6 +61,12 @@ def test_peft_parameters_and_named_parameters_give_the_models_pairs():
 
 
 def test_named_items_pair_by_name_whatever_their_order():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(SimpleNet(), LoraConfig(r=2, target_modules=["lin0", "lin1"], lora_bias=True))
+    assert any("lora_B.default.bias" in n for n, _ in model.named_parameters())  # a bias beside the factors
+    for params in (model.named_parameters(), model.parameters()):
+        assert _ids(AdaPreLoRA(params, lr=1e-3).pairs) == _ids(find_lora_pairs(model))
     model = make_lora_model()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     random.Random(0).shuffle(named)
