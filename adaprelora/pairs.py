@@ -119,6 +119,7 @@ def bind_pair_modules(pairs: list[LoraPair], models: Iterable[nn.Module], adopt_
         raise TypeError("attach() takes the model(s) holding the LoRA layers, e.g. attach(model) or attach(unet, text_encoder)")
     holder: dict[int, nn.Module] = {}
     peft: dict[int, tuple] = {}
+    embedding: set[int] = set()  # PEFT's embedding LoRA: AdaPreLoRA(model) leaves it to AdamW
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # pragma: no cover - peft is a dependency
@@ -132,7 +133,13 @@ def bind_pair_modules(pairs: list[LoraPair], models: Iterable[nn.Module], adopt_
                     weight = getattr(lora_A, "weight", None)
                     if weight is not None:
                         peft[id(weight)] = (module, adapter)
+                embedding.update(id(t) for d in (module.lora_embedding_A, module.lora_embedding_B) for t in d.values())
     missing = [p.name for p in pairs if id(p.A) not in holder or id(p.B) not in holder]
+    if any(id(p.A) in embedding for p in pairs):
+        raise ValueError(
+            "attach(): the pairs found by order include PEFT embedding LoRA factors (lora_embedding_A/B), which "
+            "have no layer to hook; build the optimizer from model.named_parameters() (pairs_from='names'), "
+            "which leaves them to AdamW as AdaPreLoRA(model) does")
     if missing:
         raise ValueError(
             f"attach(): the tensors of LoRA pair(s) {missing[:3]}{' ...' if len(missing) > 3 else ''} are not the "

@@ -285,6 +285,13 @@ def test_attach_gives_the_model_built_optimizers_exact_energies_and_steps():
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=na)
     with pytest.raises(ValueError, match="not the weights of a Linear or Conv2d"):
         AdaPreLoRA(model_a.parameters(), lr=1e-2).attach(SimpleNet())
+    # PEFT's embedding LoRA: by order it looks like a pair, by name (and with the model) it gets AdamW
+    from peft import LoraConfig, get_peft_model
+
+    emb = get_peft_model(SimpleNet(), LoraConfig(r=2, target_modules=["emb", "lin0"]))
+    assert len(AdaPreLoRA(emb.named_parameters(), lr=1e-2).attach(emb).pairs) == len(find_lora_pairs(emb)) == 1
+    with pytest.raises(ValueError, match="embedding LoRA.*pairs_from='names'"):
+        AdaPreLoRA(emb.parameters(), lr=1e-2).attach(emb)
 
 
 def test_attach_hooks_a_kohya_network():
