@@ -20,7 +20,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adaprelora import available_optimizers
-from adaprelora.testing.tiny_sd import build_tiny_sd_pipeline
 from adaprelora.training.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,23 +27,9 @@ CAPTION = "a photo of sks toy on a red table"
 
 
 # ------------------------------------------------------------------------------------------------
-# Fixtures
+# Fixtures (tiny_sd, launch and dreambooth_args are tests/conftest.py's)
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core CI machine OpenMP's
-    spinning threads made these tests ~8x slower. Restored afterwards for other test files."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-sd") / "model"
-    build_tiny_sd_pipeline(str(path))
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_instance_images(folder: Path) -> None:
@@ -66,17 +51,10 @@ def _write_instance_images(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def instance_dir(tmp_path_factory) -> str:
+    """This module's own (over tests/conftest.py's): its tests read formats, EXIF, alpha, a caption, a broken file."""
     folder = tmp_path_factory.mktemp("instance") / "toy"
     _write_instance_images(folder)
     return str(folder)
-
-
-def _common(tiny_model, instance_dir, output_dir, steps):
-    return [
-        "--pretrained_model_name_or_path", tiny_model, "--instance_data_dir", instance_dir,
-        "--instance_prompt", "a photo of sks toy", "--output_dir", str(output_dir), "--resolution", "32",
-        "--train_batch_size", "1", "--max_train_steps", str(steps), "--seed", "0", "--mixed_precision", "no",
-    ]
 
 
 # Run A: unet only, default optimizer (adaprelora), cosine schedule, checkpoints every 2 steps
@@ -89,18 +67,18 @@ RUN_A_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def run_a(launch, tiny_model, instance_dir, tmp_path_factory):
+def run_a(launch, dreambooth_args, tiny_sd, instance_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run-a") / "toy-lora"
-    proc = launch(_common(tiny_model, instance_dir, out, 6) + RUN_A_ARGS)
+    proc = launch(dreambooth_args(tiny_sd, instance_dir, out, 6) + RUN_A_ARGS)
     return out, proc
 
 
 @pytest.fixture(scope="module")
-def run_c(launch, tiny_model, instance_dir, tmp_path_factory):
+def run_c(launch, dreambooth_args, tiny_sd, instance_dir, tmp_path_factory):
     """Text encoder + prior preservation (class images generated), alpha != rank, named output."""
     root = tmp_path_factory.mktemp("run-c")
     out, class_dir = root / "out", root / "class"
-    proc = launch(_common(tiny_model, instance_dir, out, 2) + [
+    proc = launch(dreambooth_args(tiny_sd, instance_dir, out, 2) + [
         "--train_text_encoder", "--with_prior_preservation", "--class_data_dir", str(class_dir),
         "--class_prompt", "a photo of a toy", "--num_class_images", "2", "--sample_batch_size", "2",
         "--class_inference_steps", "2",
@@ -115,10 +93,10 @@ def _metadata(path) -> dict:
         return dict(fh.metadata() or {})
 
 
-def _fresh_pipeline(tiny_model):
+def _fresh_pipeline(tiny_sd):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -161,12 +139,14 @@ def test_unet_only_run_outputs_checkpoints_and_samples(run_a):
     assert "verified: diffusers file ok, kohya file ok (max diff" in final, final
 
 
-def test_resume_continues_steps_and_restores_optimizer_state(run_a, launch, tiny_model, instance_dir, tmp_path):
+def test_resume_continues_steps_and_restores_optimizer_state(run_a, launch, dreambooth_args, tiny_sd, instance_dir,
+                                                             tmp_path):
     out_a, _ = run_a
     out_b = tmp_path / "toy-lora"
     out_b.mkdir()
     shutil.copytree(out_a / "checkpoint-4", out_b / "checkpoint-4")
-    proc = launch(_common(tiny_model, instance_dir, out_b, 6) + RUN_A_ARGS + ["--resume_from_checkpoint", "latest"])
+    proc = launch(dreambooth_args(tiny_sd, instance_dir, out_b, 6) + RUN_A_ARGS
+                  + ["--resume_from_checkpoint", "latest"])
     assert "resumed from" in proc.stderr and "at step 4" in proc.stderr
     assert {p.name for p in out_b.iterdir() if p.name.startswith("checkpoint-")} == {"checkpoint-4", "checkpoint-6"}
     assert _metadata(out_b / "pytorch_lora_weights.safetensors")["ss_steps"] == "6"
@@ -193,17 +173,18 @@ def test_resume_continues_steps_and_restores_optimizer_state(run_a, launch, tiny
         torch.testing.assert_close(w_b[key], w_a[key], rtol=1e-5, atol=1e-7)
 
 
-def test_the_cli_trains_with_prodigy_and_names_it_in_the_metadata(launch, tiny_model, instance_dir, tmp_path):
+def test_the_cli_trains_with_prodigy_and_names_it_in_the_metadata(launch, dreambooth_args, tiny_sd, instance_dir,
+                                                                   tmp_path):
     out = tmp_path / "prodigy-lora"
-    launch(_common(tiny_model, instance_dir, out, 2) + ["--optimizer", "prodigy", "--learning_rate", "1.0",
-                                                        "--report_to", "none"])
+    launch(dreambooth_args(tiny_sd, instance_dir, out, 2) + ["--optimizer", "prodigy", "--learning_rate", "1.0",
+                                                             "--report_to", "none"])
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert any(v.abs().max() > 0 for k, v in weights.items() if ".up." in k or "lora_B" in k), "B never moved"
     meta = _metadata(out / "pytorch_lora_weights.safetensors")
     assert "prodigy" in meta["ss_optimizer"] and meta["ss_steps"] == "2"
 
 
-def test_text_encoder_prior_preservation_and_reload(run_c, tiny_model):
+def test_text_encoder_prior_preservation_and_reload(run_c, tiny_sd):
     out, class_dir, proc = run_c
     assert sorted(p.suffix for p in class_dir.iterdir()) == [".png", ".png"]
     assert "class image" in proc.stderr
@@ -220,17 +201,17 @@ def test_text_encoder_prior_preservation_and_reload(run_c, tiny_model):
 
     # Reloading the diffusers file changes the output; the kohya file (read by diffusers' own
     # kohya converter) gives the same model as the diffusers file.
-    base = _generate(_fresh_pipeline(tiny_model))
-    pipe = _fresh_pipeline(tiny_model)
+    base = _generate(_fresh_pipeline(tiny_sd))
+    pipe = _fresh_pipeline(tiny_sd)
     pipe.load_lora_weights(str(out))
     with_lora = _generate(pipe)
     assert np.abs(with_lora - base).max() > 1e-3
-    pipe_k = _fresh_pipeline(tiny_model)
+    pipe_k = _fresh_pipeline(tiny_sd)
     pipe_k.load_lora_weights(str(out), weight_name="sks_toy.safetensors")
     np.testing.assert_allclose(_generate(pipe_k), with_lora, atol=1e-5)
 
 
-def test_kohya_file_converts_back_to_the_same_weights(run_c, tiny_model):
+def test_kohya_file_converts_back_to_the_same_weights(run_c, tiny_sd):
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import LoraConfig
 
@@ -243,7 +224,7 @@ def test_kohya_file_converts_back_to_the_same_weights(run_c, tiny_model):
     )
 
     out, _, _ = run_c
-    pipe = _fresh_pipeline(tiny_model)
+    pipe = _fresh_pipeline(tiny_sd)
     kohya = load_file(str(out / "sks_toy.safetensors"))
     unet_sd, te_sd = kohya_to_peft(kohya, pipe.unet, pipe.text_encoder)
     diffusers_sd = load_file(str(out / "pytorch_lora_weights.safetensors"))
@@ -274,14 +255,14 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_clear_line(case, launch, tiny_model, instance_dir, tmp_path):
+def test_bad_input_is_one_clear_line(case, launch, tiny_sd, instance_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "a.png").write_bytes(b"garbage")
     (tmp_path / "broken" / "b.webp").write_bytes(b"")
     args, expected = BAD_INPUTS[case]
     args = [a.format(tmp=tmp_path, instance=instance_dir) for a in args]
-    base = ["--pretrained_model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "out"),
+    base = ["--pretrained_model_name_or_path", tiny_sd, "--output_dir", str(tmp_path / "out"),
             "--resolution", "32", "--max_train_steps", "1", "--instance_prompt", "a photo of sks toy"]
     proc = launch(base + args, expect_ok=False)
     assert proc.returncode != 0
@@ -294,10 +275,10 @@ def test_bad_input_is_one_clear_line(case, launch, tiny_model, instance_dir, tmp
 # ------------------------------------------------------------------------------------------------
 # In-process: train() as the app drives it
 # ------------------------------------------------------------------------------------------------
-def _config(tiny_model, instance_dir, output_dir, **kw):
+def _config(tiny_sd, instance_dir, output_dir, **kw):
     from adaprelora.training.dreambooth import TrainConfig
 
-    base = dict(pretrained_model_name_or_path=tiny_model, instance_data_dir=instance_dir,
+    base = dict(pretrained_model_name_or_path=tiny_sd, instance_data_dir=instance_dir,
                 instance_prompt="a photo of sks toy", output_dir=str(output_dir), resolution=32,
                 train_batch_size=1, max_train_steps=1, seed=0, report_to="none", learning_rate=1e-3)
     base.update(kw)
@@ -305,13 +286,13 @@ def _config(tiny_model, instance_dir, output_dir, **kw):
 
 
 @pytest.mark.parametrize("name", available_optimizers())
-def test_every_optimizer_trains_one_step(name, tiny_model, instance_dir, tmp_path):
+def test_every_optimizer_trains_one_step(name, tiny_sd, instance_dir, tmp_path):
     from adaprelora.training.dreambooth import train
 
     # AdaPreLoRA also under fp16 autocast, LoRA kept fp32 (accelerate uses no loss scaler on CPU;
     # attach_grad_scaler's path runs on CUDA only).
     precision = "fp16" if name == "adaprelora" else "no"
-    events = list(train(_config(tiny_model, instance_dir, tmp_path, optimizer=name, train_text_encoder=True,
+    events = list(train(_config(tiny_sd, instance_dir, tmp_path, optimizer=name, train_text_encoder=True,
                                 mixed_precision=precision)))
     steps = [e for e in events if e.loss is not None]
     assert len(steps) == 1 and np.isfinite(steps[0].loss) and steps[0].lr > 0
@@ -326,7 +307,7 @@ def test_every_optimizer_trains_one_step(name, tiny_model, instance_dir, tmp_pat
     assert {v.dtype for v in weights.values()} == {torch.float32}
 
 
-def test_captions_images_list_mixed_precision_and_stop(tiny_model, instance_dir, tmp_path, monkeypatch):
+def test_captions_images_list_mixed_precision_and_stop(tiny_sd, instance_dir, tmp_path, monkeypatch):
     """Captions (sidecar and explicit) reach the text encoder; LoRA stays fp32 under bf16; a stop
     request ends the run after the current step with a checkpoint and the output files."""
     from adaprelora.training import dreambooth
@@ -342,7 +323,7 @@ def test_captions_images_list_mixed_precision_and_stop(tiny_model, instance_dir,
     folder = Path(instance_dir)
     images = [str(folder / "img0.png"), str(folder / "img1.jpg")]
     stop = threading.Event()
-    config = _config(tiny_model, None, tmp_path / "out", instance_images=images,
+    config = _config(tiny_sd, None, tmp_path / "out", instance_images=images,
                      instance_captions={images[1]: "sks toy, studio light"}, max_train_steps=50,
                      train_batch_size=2, mixed_precision="bf16", checkpointing_steps=100)
     events = []
@@ -360,12 +341,12 @@ def test_captions_images_list_mixed_precision_and_stop(tiny_model, instance_dir,
     assert _metadata(last.outputs["diffusers"])["ss_steps"] == "1"
 
 
-def test_training_options_run(tiny_model, instance_dir, tmp_path):
+def test_training_options_run(tiny_sd, instance_dir, tmp_path):
     """Gradient checkpointing and accumulation, min-SNR, noise offset, LoRA dropout, a decaying
     schedule and several validation prompts together."""
     from adaprelora.training.dreambooth import train
 
-    config = _config(tiny_model, instance_dir, tmp_path, max_train_steps=2, train_text_encoder=True,
+    config = _config(tiny_sd, instance_dir, tmp_path, max_train_steps=2, train_text_encoder=True,
                      gradient_checkpointing=True, gradient_accumulation_steps=2, snr_gamma=5.0, noise_offset=0.1,
                      lora_dropout=0.1, lr_scheduler="linear", lr_warmup_steps=0,
                      validation_prompt=["sks toy", "sks toy on a beach"], num_validation_images=2,
@@ -455,7 +436,7 @@ def test_caption_dropout_empties_prompts_at_the_rate_and_reproducibly(instance_d
     assert prompts(caption_dropout_rate=1.0)[0] == [""] * len(inst)
 
 
-def test_dropped_captions_train_on_the_empty_prompt_with_cached_prompts(tiny_model, instance_dir, tmp_path,
+def test_dropped_captions_train_on_the_empty_prompt_with_cached_prompts(tiny_sd, instance_dir, tmp_path,
                                                                          monkeypatch):
     """With --cache_latents and a frozen text encoder the prompts are encoded once: the empty
     prompt of dropped captions must be among them, and reach the UNet."""
@@ -474,7 +455,7 @@ def test_dropped_captions_train_on_the_empty_prompt_with_cached_prompts(tiny_mod
     for i in range(2):
         Image.new("RGB", (32, 32), (90 * i, 80, 120)).save(class_dir / f"reg{i}.png")
         (class_dir / f"reg{i}.txt").write_text(f"a toy number {i}")
-    config = _config(tiny_model, instance_dir, tmp_path / "out", max_train_steps=3, train_batch_size=2,
+    config = _config(tiny_sd, instance_dir, tmp_path / "out", max_train_steps=3, train_batch_size=2,
                      cache_latents=True, center_crop=True, with_prior_preservation=True,
                      class_data_dir=str(class_dir), class_prompt="a toy", num_class_images=2,
                      class_caption_dropout_rate=1.0, skip_export_check=True)
@@ -486,7 +467,7 @@ def test_dropped_captions_train_on_the_empty_prompt_with_cached_prompts(tiny_mod
     assert all(set(b[len(b) // 2:]) == {""} and "" not in b[:len(b) // 2] for b in batches), batches
 
 
-def test_config_cross_field_errors_name_the_flags(tiny_model, instance_dir, tmp_path):
+def test_config_cross_field_errors_name_the_flags(tiny_sd, instance_dir, tmp_path):
     cases = {
         "--class_data_dir": dict(with_prior_preservation=True, class_prompt="a toy"),
         "--class_prompt": dict(with_prior_preservation=True, class_data_dir=str(tmp_path / "c")),
@@ -503,7 +484,7 @@ def test_config_cross_field_errors_name_the_flags(tiny_model, instance_dir, tmp_
         cases["--enable_xformers_memory_efficient_attention"] = dict(enable_xformers_memory_efficient_attention=True)
     for flag, kw in cases.items():
         with pytest.raises(UserError, match=flag):
-            _config(tiny_model, instance_dir, tmp_path, **kw).validate()
+            _config(tiny_sd, instance_dir, tmp_path, **kw).validate()
 
 
 def test_parse_args_uses_diffusers_names_and_defaults():
