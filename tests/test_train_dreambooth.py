@@ -109,6 +109,7 @@ def _generate(pipe) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # Subprocess runs
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_unet_only_run_outputs_checkpoints_and_samples(run_a):
     out, proc = run_a
     # Rotation: checkpoints at 2, 4, 6 with a limit of 2 leave exactly the last two, no temp folders.
@@ -139,6 +140,7 @@ def test_unet_only_run_outputs_checkpoints_and_samples(run_a):
     assert "verified: diffusers file ok, kohya file ok (max diff" in final, final
 
 
+@pytest.mark.slow
 def test_resume_continues_steps_and_restores_optimizer_state(run_a, launch, dreambooth_args, tiny_sd, instance_dir,
                                                              tmp_path):
     out_a, _ = run_a
@@ -173,6 +175,7 @@ def test_resume_continues_steps_and_restores_optimizer_state(run_a, launch, drea
         torch.testing.assert_close(w_b[key], w_a[key], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_the_cli_trains_with_prodigy_and_names_it_in_the_metadata(launch, dreambooth_args, tiny_sd, instance_dir,
                                                                    tmp_path):
     out = tmp_path / "prodigy-lora"
@@ -184,6 +187,7 @@ def test_the_cli_trains_with_prodigy_and_names_it_in_the_metadata(launch, dreamb
     assert "prodigy" in meta["ss_optimizer"] and meta["ss_steps"] == "2"
 
 
+@pytest.mark.slow
 def test_text_encoder_prior_preservation_and_reload(run_c, tiny_sd):
     out, class_dir, proc = run_c
     assert sorted(p.suffix for p in class_dir.iterdir()) == [".png", ".png"]
@@ -211,6 +215,7 @@ def test_text_encoder_prior_preservation_and_reload(run_c, tiny_sd):
     np.testing.assert_allclose(_generate(pipe_k), with_lora, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_kohya_file_converts_back_to_the_same_weights(run_c, tiny_sd):
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import LoraConfig
@@ -255,6 +260,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(case, launch, tiny_sd, instance_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken").mkdir()
@@ -286,6 +292,7 @@ def _config(tiny_sd, instance_dir, output_dir, **kw):
 
 
 @pytest.mark.parametrize("name", available_optimizers())
+@pytest.mark.slow
 def test_every_optimizer_trains_one_step(name, tiny_sd, instance_dir, tmp_path):
     from adaprelora.training.dreambooth import train
 
@@ -307,6 +314,7 @@ def test_every_optimizer_trains_one_step(name, tiny_sd, instance_dir, tmp_path):
     assert {v.dtype for v in weights.values()} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_captions_images_list_mixed_precision_and_stop(tiny_sd, instance_dir, tmp_path, monkeypatch):
     """Captions (sidecar and explicit) reach the text encoder; LoRA stays fp32 under bf16; a stop
     request ends the run after the current step with a checkpoint and the output files."""
@@ -341,6 +349,7 @@ def test_captions_images_list_mixed_precision_and_stop(tiny_sd, instance_dir, tm
     assert _metadata(last.outputs["diffusers"])["ss_steps"] == "1"
 
 
+@pytest.mark.slow
 def test_training_options_run(tiny_sd, instance_dir, tmp_path):
     """Gradient checkpointing and accumulation, min-SNR, noise offset, LoRA dropout, a decaying
     schedule and several validation prompts together."""
@@ -436,6 +445,7 @@ def test_caption_dropout_empties_prompts_at_the_rate_and_reproducibly(instance_d
     assert prompts(caption_dropout_rate=1.0)[0] == [""] * len(inst)
 
 
+@pytest.mark.slow
 def test_dropped_captions_train_on_the_empty_prompt_with_cached_prompts(tiny_sd, instance_dir, tmp_path,
                                                                          monkeypatch):
     """With --cache_latents and a frozen text encoder the prompts are encoded once: the empty
