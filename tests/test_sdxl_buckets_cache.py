@@ -71,6 +71,7 @@ def _unet_output(pipe) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # SDXL
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sdxl_run_writes_sdxl_keys_metadata_buckets_and_samples(sdxl_run):
     out, proc = sdxl_run
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
@@ -96,6 +97,7 @@ def test_sdxl_run_writes_sdxl_keys_metadata_buckets_and_samples(sdxl_run):
         assert img.size == (96, 48)
 
 
+@pytest.mark.slow
 def test_sdxl_files_load_in_diffusers_and_reproduce_the_trained_unet(sdxl_run, tiny_sdxl):
     """The final diffusers file, loaded with `load_lora_weights`, gives the UNet the trainer saved
     in checkpoint-4 (read back through the trainer's own checkpoint loader); the kohya file, read
@@ -123,6 +125,7 @@ def test_sdxl_files_load_in_diffusers_and_reproduce_the_trained_unet(sdxl_run, t
         torch.testing.assert_close(_unet_output(pipe), expected, rtol=1e-4, atol=1e-5, msg=weight_name)
 
 
+@pytest.mark.slow
 def test_sdxl_resume_with_buckets_equals_the_uninterrupted_run(sdxl_run, launch, dreambooth_args, tiny_sdxl,
                                                                instance_dir, tmp_path):
     out_a, _ = sdxl_run
@@ -145,6 +148,7 @@ def test_sdxl_resume_with_buckets_equals_the_uninterrupted_run(sdxl_run, launch,
                 torch.testing.assert_close(opt_b["state"][index][name], value, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_sdxl_prior_preservation_with_latents_cached_on_disk(launch, dreambooth_args, tiny_sdxl, instance_dir,
                                                              tmp_path):
     out, class_dir = tmp_path / "out", tmp_path / "class"
@@ -172,6 +176,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.slow
 def test_bad_combinations_are_one_clear_line_and_exit_2(case, launch, dreambooth_args, tiny_sd, instance_dir, tmp_path):
     args, expected = BAD_INPUTS[case]
     proc = launch(dreambooth_args(tiny_sd, instance_dir, tmp_path / "out", 1) + ["--report_to", "none"] + args,
@@ -301,6 +306,7 @@ def test_bucket_batches_hold_one_bucket_and_their_order_is_seeded_per_epoch(inst
 # ------------------------------------------------------------------------------------------------
 # The app with an SDXL base model
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_app_names_the_family_and_generates_with_an_sdxl_lora(sdxl_run, tiny_sdxl, tiny_sd, tmp_path):
     from adaprelora.app.defaults import SDXL_PRESETS, TINY_PROFILE, profile_for
     from adaprelora.app.generate import BaseModel, GenerationRequest, generate_images
