@@ -33,6 +33,7 @@ def text_encoder_run(instance_dir, tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_a_run_ends_with_both_files_verified(text_encoder_run):
     last = text_encoder_run
     assert last.message.startswith("finished at step 2; verified: diffusers file ok, kohya file ok (max diff"), \
@@ -46,6 +47,7 @@ def test_a_run_ends_with_both_files_verified(text_encoder_run):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_diffusers_file_uses_the_transformers_4_text_encoder_layout_and_loads_here(text_encoder_run):
     from diffusers import StableDiffusionPipeline
 
