@@ -52,6 +52,7 @@ def test_model_folder_is_small_and_complete():
     assert not any(n.endswith((".bin", ".pt", ".ckpt")) for n in names), "only safetensors weights"
 
 
+@pytest.mark.slow
 def test_loads_offline_from_the_repository_alone(tmp_path):
     """A fresh process with an empty Hugging Face cache and the Hub switched off loads and draws."""
     code = ("import sys; from diffusers import StableDiffusionPipeline, DDIMScheduler;"
@@ -72,6 +73,7 @@ def test_judge_reads_drawn_scenes(judge):
     assert acc["shape"] >= 0.97 and acc["colour"] >= 0.97 and acc["background"] >= 0.97, acc
 
 
+@pytest.mark.slow
 def test_draws_the_asked_shape_colour_and_background(pipe, judge):
     wanted = eval_prompts("train", 24, seed=3)
     images = generate(pipe, [scenes.caption(s) for s in wanted], seed=4242, guidance_scale=5.0, num_inference_steps=25)
@@ -82,6 +84,7 @@ def test_draws_the_asked_shape_colour_and_background(pipe, judge):
     assert result["shape"] >= 0.8 and result["colour"] >= 0.9 and result["background"] >= 0.9, result
 
 
+@pytest.mark.slow
 def test_composes_held_out_combinations(pipe, judge):
     wanted = eval_prompts("held_out", 24, seed=3)
     images = generate(pipe, [scenes.caption(s) for s in wanted], seed=4343, guidance_scale=5.0, num_inference_steps=25)
@@ -101,6 +104,7 @@ def test_example_subject_is_shipped_with_captions():
 
 # Its own limit: the run's 600 s (measured 174-208 s on two threads, 283 s on one), then two judged evaluations.
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_dreambooth_lora_learns_a_new_subject_through_accelerate_launch(tmp_path, pipe, judge, launch,
                                                                          training_threads):
     """The CLI as users run it, on the shipped model and default settings: the judge sees the
