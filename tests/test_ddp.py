@@ -67,6 +67,7 @@ def _run_ranks(world, *args):
 
 
 @pytest.mark.timeout(JOIN_TIMEOUT_S + 60)
+@pytest.mark.slow
 def test_two_process_ddp_keeps_parameters_identical_and_averages_energies(tmp_path):
     _run_ranks(2, _free_port(), str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
