@@ -11,6 +11,8 @@ pytest.importorskip("peft")
 
 from benchmarks.quality.__main__ import main  # noqa: E402
 
+pytestmark = pytest.mark.slow  # each suite trains its optimizers for a few steps: tens of seconds
+
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
