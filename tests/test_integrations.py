@@ -11,7 +11,6 @@ import importlib
 
 import pytest
 import torch
-from test_param_list_pairs import CROSS_GROUP
 from torch import nn
 
 from adaprelora import AdaPreLoRA, find_lora_pairs
@@ -215,7 +214,6 @@ def test_kohya_network_with_per_part_learning_rates():
     _kohya_same_update(None)
 
 
-@CROSS_GROUP
 @pytest.mark.timeout(120)
 def test_kohya_network_with_loraplus_groups():
     assert _kohya_train(16.0) == ["textencoder", "textencoder plus", "unet", "unet plus"]

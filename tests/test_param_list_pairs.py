@@ -29,21 +29,6 @@ def _ids(pairs):
     return {(id(p.A), id(p.B)) for p in pairs}
 
 
-def _cross_group_pairs_supported() -> bool:
-    A, B = nn.Parameter(torch.randn(2, 5)), nn.Parameter(torch.randn(4, 2))
-    try:
-        AdaPreLoRA([{"params": [A]}, {"params": [B], "lr": 2e-3}], lr=1e-3)
-    except ValueError as err:
-        return "same parameter group" not in str(err)
-    return True
-
-
-CROSS_GROUP = pytest.mark.xfail(
-    not _cross_group_pairs_supported(), strict=True,
-    reason="pairs whose A and B sit in different param groups (kohya's LoRA+) are refused by "
-           "LoRAPairOptimizer._map_pairs_to_groups until the base optimizer steps them")
-
-
 # -- finding the pairs ---------------------------------------------------------------------------
 def test_peft_parameters_and_named_parameters_give_the_models_pairs():
     model = make_lora_model(r=4, alpha=12, modules_to_save=["norm"])
@@ -205,7 +190,6 @@ def test_duplicates_empty_groups_frozen_tensors_and_misuse():
         AdaPreLoRA([("a", params[0]), params[1]], lr=1e-3)
 
 
-@CROSS_GROUP
 def test_loraplus_pairs_step_each_factor_with_its_groups_lr():
     """kohya's LoRA+ puts lora_up in its own group at lr * ratio: A steps with its group's lr and B
     with its own (float64 reference, step by step)."""
