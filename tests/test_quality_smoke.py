@@ -54,11 +54,16 @@ def test_classification_smoke(tmp_path):
     out = _run("classification", tmp_path)
     assert out["suite"] == "classification"
     assert {"adamw", "adaprelora", "adaprelora-tangent"} <= set(out["optimizers"])
+    assert out["data"]["test_seen"] == 16  # new sentences of the training templates (fit)
     for label, o in out["optimizers"].items():
         s = o["summary"]
         assert 0.0 <= s["test_acc"]["mean"] <= 1.0, label
+        assert 0.0 <= s["test_seen_acc"]["mean"] <= 1.0, label
         assert _finite(s["final_train_loss"]["mean"])
         assert s["state_bytes"] > 0
+        if label != "adamw":
+            iv = o["paired_vs_adamw"]["test_seen_acc"]
+            assert iv["n"] == 1 and iv["lo"] <= iv["mean"] <= iv["hi"]
         run = o["runs"][0]
         assert len(run["curve_test_acc"]) == len(run["curve_steps"])
         assert all(_finite(v) for v in run["train_loss"])

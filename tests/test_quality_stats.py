@@ -50,6 +50,8 @@ def test_relative_differences_and_missing_units():
     assert stats.paired_differences(cand, base) == pytest.approx({"a": 0.2, "b": -1.0})
     assert stats.paired_differences(cand, base, relative=True) == pytest.approx({"a": 0.1, "b": -0.25})
     assert stats.paired_interval({"x": 1.0}, {"y": 1.0}) is None
+    single = stats.paired_interval({"x": 2.0}, {"x": 1.0})
+    assert single["lo"] == single["hi"] == 1.0 and not single["excludes_zero"]
 
 
 def test_interval_excludes_zero_for_a_consistent_gain_and_includes_it_for_noise():
@@ -170,3 +172,13 @@ def test_e2e_data_deterministic_disjoint_and_every_slot_said():
                 if "area" in rec:
                     assert ("riverside" if rec["area"] == "riverside" else "cent") in text, ref
     assert np.mean(n_distinct) > 3.5  # the references of a record differ
+
+
+def test_paired_vs_baseline_pairs_by_seed():
+    runs = {"adamw": [{"seed": 0, "acc": 0.5}, {"seed": 1, "acc": 0.6}, {"seed": 2, "acc": 0.7}],
+            "other": [{"seed": 2, "acc": 0.8}, {"seed": 0, "acc": 0.5}, {"seed": 1, "acc": None}]}
+    out = stats.paired_vs_baseline(runs, "adamw", {"acc": False})
+    assert set(out) == {"other"}
+    iv = out["other"]["acc"]
+    assert iv["n"] == 2 and iv["units"] == [0, 2] and iv["mean"] == pytest.approx(0.05)
+    assert stats.paired_vs_baseline({"other": runs["other"]}, "adamw", {"acc": False}) == {}

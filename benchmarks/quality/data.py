@@ -2,7 +2,8 @@
 
 `sentiment_splits`: templated sentiment sentences with negation and contrast; the test split uses
 templates never seen in training (same word lists), so the task cannot be solved by memorising
-surface forms. `word_problem_splits`: grade-school word problems with GSM8K-style worked answers
+surface forms, and a second test split new sentences of the training templates (how well the
+training distribution was fitted). `word_problem_splits`: grade-school word problems with GSM8K-style worked answers
 ("... 3*4=12 ...\n#### 17"): multi-step, ten templates, varied names, items and numbers; the test
 split holds different instances (no question text shared with training).
 """
@@ -60,13 +61,24 @@ def _sentence(rng: random.Random, template: str, kind: str) -> dict:
     return {"sentence": text, "label": label}
 
 
-def sentiment_splits(n_train: int = 2000, n_test: int = 400, seed: int = 0) -> dict:
-    """{"train": [...], "test": [...]} of {"sentence", "label"}; test uses held-out templates."""
+def sentiment_splits(n_train: int = 2000, n_test: int = 400, seed: int = 0, n_test_seen: int = 0) -> dict:
+    """{"train": [...], "test": [...], "test_seen": [...]} of {"sentence", "label"}. "test" uses
+    held-out templates (generalisation); "test_seen" holds new sentences of the training templates,
+    none of them in "train" (fit). Each split has its own random stream, so asking for "test_seen"
+    leaves the other two unchanged."""
     rng = random.Random(seed)
     train = [_sentence(rng, *TRAIN_TEMPLATES[rng.randrange(len(TRAIN_TEMPLATES))]) for _ in range(n_train)]
     rng_t = random.Random(seed + 1_000_003)
     test = [_sentence(rng_t, *TEST_TEMPLATES[rng_t.randrange(len(TEST_TEMPLATES))]) for _ in range(n_test)]
-    return {"train": train, "test": test}
+    rng_s = random.Random(seed + 2_000_029)
+    in_train = {r["sentence"] for r in train}
+    test_seen = []
+    while len(test_seen) < n_test_seen:
+        template = TRAIN_TEMPLATES[rng_s.randrange(len(TRAIN_TEMPLATES))]
+        row = _sentence(rng_s, *template)
+        if row["sentence"] not in in_train:  # a new instance of the template, never trained on
+            test_seen.append(row)
+    return {"train": train, "test": test, "test_seen": test_seen}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -251,18 +251,11 @@ def summarize(runs: list) -> dict:
 def add_paired(result: dict) -> None:
     """Each optimizer's differences to AdamW, paired by seed: BLEU and ROUGE-L in points, the
     held-out loss relative (negative: lower loss than AdamW)."""
-    base = result["optimizers"].get(BASELINE)
-    if base is None:
-        return
-    for label, o in result["optimizers"].items():
-        if label == BASELINE:
-            continue
-        paired = {}
-        for key, relative in (("bleu", False), ("rouge_l", False), ("heldout_loss", True)):
-            cand = {r["seed"]: _metric(r, key) for r in o["runs"]}
-            ref = {r["seed"]: _metric(r, key) for r in base["runs"]}
-            paired[key] = stats.paired_interval(cand, ref, relative=relative)
-        o["paired_vs_" + BASELINE] = paired
+    runs = {label: o["runs"] for label, o in result["optimizers"].items()}
+    paired = stats.paired_vs_baseline(runs, BASELINE, {"bleu": False, "rouge_l": False, "heldout_loss": True},
+                                      value=_metric)
+    for label, p in paired.items():
+        result["optimizers"][label]["paired_vs_" + BASELINE] = p
 
 
 TABLE_HEADERS = ["optimizer", "best lr", "interior", "band (octaves)", "BLEU", "std", "ROUGE-L", "held-out loss",

@@ -35,7 +35,9 @@ def main(folder: str = "benchmarks/results") -> None:
         res = json.load(open(path))
         ps = res["profile_settings"]
         print(f"\n### Classification ({ps['steps']} steps x batch {ps['batch']}, {len(ps['seeds'])} seeds, "
-              f"test {res['data']['test']} held-out-template sentences, wall {res['wall_s']:.0f} s)\n")
+              f"test {res['data']['test']} held-out-template sentences"
+              + (f" and {res['data']['test_seen']} new sentences of the training templates" if "test_seen" in res["data"]
+                 else "") + f", wall {res['wall_s']:.0f} s)\n")
         print(markdown_table(classification.TABLE_HEADERS, classification.table_rows(res)))
         if res["damping"]:
             print("\nDamping sensitivity (at the damping-0.1 best lr):\n")

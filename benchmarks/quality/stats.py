@@ -14,7 +14,7 @@ user's untuned lr is likely to be close enough.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -61,15 +61,37 @@ def paired_differences(candidate: Mapping, baseline: Mapping, *, relative: bool 
 def paired_interval(candidate: Mapping, baseline: Mapping, *, relative: bool = False, level: float = 0.95,
                     n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> Optional[dict]:
     """Mean paired difference (candidate - baseline) with its bootstrap interval, or None when
-    no unit has both scores. `excludes_zero` says whether the interval lies wholly on one side."""
+    no unit has both scores. `excludes_zero` says whether the interval lies wholly on one side of
+    zero (never with a single unit). Few units make a coarse interval: 3 seeds give only 10
+    distinct resample means."""
     diffs = paired_differences(candidate, baseline, relative=relative)
     if not diffs:
         return None
     units = sorted(diffs, key=str)  # a fixed order, so the same resamples pick the same units
     out = bootstrap_mean_interval([diffs[u] for u in units], level=level, n_boot=n_boot, seed=seed)
     out["relative"] = relative
-    out["excludes_zero"] = bool(out["lo"] > 0 or out["hi"] < 0)
+    # one unit gives a zero-width "interval": it says nothing about noise, so it excludes nothing
+    out["excludes_zero"] = bool(out["n"] >= 2 and (out["lo"] > 0 or out["hi"] < 0))
     out["units"] = [list(u) if isinstance(u, tuple) else u for u in units]
+    return out
+
+
+def paired_vs_baseline(runs_by_label: Mapping[str, Sequence[dict]], baseline: str, metrics: Mapping[str, bool],
+                       value: Callable[[dict, str], Optional[float]] = lambda run, key: run.get(key),
+                       unit: Callable[[dict], object] = lambda run: run["seed"]) -> dict:
+    """{label: {metric: paired_interval}} for every label but `baseline`: runs are paired by
+    `unit(run)` (the seed, by default), `metrics` maps each metric to whether its difference is
+    relative. Empty when the baseline did not run."""
+    if baseline not in runs_by_label:
+        return {}
+    ref_runs = runs_by_label[baseline]
+    out = {}
+    for label, runs in runs_by_label.items():
+        if label == baseline:
+            continue
+        out[label] = {key: paired_interval({unit(r): value(r, key) for r in runs},
+                                           {unit(r): value(r, key) for r in ref_runs}, relative=relative)
+                      for key, relative in metrics.items()}
     return out
 
 
@@ -119,4 +141,5 @@ def interval_text(iv: Optional[dict], digits: int = 3) -> str:
     return f"{iv['mean']:+.{digits}f} [{iv['lo']:+.{digits}f}, {iv['hi']:+.{digits}f}]"
 
 
-__all__ = ["bootstrap_mean_interval", "interval_text", "lr_band", "paired_differences", "paired_interval"]
+__all__ = ["bootstrap_mean_interval", "interval_text", "lr_band", "paired_differences", "paired_interval",
+           "paired_vs_baseline"]
