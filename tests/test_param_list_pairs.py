@@ -295,7 +295,7 @@ _RESUME = textwrap.dedent("""
     from adaprelora.testing.kohya_network import kohya_loss, tiny_kohya_setup
     torch.set_num_threads(1)
     folder = sys.argv[1]
-    te, unet, network = tiny_kohya_setup(seed=8)
+    te, unet, network = tiny_kohya_setup(seed=8, loraplus_lr_ratio=4.0)
     with torch.no_grad():  # other LoRA values: the checkpoint must bring them back
         for p in network.parameters():
             p.normal_()
@@ -313,7 +313,7 @@ _RESUME = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_state_dict_round_trips_in_a_fresh_process_and_the_resumed_run_continues_exactly(tmp_path):
-    te, unet, network = tiny_kohya_setup(seed=8)
+    te, unet, network = tiny_kohya_setup(seed=8, loraplus_lr_ratio=4.0)
     params, _ = network.prepare_optimizer_params(5e-4, 2e-3, 1e-3)
     opt = AdaPreLoRA(params, lr=1e-3)
     for step in range(6):
@@ -323,6 +323,7 @@ def test_state_dict_round_trips_in_a_fresh_process_and_the_resumed_run_continues
         kohya_loss(te, unet, step).backward()
         opt.step()
         opt.zero_grad()
+    assert len(opt.pairs) == 5 and len(opt.param_groups) == 4  # LoRA+: each pair spans two groups
     saved = torch.load(tmp_path / "optimizer.pt", weights_only=True)
     assert {"adafactor_row", "adafactor_col", "exp_avg"} <= set().union(*saved["state"].values())
     script = tmp_path / "resume.py"
