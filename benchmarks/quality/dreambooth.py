@@ -37,6 +37,7 @@ from typing import Optional
 import numpy as np
 
 from . import common as C
+from . import stats
 
 PROFILES = {
     "smoke": dict(steps=4, checkpoint_every=2, tune=("heart",), confirm=("crescent",), seeds=(0,), lr_points=1,
@@ -292,6 +293,7 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
                 "sweep": {str(lr): [{k: r[k] for k in ("subject", "subject_fidelity", "similarity", "background", "prior")}
                                     for r in rows] for lr, rows in sweep.items()},
                 "summary": summarize(runs, base_prior), "runs": runs}
+        add_paired(result)
         result["wall_s"] = time.perf_counter() - t_start
         report(result, log, img_dir, samples)
         return result
@@ -312,8 +314,19 @@ def _setup(prof: dict) -> dict:
             "profile": {k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.items()}}
 
 
+def add_paired(result: dict) -> None:
+    """Each optimizer's scores minus AdamW's on the same subject and seed (so the same images and
+    data order), with bootstrap 95% intervals over those pairs."""
+    runs = {label: o["runs"] for label, o in result["optimizers"].items()}
+    paired = stats.paired_vs_baseline(runs, "adamw", {"subject_fidelity": False, "similarity": False, "prior": False},
+                                      unit=lambda r: (r["subject"], r["seed"]))
+    for label, p in paired.items():
+        result["optimizers"][label]["paired_vs_adamw"] = p
+
+
 TABLE_HEADERS = ["optimizer", "lr", "subject fidelity", "std", "similarity", "background", "prior kept",
-                 "reached 80%", "steps to 80% (median)", "s / step", "state bytes"]
+                 "reached 80%", "steps to 80% (median)", "s / step", "state bytes", "fidelity - adamw [95%]",
+                 "prior - adamw [95%]"]
 
 
 def table_rows(result: dict) -> list:
@@ -326,7 +339,9 @@ def table_rows(result: dict) -> list:
 
         rows.append([label, o["best_lr"], mean("subject_fidelity"), s["subject_fidelity"]["std"] if s["subject_fidelity"] else None,
                      mean("similarity"), mean("background"), mean("prior_kept"), f"{s['reached_80']}/{s['runs']}",
-                     s["steps_to_80_median"], s["s_per_step_median"], s["state_bytes"]])
+                     s["steps_to_80_median"], s["s_per_step_median"], s["state_bytes"],
+                     stats.interval_text((o.get("paired_vs_adamw") or {}).get("subject_fidelity")),
+                     stats.interval_text((o.get("paired_vs_adamw") or {}).get("prior"))])
     return rows
 
 

@@ -33,6 +33,7 @@ def main(folder: str = "benchmarks/results") -> None:
     path = os.path.join(folder, "quality_classification.json")
     if os.path.exists(path):
         res = json.load(open(path))
+        classification.add_paired(res)  # results written before the paired intervals get them here
         ps = res["profile_settings"]
         print(f"\n### Classification ({ps['steps']} steps x batch {ps['batch']}, {len(ps['seeds'])} seeds, "
               f"test {res['data']['test']} held-out-template sentences"
@@ -55,6 +56,7 @@ def main(folder: str = "benchmarks/results") -> None:
         path = os.path.join(folder, name)
         if os.path.exists(path):
             res = json.load(open(path))
+            dreambooth.add_paired(res)
             prof = res["setup"]["profile"]
             print(f"\n### DreamBooth on tiny-sd ({name}: {prof['steps']} steps, lr tuned on "
                   f"{', '.join(res['tune_subjects'])}, confirmed on {', '.join(res['confirm_subjects'])} x "
