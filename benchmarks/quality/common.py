@@ -228,7 +228,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def plot_curves(path: str, series: dict, *, title: str, xlabel: str, ylabel: str, logy: bool = False,
-                bands: Optional[dict] = None) -> Optional[str]:
+                bands: Optional[dict] = None, logx: bool = False) -> Optional[str]:
     """series: label -> (x, y); bands: label -> (x, lo, hi). Returns the path, or None without matplotlib."""
     try:
         import matplotlib
@@ -247,6 +247,8 @@ def plot_curves(path: str, series: dict, *, title: str, xlabel: str, ylabel: str
             ax.fill_between(bx, lo, hi, color=line.get_color(), alpha=0.15)
     if logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log", base=2)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

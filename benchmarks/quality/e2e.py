@@ -224,7 +224,9 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
                 f"{C._fmt(t.get('rouge_l'))} loss {C._fmt(t.get('heldout_loss'))}")
         result["optimizers"][label] = {
             "kwargs": cfg.kwargs, "lr_grid": lrs, "best_lr": best_lr,
-            "interior": 0 < lrs.index(best_lr) < len(lrs) - 1, "band": _band(sweep),
+            # a fixed lr (Prodigy's 1.0) has no sweep: neither interior nor not
+            "interior": None if cfg.name in C.FIXED_LRS else 0 < lrs.index(best_lr) < len(lrs) - 1,
+            "band": None if cfg.name in C.FIXED_LRS else _band(sweep),
             "sweep": {str(lr): {"val": sweep[lr]["val"], "final_train_loss": sweep[lr]["final_train_loss"]}
                       for lr in lrs},
             "summary": summarize(runs), "runs": runs}
@@ -272,7 +274,8 @@ def table_rows(result: dict) -> list:
         s = o["summary"]
         p = o.get("paired_vs_" + BASELINE, {})
         band = o["band"]["band_width_log2"] if o.get("band") else None
-        rows.append([label, o["best_lr"], "yes" if o["interior"] else "no", band, s["bleu"]["mean"], s["bleu"]["std"],
+        interior = {True: "yes", False: "no"}.get(o["interior"])
+        rows.append([label, o["best_lr"], interior, band, s["bleu"]["mean"], s["bleu"]["std"],
                      s["rouge_l"]["mean"], s["heldout_loss"]["mean"], s["final_train_loss"]["mean"],
                      stats.interval_text(p.get("bleu"), 2) if p else None,
                      stats.interval_text(p.get("rouge_l"), 2) if p else None,
@@ -315,6 +318,6 @@ def report(result: dict, log=print, img_dir=None) -> None:
             series[label] = (lrs, bleu)
     path = C.plot_curves(os.path.join(img_dir or C.IMG_DIR, "quality_e2e_lr.png"), series,
                          title="E2E-style data-to-text, SmolLM2-135M + LoRA: validation BLEU against lr (seed 0)",
-                         xlabel="learning rate", ylabel="validation BLEU")
-    if path:  # the x axis is the log2 grid
+                         xlabel="learning rate (log2 axis)", ylabel="validation BLEU", logx=True)
+    if path:
         result["plots"] = [path]
