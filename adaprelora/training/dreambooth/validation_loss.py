@@ -12,8 +12,10 @@ images and timesteps.
     vset = ValidationLossSet.from_images(images, captions, vae, noise_scheduler, resolution=512)
     value = vset.evaluate(models)     # models: a DreamBoothModels (or anything with its fields)
 
-The VAE is frozen in LoRA training, so the latents are computed once; the text encoders may be
-trained, so the captions are encoded at every evaluation. Models are put in eval mode for the
+With prior preservation, a second set built from class images (and their captions or the class
+prompt) measures the drift of the prior the same way. The VAE is frozen in LoRA training, so the
+latents are computed once; the text encoders may be trained, so the captions are encoded at every
+evaluation. Models are put in eval mode for the
 evaluation (no dropout) and given back in the mode they were in.
 """
 from __future__ import annotations
