@@ -6,7 +6,6 @@ One tiny Stable Diffusion pipeline (built in code) and one server for the module
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
@@ -18,38 +17,17 @@ from adaprelora.app import build_demo, parse_auth  # noqa: E402
 from adaprelora.app.store import LoraStore, StoreError  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(base_model: str, output_root: str):
+def _launch(base_model: str, output_root: str, port: int):
     demo = build_demo(base_model, output_root, check_base_model_in_background=False)
-    port = _free_port()
     demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
     return demo, f"http://127.0.0.1:{port}/"
 
 
+# tiny_sd, write_images and free_port are tests/conftest.py's.
 @pytest.fixture(scope="module")
-def tiny_model():
-    from adaprelora.testing.tiny_sd import tiny_sd_pipeline_dir
-
-    return tiny_sd_pipeline_dir()
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    import numpy as np
-    from PIL import Image
-
+def images(tmp_path_factory, write_images):
     folder = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(3):
-        path = folder / f"photo{i}.png"
-        Image.fromarray((rng.random((40, 48, 3)) * 255).astype("uint8")).save(path)
-        paths.append(str(path))
+    paths = write_images(folder, [(40, 48)] * 3, prefix="photo")
     (folder / "notes.txt").write_text("not an image")
     (folder / "fake.png").write_text("text pretending to be a PNG")
     (folder / "truncated.png").write_bytes(open(paths[0], "rb").read()[:120])
@@ -57,9 +35,9 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(tiny_model, tmp_path_factory):
+def app(tiny_sd, tmp_path_factory, free_port):
     root = str(tmp_path_factory.mktemp("output-root"))
-    demo, url = _launch(tiny_model, root)
+    demo, url = _launch(tiny_sd, root, free_port())
     try:
         yield {"demo": demo, "url": url, "root": root, "client": Client(url, verbose=False)}
     finally:
@@ -149,8 +127,8 @@ def test_loras_lists_the_trained_lora_and_generate_uses_it(trained, app):
     assert written, "generated images are saved under the output root"
 
 
-def test_a_new_app_over_the_same_output_root_lists_the_lora(trained, app, tiny_model):
-    demo, url = _launch(tiny_model, app["root"])
+def test_a_new_app_over_the_same_output_root_lists_the_lora(trained, app, tiny_sd, free_port):
+    demo, url = _launch(tiny_sd, app["root"], free_port())
     try:
         client = Client(url, verbose=False)
         assert client.predict(api_name="/loras") == ["my-dog"]
@@ -247,8 +225,8 @@ def test_delete_refuses_paths_outside_the_store(app):
         app["client"].predict("../output-root", api_name="/delete_lora")
 
 
-def test_an_unloadable_base_model_still_opens_the_page_and_says_what_to_do(tmp_path):
-    demo, url = _launch(str(tmp_path / "no-such-model"), str(tmp_path / "out"))
+def test_an_unloadable_base_model_still_opens_the_page_and_says_what_to_do(tmp_path, free_port):
+    demo, url = _launch(str(tmp_path / "no-such-model"), str(tmp_path / "out"), free_port())
     try:
         client = Client(url, verbose=False)
         banner = client.predict(api_name="/base_model_status")
@@ -259,12 +237,12 @@ def test_an_unloadable_base_model_still_opens_the_page_and_says_what_to_do(tmp_p
         demo.close()
 
 
-def test_a_trainer_error_is_a_clear_message_and_leaves_no_folder(tmp_path, images):
+def test_a_trainer_error_is_a_clear_message_and_leaves_no_folder(tmp_path, images, free_port):
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "model_index.json").write_text("{}")  # passes the quick check, fails to load
     root = tmp_path / "out"
-    demo, url = _launch(str(broken), str(root))
+    demo, url = _launch(str(broken), str(root), free_port())
     try:
         with pytest.raises(AppError) as err:
             Client(url, verbose=False).predict([handle_file(images["good"][0])], "a photo of sks dog", 2, 1e-4, 4,
@@ -318,7 +296,7 @@ def test_auth_and_cli_arguments(tmp_path):
         module.parse_args(["--auth", "nocolon"])
 
 
-def test_python_app_py_serves_the_page_on_loopback_even_without_the_default_model(tmp_path, images):
+def test_python_app_py_serves_the_page_on_loopback_even_without_the_default_model(tmp_path, images, free_port):
     """The real entry point, offline: the default SD 1.5 id cannot be fetched, the page opens anyway."""
     import subprocess
     import sys
@@ -326,7 +304,7 @@ def test_python_app_py_serves_the_page_on_loopback_even_without_the_default_mode
     import urllib.request
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     proc = subprocess.Popen([sys.executable, os.path.join(root, "app.py"), "--port", str(port),
                              "--output-root", str(tmp_path / "out")],
