@@ -16,6 +16,9 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from adaprelora.app import build_demo, parse_auth  # noqa: E402
 from adaprelora.app.store import LoraStore, StoreError  # noqa: E402
 
+# One server and a training run shared by the module's tests: minutes on 2 cores.
+pytestmark = pytest.mark.slow
+
 
 def _launch(base_model: str, output_root: str, port: int):
     demo = build_demo(base_model, output_root, check_base_model_in_background=False)
