@@ -6,7 +6,7 @@ stepping path (`step.py`: `scaled_lora_step`, `lora_pro_step`).
 """
 from __future__ import annotations
 
-from typing import Iterable, Tuple, Union
+from typing import Iterable, Optional, Tuple, Union
 
 from torch import nn
 
@@ -26,7 +26,8 @@ class ScaledLoRA(LoRAPairOptimizer):
     then SGD (`variant="gd"`: A -= lr g_A, B -= lr g_B) or AdamW on (g_A, g_B) (`variant="adamw"`).
 
     Args:
-        params: a model, or parameters / groups with `pairs=[(A, B, scale), ...]`
+        params: a model, or parameters / groups (pairs found by `pairs_from`, as in AdaPreLoRA, or
+            given with `pairs=[(A, B, scale), ...]`; `lora_scale` as in AdaPreLoRA)
         lr (float): learning rate (default: 1e-3)
         variant (str): "gd" or "adamw" (default: "adamw")
         reg (float): ridge on the r x r Grams (default: 1e-6)
@@ -36,14 +37,15 @@ class ScaledLoRA(LoRAPairOptimizer):
 
     def __init__(self, params: Union[nn.Module, Iterable], lr: float = 1e-3, *, variant: str = "adamw",
                  reg: float = 1e-6, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, momentum: float = 0.0, nonfinite: str = "skip", pairs=None):
+                 weight_decay: float = 0.0, momentum: float = 0.0, nonfinite: str = "skip", pairs=None,
+                 pairs_from: Optional[str] = None, lora_scale=None):
         if variant not in ("gd", "adamw"):
             raise ValueError(f"variant must be 'gd' or 'adamw', got {variant!r}")
         if not reg > 0:
             raise ValueError(f"Invalid reg: {reg} (must be positive)")
         defaults = dict(lr=lr, reg=reg, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum)
         super().__init__(params, defaults, variant="sgd" if variant == "gd" else "adamw",
-                         pairs=pairs, nonfinite=nonfinite)
+                         pairs=pairs, nonfinite=nonfinite, pairs_from=pairs_from, lora_scale=lora_scale)
 
     def _step_bucket(self, bucket, pairs):
         g = bucket.group
@@ -71,7 +73,8 @@ class LoRAPro(LoRAPairOptimizer):
     equation (docs/algorithm.md, section 5).
 
     Args:
-        params: a model, or parameters / groups with `pairs=[(A, B, scale), ...]`
+        params: a model, or parameters / groups (pairs found by `pairs_from`, as in AdaPreLoRA, or
+            given with `pairs=[(A, B, scale), ...]`; `lora_scale` as in AdaPreLoRA)
         lr (float): learning rate (default: 1e-3)
         reg (float): ridge on B^T B and A A^T (default: 1e-6)
         betas, eps, weight_decay: AdamW's (defaults (0.9, 0.999), 1e-8, 0)
@@ -79,11 +82,12 @@ class LoRAPro(LoRAPairOptimizer):
 
     def __init__(self, params: Union[nn.Module, Iterable], lr: float = 1e-3, *, reg: float = 1e-6,
                  betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 nonfinite: str = "skip", pairs=None):
+                 nonfinite: str = "skip", pairs=None, pairs_from: Optional[str] = None, lora_scale=None):
         if not reg > 0:
             raise ValueError(f"Invalid reg: {reg} (must be positive)")
         defaults = dict(lr=lr, reg=reg, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, variant="adamw", pairs=pairs, nonfinite=nonfinite)
+        super().__init__(params, defaults, variant="adamw", pairs=pairs, nonfinite=nonfinite, pairs_from=pairs_from,
+                         lora_scale=lora_scale)
 
     def _step_bucket(self, bucket, pairs):
         g = bucket.group

@@ -334,3 +334,23 @@ def test_state_dict_round_trips_in_a_fresh_process_and_the_resumed_run_continues
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
     for name, value in network.state_dict().items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["ScaledLoRA", "LoRAPro"])
+def test_the_baselines_read_parameter_lists_too(name):
+    """The preconditioned baselines share the discovery; with the layers' scale given they step
+    exactly as when built from the model."""
+    import adaprelora
+
+    cls = getattr(adaprelora, name)
+    model_a, model_b = make_lora_model(seed=6), make_lora_model(seed=6)  # alpha / r = 2
+    listed = cls(model_a.parameters(), lr=1e-2, lora_scale=2.0)
+    built = cls(model_b, lr=1e-2)
+    assert _ids(listed.pairs) == _ids(find_lora_pairs(model_a)) and len(listed.pairs) == 3
+    for step in range(2):
+        for model, opt in ((model_a, listed), (model_b, built)):
+            forward_backward(model, step)
+            opt.step()
+            opt.zero_grad()
+    for (na, pa), (_, pb) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=na)
