@@ -75,7 +75,8 @@ class AdaPreLoRA(LoRAPairOptimizer):
         if stats == "exact" and not has_model:
             raise ValueError(
                 "stats='exact' reads each layer's input and output gradient with hooks, so it needs "
-                "the model: pass AdaPreLoRA(model, ...), or use stats='tangent' with bare parameters"
+                "the model: pass AdaPreLoRA(model, ...), or build it from the parameters and call "
+                "optimizer.attach(model), or use stats='tangent' with bare parameters"
             )
         if not decay_rate < 0:
             raise ValueError(f"Invalid decay_rate: {decay_rate} (must be negative, e.g. -0.8)")

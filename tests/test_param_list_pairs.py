@@ -182,6 +182,8 @@ def test_duplicates_empty_groups_frozen_tensors_and_misuse():
         AdaPreLoRA(params, lr=1e-3, pairs_from="shape")
     with pytest.raises(ValueError, match="leave pairs_from and lora_scale out"):
         AdaPreLoRA(params, lr=1e-3, pairs=[(params[0], params[1], 1.0)], pairs_from="order")
+    with pytest.raises(ValueError, match=r"call optimizer\.attach\(model\)"):
+        AdaPreLoRA(params, lr=1e-3, stats="exact")
     with pytest.raises(ValueError, match="apply to parameter lists"):
         AdaPreLoRA(model, lr=1e-3, pairs_from="names")
     with pytest.raises(ValueError, match="lora_scale has 2 values but 3 LoRA pairs"):
