@@ -8,7 +8,9 @@ Two readings (`pairs_from=`):
   of the same name, `lora_down` with `lora_up`. Order does not matter. The default for named lists.
 - "order": the layout the trainers produce. Within a param group, a down/A factor (r, in) or
   (r, in, kh, kw) directly followed by its up/B factor (out, r) or (out, r, 1, 1) is a pair (kohya
-  and LyCORIS modules register `lora_down` before `lora_up`, PEFT `lora_A` before `lora_B`). A group
+  and LyCORIS modules register `lora_down` before `lora_up`, PEFT `lora_A` before `lora_B`); k down
+  factors of one rank directly followed by k matching up factors pair by position (a layer whose
+  LoRA is split into q/k/v parts, or a PEFT layer with several trainable adapters). A group
   left with only down factors followed by a group with only up factors of matching ranks (kohya's
   LoRA+ groups) is paired by position. The default for unnamed lists.
 - "none": no discovery; only `pairs=[(A, B, scale), ...]`.
@@ -124,6 +126,15 @@ def _fits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return b.dim() == 2 or tuple(b.shape[2:]) == (1, 1)
 
 
+def _run_of_downs(row: list[_Entry], i: int) -> int:
+    """How many down-factor-shaped tensors of one rank start at row[i]."""
+    r = _down_rank(row[i].tensor)
+    k = 0
+    while r is not None and i + k < len(row) and _down_rank(row[i + k].tensor) == r:
+        k += 1
+    return k
+
+
 # -- the two readings -----------------------------------------------------------------------------
 def _pairs_by_order(entries: list[list[_Entry]]) -> list[tuple[_Entry, _Entry]]:
     found: list[tuple[_Entry, _Entry]] = []
@@ -132,6 +143,14 @@ def _pairs_by_order(entries: list[list[_Entry]]) -> list[tuple[_Entry, _Entry]]:
     for row in trainable:  # down then up, within a group
         i = 0
         while i < len(row):
+            k = _run_of_downs(row, i)
+            downs, ups = row[i:i + k], row[i + k:i + 2 * k]
+            if k > 1 and len(ups) == k and all(_fits(a.tensor, b.tensor) for a, b in zip(downs, ups)):
+                # k downs then their k ups: a layer split into parts, or k trainable adapters
+                found.extend(zip(downs, ups))
+                used.update(e.index for e in row[i:i + 2 * k])
+                i += 2 * k
+                continue
             e = row[i]
             nxt = row[i + 1] if i + 1 < len(row) else None
             if nxt is not None and _fits(e.tensor, nxt.tensor):

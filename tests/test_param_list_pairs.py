@@ -76,6 +76,24 @@ def test_kohya_groups_per_part_lr_pair_within_groups():
     assert _ids(AdaPreLoRA(network.named_parameters(), lr=1e-3).pairs) == _ids(opt.pairs)
 
 
+def test_split_layers_and_several_adapters_pair_by_position():
+    """k down factors followed by k up factors: a layer whose LoRA is split into q/k/v parts (a
+    ModuleList of lora_down, then one of lora_up), or a PEFT layer with two trainable adapters."""
+    downs = [nn.Parameter(torch.randn(4, 12)) for _ in range(3)]
+    ups = [nn.Parameter(torch.randn(m, 4)) for m in (8, 6, 6)]
+    other = [nn.Parameter(torch.randn(2, 12)), nn.Parameter(torch.randn(5, 2))]
+    opt = AdaPreLoRA(other + downs + ups, lr=1e-3)
+    assert [(p.A, p.B) for p in opt.pairs] == [(other[0], other[1])] + list(zip(downs, ups))
+    from peft import LoraConfig
+
+    model = make_lora_model()
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["lin0", "lin1"]))
+    model.base_model.set_adapter(["default", "other"])  # both adapters active and trainable
+    expected = find_lora_pairs(model)
+    assert len(expected) == 5
+    assert _ids(AdaPreLoRA(model.parameters(), lr=1e-3).pairs) == _ids(expected)
+
+
 def test_kohya_loraplus_groups_pair_across_groups_by_position():
     from adaprelora.param_list_pairs import pairs_from_param_list
 
@@ -139,8 +157,8 @@ def test_an_order_we_do_not_know_is_one_error():
     loha = [nn.Parameter(torch.randn(*s)) for s in [(16, 4), (4, 12), (16, 4), (4, 12)]]
     with pytest.raises(ValueError, match="LoHa"):
         AdaPreLoRA(loha, lr=1e-3)
-    # one layer's LoRA split in three (q, k, v): three down factors, then three up factors
-    split = [nn.Parameter(torch.randn(*s)) for s in [(4, 12)] * 3 + [(8, 4)] * 3]
+    # three down factors then two up factors of that rank: not a layout we know
+    split = [nn.Parameter(torch.randn(*s)) for s in [(4, 12)] * 3 + [(8, 4)] * 2]
     with pytest.raises(ValueError, match=r"tensor 0 \(param group 0, position 0, shape \(4, 12\)\).*no partner"):
         AdaPreLoRA(split, lr=1e-3)
     # a reversed LoRA+ layout (up factors' group first) leaves every factor without partner
