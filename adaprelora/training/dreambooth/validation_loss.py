@@ -172,10 +172,9 @@ class ValidationLossSet:
                 target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
                 extra = {}
                 if pooled is not None:
-                    factor = _vae_factor(self.latents, self.resolution)
                     ids = time_ids([self.original_sizes[i] for i in rows.tolist()],
                                    [self.crop_top_lefts[i] for i in rows.tolist()],
-                                   (latents.shape[-2] * factor, latents.shape[-1] * factor), device, dtype)
+                                   (self.resolution, self.resolution), device, dtype)  # target: the square crop
                     extra = {"added_cond_kwargs": {"text_embeds": pooled[rows.to(device)].to(dtype), "time_ids": ids}}
                 pred = unet(noisy.to(dtype), timesteps, hidden[rows.to(device)].to(dtype), return_dict=False,
                             **extra)[0]
@@ -207,10 +206,6 @@ def _text_parts(models) -> tuple[list, list]:
         encoders.append(models.text_encoder_2)
         tokenizers.append(models.tokenizer_2)
     return encoders, tokenizers
-
-
-def _vae_factor(latents: torch.Tensor, resolution: int) -> int:
-    return max(1, resolution // latents.shape[-1])
 
 
 @torch.no_grad()
