@@ -16,11 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adaprelora.training.dreambooth.data import ImageRecord
+from adaprelora.training.dreambooth.family import ModelFamily, detect_family
 from adaprelora.training.dreambooth.kohya_metadata import (
-    BaseModelKind,
     base_model_metadata,
     dataset_metadata,
-    detect_base_model,
     kohya_hashes,
     modelspec_metadata,
     tag_frequency,
@@ -59,7 +58,7 @@ def _metadata(path) -> dict:
     ids=["sd1.5", "sd2-512", "sd2-768-v", "sd2-by-text-encoder", "sdxl-pipeline", "sdxl-by-unet"],
 )
 def test_base_model_keys_match_kohya_for_v1_v2_and_xl(parts, version, v2, architecture, implementation, prediction):
-    kind = detect_base_model(**parts)
+    kind = detect_family(**parts)
     assert base_model_metadata(kind) == {"ss_v2": v2, "ss_base_model_version": version}
     spec = modelspec_metadata(kind, title="my-lora", resolution=768, timestamp=1_700_000_000.7,
                               trigger_phrase="a photo of sks dog")
@@ -68,8 +67,48 @@ def test_base_model_keys_match_kohya_for_v1_v2_and_xl(parts, version, v2, archit
     assert spec["modelspec.prediction_type"] == prediction
 
 
+def test_one_family_rule_for_folders_hub_ids_and_the_app(tiny_sd, tiny_sdxl, tmp_path):
+    """`detect_family` reads a local pipeline's configs (and `model_index.json`), falls back on a
+    Hub id's name only when nothing can be read, and the app's label says the same."""
+    import shutil
+
+    from adaprelora.app.defaults import FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, model_family
+    from adaprelora.tiny_t2i import TINY_SD_DIR
+
+    assert detect_family(TINY_SD_DIR) == ModelFamily()  # the built-in model is SD 1.x-like
+    assert detect_family(tiny_sd) == ModelFamily()
+    assert detect_family(tiny_sdxl) == ModelFamily(sdxl=True)
+    # Without model_index.json the UNet's added conditioning still tells SDXL; without both, the
+    # second text encoder's folder does.
+    bare = tmp_path / "bare-xl"
+    shutil.copytree(tiny_sdxl, bare)
+    (bare / "model_index.json").unlink()
+    assert detect_family(str(bare), hub=False).sdxl
+    (bare / "unet" / "config.json").unlink()
+    assert detect_family(str(bare), hub=False).sdxl
+    # A v-prediction SD 2.x folder: OpenCLIP's 1024-wide cross-attention, the scheduler's prediction type.
+    sd2 = tmp_path / "sd2"
+    for part, config in (("unet", SD2_UNET), ("text_encoder", SD2_TE),
+                         ("scheduler", {"prediction_type": "v_prediction"})):
+        (sd2 / part).mkdir(parents=True)
+        name = "scheduler_config.json" if part == "scheduler" else "config.json"
+        (sd2 / part / name).write_text(json.dumps(config))
+    assert detect_family(str(sd2)) == ModelFamily(v2=True, v_parameterization=True)
+    # Hub ids offline: by name.
+    assert detect_family("stabilityai/stable-diffusion-xl-base-1.0", hub=False).sdxl
+    assert detect_family("stabilityai/stable-diffusion-2-1", hub=False) == ModelFamily(v2=True)
+    assert detect_family("stable-diffusion-v1-5/stable-diffusion-v1-5", hub=False) == ModelFamily()
+    # Loaded configs win over the name.
+    assert detect_family("some/xl-named-model", unet_config=SD15_UNET, hub=False) == ModelFamily()
+
+    labels = {path: model_family(path) for path in (TINY_SD_DIR, tiny_sdxl, str(sd2),
+                                                    "stabilityai/stable-diffusion-2-1")}
+    assert labels == {TINY_SD_DIR: FAMILY_SD1, tiny_sdxl: FAMILY_SDXL, str(sd2): FAMILY_SD2,
+                      "stabilityai/stable-diffusion-2-1": FAMILY_SD2}
+
+
 def test_modelspec_keys_are_written_as_kohya_writes_them():
-    spec = modelspec_metadata(BaseModelKind(), title="sks_dog", resolution=512, timestamp=1_700_000_000.7,
+    spec = modelspec_metadata(ModelFamily(), title="sks_dog", resolution=512, timestamp=1_700_000_000.7,
                               trigger_phrase="a photo of sks dog")
     assert spec == {
         "modelspec.sai_model_spec": "1.0.0",
@@ -82,7 +121,7 @@ def test_modelspec_keys_are_written_as_kohya_writes_them():
         "modelspec.prediction_type": "epsilon",
         "modelspec.trigger_phrase": "a photo of sks dog",
     }
-    assert "modelspec.trigger_phrase" not in modelspec_metadata(BaseModelKind(), title="t", resolution=512,
+    assert "modelspec.trigger_phrase" not in modelspec_metadata(ModelFamily(), title="t", resolution=512,
                                                                 timestamp=0, trigger_phrase=None)
 
 

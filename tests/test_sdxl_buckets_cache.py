@@ -115,7 +115,7 @@ def test_sdxl_files_load_in_diffusers_and_reproduce_the_trained_unet(sdxl_run, t
     trained.unet.add_adapter(LoraConfig(target_modules=UNET_TARGET_MODULES, **common))
     for encoder in (trained.text_encoder, trained.text_encoder_2):
         encoder.add_adapter(LoraConfig(target_modules=TEXT_ENCODER_TARGET_MODULES, **common))
-    load_lora_checkpoint(str(out / "checkpoint-4"), trained.unet, trained.text_encoder, trained.text_encoder_2)
+    load_lora_checkpoint(str(out / "checkpoint-4"), trained.unet, [trained.text_encoder, trained.text_encoder_2])
     expected = _unet_output(trained)
     assert (expected - base).abs().max() > 1e-3, "the LoRA should change the UNet's output"
 

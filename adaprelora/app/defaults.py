@@ -15,6 +15,7 @@ from typing import Any
 
 from adaprelora.tiny_t2i import TINY_SD_DIR
 from adaprelora.tiny_t2i.personalise import DREAMBOOTH_DEFAULTS, trigger_prompt
+from adaprelora.training.dreambooth.family import detect_family
 
 # The base model `python app.py` trains and generates with unless `--base-model` says otherwise.
 DEFAULT_BASE_MODEL = TINY_SD_DIR
@@ -108,27 +109,11 @@ def is_builtin_model(model_id: str) -> bool:
         or os.path.isfile(os.path.join(model_id, "judge", "config.json")))
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
 def model_family(model_id: str) -> str:
-    """SD 1.x, SD 2.x or SDXL: from a local folder's `model_index.json` (`_class_name`) and UNet
-    config (cross-attention width 1024: SD 2.x), else from a Hub id's name."""
-    if os.path.isdir(model_id):
-        pipeline_class = _read_json(os.path.join(model_id, "model_index.json")).get("_class_name", "")
-        unet = _read_json(os.path.join(model_id, "unet", "config.json"))
-        if "XL" in pipeline_class or unet.get("addition_embed_type") == "text_time":
-            return FAMILY_SDXL
-        return FAMILY_SD2 if unet.get("cross_attention_dim") == 1024 else FAMILY_SD1
-    name = model_id.lower()
-    if "xl" in name:
-        return FAMILY_SDXL
-    return FAMILY_SD2 if "stable-diffusion-2" in name else FAMILY_SD1
+    """The name the page shows for the model's family (SD 1.x, SD 2.x or SDXL), by the trainer's own
+    rule (`detect_family`: a local folder's configs, else a Hub id's name; no network)."""
+    family = detect_family(model_id, hub=False)
+    return FAMILY_SDXL if family.sdxl else FAMILY_SD2 if family.v2 else FAMILY_SD1
 
 
 def profile_for(model_id: str) -> ModelProfile:

@@ -13,40 +13,40 @@ import torch
 
 from ..checkpoints import register_checkpoint_hooks
 from .export import DIFFUSERS_WEIGHT_NAME, save_diffusers_lora, text_encoder_keys_for
+from .models import TEXT_ENCODER_NAMES, DreamBoothModels, as_list
 
 
-def register_lora_checkpoint_hooks(accelerator, unet, text_encoder, weight_dtype: torch.dtype,
-                                   text_encoder_2=None) -> None:
-    """Make `accelerator.save_state` / `load_state` save and load the LoRA tensors only (SDXL's
-    second text encoder, when given, as `text_encoder_2.` keys)."""
-    classes = [type(accelerator.unwrap_model(m)) if m is not None else None
-               for m in (unet, text_encoder, text_encoder_2)]
+def register_lora_checkpoint_hooks(accelerator, models: DreamBoothModels) -> None:
+    """Make `accelerator.save_state` / `load_state` save and load the LoRA tensors of `models`'
+    trained parts only (SDXL's second text encoder as `text_encoder_2.` keys)."""
+    classes = [type(accelerator.unwrap_model(m)) for m in (models.unet, *models.text_encoders)]
 
-    def split(models):
-        found = [None, None, None]
-        for model in models:
+    def split(prepared):
+        found = [None] * len(classes)
+        for model in prepared:
             if type(model) not in classes:  # exact types: the two CLIP encoders are siblings
                 raise ValueError(f"unexpected model in checkpoint: {type(model).__name__}")
             found[classes.index(type(model))] = model
-        return found
+        return found[0], found[1:]
 
-    def save_weights(models, output_dir):
-        unet, te, te2 = split(models)
-        save_diffusers_lora(output_dir, unet, te, text_encoder_2=te2)
+    def save_weights(prepared, output_dir):
+        unet, encoders = split(prepared)
+        save_diffusers_lora(output_dir, unet, encoders)
 
-    def load_weights(models, input_dir):
-        unet, te, te2 = split(models)
-        load_lora_checkpoint(input_dir, unet, te, text_encoder_2=te2)
-        if weight_dtype != torch.float32:
+    def load_weights(prepared, input_dir):
+        unet, encoders = split(prepared)
+        load_lora_checkpoint(input_dir, unet, encoders)
+        if models.weight_dtype != torch.float32:
             from diffusers.training_utils import cast_training_params
 
-            cast_training_params([m for m in (unet, te, te2) if m is not None], dtype=torch.float32)
+            cast_training_params([unet, *as_list(encoders)], dtype=torch.float32)
 
     register_checkpoint_hooks(accelerator, save_weights, load_weights)
 
 
-def load_lora_checkpoint(input_dir: str, unet, text_encoder=None, text_encoder_2=None) -> None:
-    """Load a checkpoint's `pytorch_lora_weights.safetensors` into the models' "default" adapters."""
+def load_lora_checkpoint(input_dir: str, unet, text_encoders=None) -> None:
+    """Load a checkpoint's `pytorch_lora_weights.safetensors` into the "default" adapters of `unet`
+    and `text_encoders` (one model, a sequence in the pipeline's order, or None)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
@@ -58,14 +58,16 @@ def load_lora_checkpoint(input_dir: str, unet, text_encoder=None, text_encoder_2
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"checkpoint has LoRA tensors the model does not: {unexpected[:3]}")
-    for prefix, encoder in (("text_encoder.", text_encoder), ("text_encoder_2.", text_encoder_2)):
-        if encoder is None:
-            continue
+    for name, encoder in zip(TEXT_ENCODER_NAMES, as_list(text_encoders)):
+        prefix = f"{name}."
         te_sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not te_sd:
-            raise ValueError(f"checkpoint has no {prefix[:-1]} LoRA but --train_text_encoder is set")
+            raise ValueError(f"checkpoint has no {name} LoRA but --train_text_encoder is set")
         te_sd = text_encoder_keys_for(encoder, convert_state_dict_to_peft(convert_state_dict_to_diffusers(te_sd)))
         result = set_peft_model_state_dict(encoder, te_sd, adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
-            raise ValueError(f"checkpoint has {prefix[:-1]} LoRA tensors the model does not: {unexpected[:3]}")
+            raise ValueError(f"checkpoint has {name} LoRA tensors the model does not: {unexpected[:3]}")
+
+
+__all__ = ["load_lora_checkpoint", "register_lora_checkpoint_hooks"]

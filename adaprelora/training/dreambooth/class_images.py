@@ -16,20 +16,20 @@ import torch
 from ..errors import UserError, first_line
 from .config import TrainConfig
 from .data import scan_class_images
+from .family import ModelFamily
 
 
 def ensure_class_images(cfg: TrainConfig, accelerator, stop_event: threading.Event,
-                        sdxl: bool = False) -> Iterator[str]:
+                        family: ModelFamily) -> Iterator[str]:
     """Generate the missing class images (main process only), yielding progress messages; the
-    other processes wait. A set `stop_event` ends generation after the current batch. `sdxl`:
-    the base model is an SDXL pipeline."""
+    other processes wait. A set `stop_event` ends generation after the current batch. `family`:
+    the base model's, which picks the pipeline that draws them."""
     acc = accelerator
     os.makedirs(cfg.class_data_dir, exist_ok=True)
     existing, _ = scan_class_images(cfg.class_data_dir)
     missing = cfg.num_class_images - len(existing)
     if missing > 0 and acc.is_main_process:
         yield f"generating {missing} class image(s) in {cfg.class_data_dir}"
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from tqdm.auto import tqdm
 
         from .sdxl import sampling_crop
@@ -40,14 +40,14 @@ def ensure_class_images(cfg: TrainConfig, accelerator, stop_event: threading.Eve
         else:
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         variant = {"variant": cfg.variant} if cfg.variant else {}
-        if sdxl:
+        if family.sdxl:
             kwargs = dict(add_watermarker=False)
             draw = dict(crops_coords_top_left=sampling_crop(cfg))
         else:
             kwargs = dict(safety_checker=None, requires_safety_checker=False)
             draw = {}
         try:
-            pipeline = (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).from_pretrained(
+            pipeline = family.pipeline_class().from_pretrained(
                 cfg.pretrained_model_name_or_path, dtype=dtype, revision=cfg.revision, **kwargs, **variant,
             )
         except (OSError, ValueError) as err:

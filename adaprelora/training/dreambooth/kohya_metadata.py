@@ -14,8 +14,9 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from typing import Iterable, Optional
+
+from .family import ModelFamily
 
 MODELSPEC_VERSION = "1.0.0"
 IMPL_DIFFUSERS = "diffusers"
@@ -24,65 +25,27 @@ SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"
 _LEGACY_HASH_OFFSET, _LEGACY_HASH_LENGTH = 0x100000, 0x10000
 
 
-@dataclass(frozen=True)
-class BaseModelKind:
-    """Which Stable Diffusion family a base model belongs to."""
-
-    v2: bool = False
-    v_parameterization: bool = False
-    sdxl: bool = False
-
-    @property
-    def base_model_version(self) -> str:
-        """kohya's `ss_base_model_version`: "sd_v1", "sd_v2", "sd_v2_v" (v-prediction) or "sdxl_base_v1-0"."""
-        if self.sdxl:
-            return SDXL_BASE_MODEL_VERSION
-        return ("sd_v2" if self.v2 else "sd_v1") + ("_v" if self.v_parameterization else "")
-
-    @property
-    def architecture(self) -> str:
-        """`modelspec.architecture` of a LoRA for this base model."""
-        if self.sdxl:
-            arch = "stable-diffusion-xl-v1-base"
-        elif self.v2:
-            arch = "stable-diffusion-v2-768-v" if self.v_parameterization else "stable-diffusion-v2-512"
-        else:
-            arch = "stable-diffusion-v1"
-        return f"{arch}/lora"
-
-    @property
-    def implementation(self) -> str:
-        """`modelspec.implementation`: kohya names Stability's code for SDXL LoRAs, diffusers for v1/v2."""
-        return IMPL_STABILITY_AI if self.sdxl else IMPL_DIFFUSERS
+def base_model_version(family: ModelFamily) -> str:
+    """kohya's `ss_base_model_version`: "sd_v1", "sd_v2", "sd_v2_v" (v-prediction) or "sdxl_base_v1-0"."""
+    if family.sdxl:
+        return SDXL_BASE_MODEL_VERSION
+    return ("sd_v2" if family.v2 else "sd_v1") + ("_v" if family.v_parameterization else "")
 
 
-def _get(config, name: str, default=None):
-    if config is None:
-        return default
-    if isinstance(config, dict):
-        return config.get(name, default)
-    return getattr(config, name, default)
+def modelspec_architecture(family: ModelFamily) -> str:
+    """`modelspec.architecture` of a LoRA for a base model of `family`."""
+    if family.sdxl:
+        arch = "stable-diffusion-xl-v1-base"
+    elif family.v2:
+        arch = "stable-diffusion-v2-768-v" if family.v_parameterization else "stable-diffusion-v2-512"
+    else:
+        arch = "stable-diffusion-v1"
+    return f"{arch}/lora"
 
 
-def detect_base_model(
-    unet_config=None,
-    text_encoder_config=None,
-    prediction_type: Optional[str] = None,
-    pipeline_class: Optional[str] = None,
-) -> BaseModelKind:
-    """Tell SD 1.x, 2.x and SDXL apart from the parts' configs (dicts or config objects).
-
-    SDXL: an XL pipeline class (`StableDiffusionXLPipeline`...) or a UNet with SDXL's
-    `addition_embed_type="text_time"`. SD 2.x: OpenCLIP's 1024-wide text encoder, i.e. a UNet
-    cross-attention dim of 1024 (SD 1.x has 768) or a 1024 hidden size. v-parameterization: the
-    scheduler's `prediction_type="v_prediction"` (SD 2.x 768-v).
-    """
-    sdxl = bool(pipeline_class and "XL" in pipeline_class) or _get(unet_config, "addition_embed_type") == "text_time"
-    cross_dim = _get(unet_config, "cross_attention_dim")
-    if isinstance(cross_dim, (list, tuple)):
-        cross_dim = cross_dim[0] if cross_dim else None
-    v2 = not sdxl and (cross_dim == 1024 or _get(text_encoder_config, "hidden_size") == 1024)
-    return BaseModelKind(v2=v2, v_parameterization=prediction_type == "v_prediction", sdxl=sdxl)
+def modelspec_implementation(family: ModelFamily) -> str:
+    """`modelspec.implementation`: kohya names Stability's code for SDXL LoRAs, diffusers for v1/v2."""
+    return IMPL_STABILITY_AI if family.sdxl else IMPL_DIFFUSERS
 
 
 def tag_frequency(groups: Iterable[tuple[str, list[str]]]) -> dict[str, dict[str, int]]:
@@ -125,22 +88,22 @@ def dataset_metadata(instance_records, instance_prompt: Optional[str], class_rec
     }
 
 
-def base_model_metadata(kind: BaseModelKind) -> dict[str, str]:
+def base_model_metadata(family: ModelFamily) -> dict[str, str]:
     """`ss_v2` and `ss_base_model_version` as kohya writes them."""
-    return {"ss_v2": str(bool(kind.v2)), "ss_base_model_version": kind.base_model_version}
+    return {"ss_v2": str(bool(family.v2)), "ss_base_model_version": base_model_version(family)}
 
 
-def modelspec_metadata(kind: BaseModelKind, *, title: str, resolution: int, timestamp: float,
+def modelspec_metadata(family: ModelFamily, *, title: str, resolution: int, timestamp: float,
                        trigger_phrase: Optional[str] = None) -> dict[str, str]:
     """The Stability AI ModelSpec keys of a LoRA (`modelspec.*`), as kohya's `sai_model_spec` fills them."""
     meta = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": kind.architecture,
-        "modelspec.implementation": kind.implementation,
+        "modelspec.architecture": modelspec_architecture(family),
+        "modelspec.implementation": modelspec_implementation(family),
         "modelspec.title": title,
         "modelspec.resolution": f"{int(resolution)}x{int(resolution)}",
         "modelspec.date": _dt.datetime.fromtimestamp(int(timestamp)).isoformat(),
-        "modelspec.prediction_type": "v" if kind.v_parameterization else "epsilon",
+        "modelspec.prediction_type": "v" if family.v_parameterization else "epsilon",
     }
     if trigger_phrase:
         meta["modelspec.trigger_phrase"] = trigger_phrase
@@ -164,19 +127,5 @@ def kohya_hashes(tensors: dict, metadata: dict[str, str]) -> tuple[str, str]:
     return model_hash, legacy
 
 
-def read_pipeline_class(model_name_or_path: str, revision: Optional[str] = None) -> Optional[str]:
-    """The `_class_name` of a diffusers pipeline's `model_index.json`, or None when it cannot be read."""
-    path = os.path.join(model_name_or_path, "model_index.json")
-    try:
-        if os.path.isdir(model_name_or_path):
-            with open(path, encoding="utf-8") as fh:
-                return json.load(fh).get("_class_name")
-        from diffusers import DiffusionPipeline
-
-        return DiffusionPipeline.load_config(model_name_or_path, revision=revision).get("_class_name")
-    except Exception:  # offline without a cache, an odd folder: the other signs still decide
-        return None
-
-
-__all__ = ["BaseModelKind", "base_model_metadata", "dataset_metadata", "detect_base_model", "image_groups",
-           "kohya_hashes", "modelspec_metadata", "read_pipeline_class", "tag_frequency"]
+__all__ = ["base_model_metadata", "base_model_version", "dataset_metadata", "image_groups", "kohya_hashes",
+           "modelspec_architecture", "modelspec_implementation", "modelspec_metadata", "tag_frequency"]

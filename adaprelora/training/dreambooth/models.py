@@ -7,34 +7,98 @@ become one-line `UserError`s naming `--pretrained_model_name_or_path`.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
 from ..errors import UserError, first_line
 from .config import TrainConfig
-from .export import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
+from .family import ModelFamily, detect_family
+
+# Where LoRA goes: the attention projections of the UNet and of the CLIP text encoder(s).
+UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# The text encoders' names in a pipeline (and in diffusers' LoRA files), in order.
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
 
-@dataclass
+def as_list(modules: Union[None, object, Sequence]) -> list:
+    """`None`, one model or a sequence of models (as diffusers' `cast_training_params` takes them)
+    as a list without the Nones."""
+    if modules is None:
+        return []
+    if isinstance(modules, (list, tuple)):
+        return [m for m in modules if m is not None]
+    return [modules]
+
+
+@dataclass(frozen=True)
 class DreamBoothModels:
-    """The pipeline parts one run uses (the VAE, text encoders and UNet already on the device).
-    SDXL has a second tokenizer and text encoder (`CLIPTextModelWithProjection`); SD has None."""
+    """The pipeline parts one run uses (the VAE, text encoders and UNet on the device), passed whole.
 
-    tokenizer: object
+    `text_encoders` and `tokenizers` hold one entry per text encoder, in the pipeline's order (SD:
+    CLIP; SDXL: CLIP ViT-L, then OpenCLIP ViT-bigG with projection). `trained` lists the models that
+    carry LoRA, in the order accelerate prepares them; after `accelerator.prepare` they are wrapped,
+    and `unwrapped(accelerator)` is the view that saving, sampling and the export check use.
+    """
+
+    family: ModelFamily
+    tokenizers: tuple
+    text_encoders: tuple
     noise_scheduler: object
-    text_encoder: torch.nn.Module
     vae: torch.nn.Module
     unet: torch.nn.Module
     weight_dtype: torch.dtype
-    tokenizer_2: object = None
-    text_encoder_2: Optional[torch.nn.Module] = None
+    train_text_encoder: bool = False
 
     @property
     def sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.family.sdxl
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.text_encoders[0]
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
+
+    @property
+    def trained_text_encoders(self) -> tuple:
+        """The text encoders with LoRA (`--train_text_encoder`), else none."""
+        return self.text_encoders if self.train_text_encoder else ()
+
+    def named_trained(self) -> dict[str, torch.nn.Module]:
+        """{"unet": ..., "text_encoder": ..., "text_encoder_2": ...} for the models with LoRA."""
+        return {"unet": self.unet, **dict(zip(TEXT_ENCODER_NAMES, self.trained_text_encoders))}
+
+    @property
+    def trained(self) -> list[torch.nn.Module]:
+        return list(self.named_trained().values())
+
+    def with_trained(self, modules: Sequence[torch.nn.Module]) -> "DreamBoothModels":
+        """These models with `trained` replaced by `modules` (same order), e.g. accelerate's wrappers."""
+        unet, *encoders = modules
+        return dataclasses.replace(self, unet=unet,
+                                   text_encoders=tuple(encoders) + self.text_encoders[len(encoders):])
+
+    def unwrapped(self, accelerator) -> "DreamBoothModels":
+        """The view without accelerate's wrappers (DDP, compiled models), for saving and sampling."""
+        unwrap = accelerator.unwrap_model
+        return dataclasses.replace(self, unet=unwrap(self.unet),
+                                   text_encoders=tuple(unwrap(m) for m in self.text_encoders))
+
+    def pipeline(self, scheduler):
+        """A pipeline of the family on these parts (no safety checker, no watermark), for sampling."""
+        encoders = dict(zip(TEXT_ENCODER_NAMES, self.text_encoders))
+        tokenizers = dict(zip(("tokenizer", "tokenizer_2"), self.tokenizers))
+        extra = (dict(add_watermarker=False) if self.sdxl
+                 else dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+        return self.family.pipeline_class()(vae=self.vae, unet=self.unet, scheduler=scheduler, **encoders,
+                                            **tokenizers, **extra)
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -76,10 +140,11 @@ def _load_vae(cfg: TrainConfig, dtype: torch.dtype, sdxl: bool, variant: dict):
     return vae
 
 
-def load_models(cfg: TrainConfig, accelerator, sdxl: bool = False) -> DreamBoothModels:
+def load_models(cfg: TrainConfig, accelerator, family: ModelFamily) -> DreamBoothModels:
     """Load tokenizer(s), noise scheduler, text encoder(s), VAE and UNet, frozen and on the device,
-    with xformers attention and gradient checkpointing as `cfg` asks; `sdxl` adds SDXL's second
-    tokenizer and text encoder."""
+    with xformers attention and gradient checkpointing as `cfg` asks; SDXL (`family`) adds its
+    second tokenizer and text encoder. The family is then confirmed from the loaded parts' configs
+    (the files' header keys need SD 2.x and v-prediction too)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -90,19 +155,18 @@ def load_models(cfg: TrainConfig, accelerator, sdxl: bool = False) -> DreamBooth
         if not os.path.isdir(os.path.join(path, "unet")):
             raise UserError(f"--pretrained_model_name_or_path: {path!r} is not a Stable Diffusion pipeline "
                             "folder (no unet/ subfolder)")
-    tokenizer = _load_tokenizer(cfg, "tokenizer")
-    tokenizer_2 = _load_tokenizer(cfg, "tokenizer_2") if sdxl else None
+    encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)[: 2 if family.sdxl else 1]
+    tokenizers = tuple(_load_tokenizer(cfg, name.replace("text_encoder", "tokenizer"))
+                       for name in TEXT_ENCODER_NAMES[: len(encoder_classes)])
     noise_scheduler = _load_pretrained(cfg, DDPMScheduler, "scheduler")
     variant = {"variant": cfg.variant} if cfg.variant else {}
     # Frozen weights load directly in the mixed-precision dtype (modules the model wants in
     # fp32 stay fp32); the LoRA tensors added later are kept in fp32.
     dtype = weight_dtype(accelerator.mixed_precision)
-    text_encoder = _load_pretrained(cfg, CLIPTextModel, "text_encoder", dtype=dtype, **variant)
-    text_encoder_2 = (_load_pretrained(cfg, CLIPTextModelWithProjection, "text_encoder_2", dtype=dtype, **variant)
-                      if sdxl else None)
-    vae = _load_vae(cfg, dtype, sdxl, variant)
+    text_encoders = tuple(_load_pretrained(cfg, cls, name, dtype=dtype, **variant)
+                          for cls, name in zip(encoder_classes, TEXT_ENCODER_NAMES))
+    vae = _load_vae(cfg, dtype, family.sdxl, variant)
     unet = _load_pretrained(cfg, UNet2DConditionModel, "unet", dtype=dtype, **variant)
-    text_encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
     for model in (vae, *text_encoders, unet):
         model.requires_grad_(False)
         model.to(accelerator.device)
@@ -121,12 +185,17 @@ def load_models(cfg: TrainConfig, accelerator, sdxl: bool = False) -> DreamBooth
             else:
                 encoder.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
-    return DreamBoothModels(tokenizer=tokenizer, noise_scheduler=noise_scheduler, text_encoder=text_encoder,
-                            vae=vae, unet=unet, weight_dtype=dtype, tokenizer_2=tokenizer_2,
-                            text_encoder_2=text_encoder_2)
+    # The loaded parts' configs settle SD 2.x and v-prediction (the files' header keys); SDXL, which
+    # decided what to load, stays as it was found from the same files.
+    found = detect_family(path, cfg.revision, unet_config=unet.config, text_encoder_config=text_encoders[0].config,
+                          prediction_type=noise_scheduler.config.prediction_type)
+    family = dataclasses.replace(found, sdxl=family.sdxl)
+    return DreamBoothModels(family=family, tokenizers=tokenizers, text_encoders=text_encoders,
+                            noise_scheduler=noise_scheduler, vae=vae, unet=unet, weight_dtype=dtype,
+                            train_text_encoder=cfg.train_text_encoder)
 
 
-def add_lora_adapters(cfg: TrainConfig, unet, text_encoder, dtype: torch.dtype, text_encoder_2=None) -> None:
+def add_lora_adapters(cfg: TrainConfig, models: DreamBoothModels) -> None:
     """Add the "default" LoRA adapter to the UNet (and the text encoder(s) with
     `--train_text_encoder`); under mixed precision the LoRA tensors are cast to fp32."""
     from diffusers.training_utils import cast_training_params
@@ -134,10 +203,13 @@ def add_lora_adapters(cfg: TrainConfig, unet, text_encoder, dtype: torch.dtype, 
 
     common = dict(r=cfg.rank, lora_alpha=cfg.effective_lora_alpha, lora_dropout=cfg.lora_dropout,
                   init_lora_weights="gaussian")
-    unet.add_adapter(LoraConfig(target_modules=list(UNET_TARGET_MODULES), **common))
-    encoders = [m for m in (text_encoder, text_encoder_2) if m is not None] if cfg.train_text_encoder else []
-    for encoder in encoders:
+    models.unet.add_adapter(LoraConfig(target_modules=list(UNET_TARGET_MODULES), **common))
+    for encoder in models.trained_text_encoders:
         encoder.add_adapter(LoraConfig(target_modules=list(TEXT_ENCODER_TARGET_MODULES), **common))
-    if dtype != torch.float32:
+    if models.weight_dtype != torch.float32:
         # Only the LoRA tensors are trained: keep them (and so the optimizer state) in fp32.
-        cast_training_params([unet, *encoders], dtype=torch.float32)
+        cast_training_params(models.trained, dtype=torch.float32)
+
+
+__all__ = ["DreamBoothModels", "TEXT_ENCODER_NAMES", "TEXT_ENCODER_TARGET_MODULES", "UNET_TARGET_MODULES",
+           "add_lora_adapters", "as_list", "load_models", "weight_dtype"]

@@ -1,4 +1,4 @@
-"""What SDXL adds to Stable Diffusion: telling the two apart, and the UNet's extra conditioning.
+"""What SDXL adds to Stable Diffusion: its own flags, and the UNet's extra conditioning.
 
 SDXL's UNet sees the hidden states of two text encoders side by side (CLIP ViT-L and OpenCLIP
 ViT-bigG, penultimate layer each), plus "added conditioning": the second encoder's pooled,
@@ -9,31 +9,20 @@ learns what a crop looks like); sampling passes (0, 0) as the crop unless
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 
 from ..errors import UserError
 from .config import TrainConfig
-from .kohya_metadata import read_pipeline_class
+from .family import ModelFamily
 
 SDXL_ONLY_FLAGS = ("crops_coords_top_left_h", "crops_coords_top_left_w")
 
 
-def is_sdxl_model(cfg: TrainConfig) -> bool:
-    """Whether `--pretrained_model_name_or_path` is an SDXL pipeline: the `_class_name` of its
-    `model_index.json` (`StableDiffusionXLPipeline`...), else a `text_encoder_2/` in a local folder."""
-    path = cfg.pretrained_model_name_or_path
-    pipeline_class = read_pipeline_class(path, cfg.revision)
-    if pipeline_class:
-        return "XL" in pipeline_class
-    return os.path.isdir(os.path.join(path, "text_encoder_2"))
-
-
-def check_flags_for_family(cfg: TrainConfig, sdxl: bool) -> None:
+def check_flags_for_family(cfg: TrainConfig, family: ModelFamily) -> None:
     """SDXL-only flags on an SD 1.x/2.x model are a `UserError` naming them."""
-    if sdxl:
+    if family.sdxl:
         return
     given = [f"--{name}" for name in SDXL_ONLY_FLAGS if getattr(cfg, name) is not None]
     if given:
@@ -77,5 +66,5 @@ def unet_added_conditioning(pooled: torch.Tensor, batch: dict, target_size: tupl
     return {"text_embeds": pooled.to(dtype or pooled.dtype), "time_ids": ids}
 
 
-__all__ = ["SDXL_ONLY_FLAGS", "check_flags_for_family", "encode_prompts_sdxl", "is_sdxl_model", "sampling_crop",
+__all__ = ["SDXL_ONLY_FLAGS", "check_flags_for_family", "encode_prompts_sdxl", "sampling_crop",
            "time_ids", "tokenize", "unet_added_conditioning"]

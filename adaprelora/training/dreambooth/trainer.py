@@ -22,8 +22,9 @@ images are checked first (before anything heavy is imported or loaded), then the
 class images for prior preservation, models and LoRA adapters, optimizer, data, scheduler,
 `accelerator.prepare`, resume, the training loop (checkpoints and validation images on the way),
 and the final files. This module orchestrates them around the shared loop
-(`adaprelora.training.loop`); the stages with a life of their own live beside it: `models`
-(loading the pipeline parts, adding LoRA), `sdxl` (SDXL detection and conditioning), `buckets`
+(`adaprelora.training.loop`); the stages with a life of their own live beside it: `family`
+(SD 1.x, 2.x or SDXL), `models` (`DreamBoothModels`: loading the pipeline parts, adding LoRA),
+`sdxl` (SDXL's flags and conditioning), `buckets`
 (aspect-ratio buckets), `latent_cache` (`--cache_latents`), `loss`, `class_images` (prior
 preservation), `checkpoints` (LoRA-only checkpoints), `validation` and `export`.
 """
@@ -58,11 +59,11 @@ from .export import (
     training_metadata,
     write_model_card,
 )
-from .kohya_metadata import BaseModelKind, detect_base_model, read_pipeline_class
+from .family import ModelFamily, detect_family
 from .latent_cache import LATENT_CACHE_DIR, cache_latents, sample_latents
 from .loss import denoising_loss
-from .models import add_lora_adapters, load_models
-from .sdxl import check_flags_for_family, encode_prompts_sdxl, is_sdxl_model, tokenize, unet_added_conditioning
+from .models import DreamBoothModels, add_lora_adapters, load_models
+from .sdxl import check_flags_for_family, encode_prompts_sdxl, tokenize, unet_added_conditioning
 from .validation import VALIDATION_DIR, write_validation_images
 from .verify import verify_exports
 
@@ -99,7 +100,9 @@ def train(config: TrainConfig, stop_event: Optional[threading.Event] = None) -> 
 
 
 class _DreamBoothRun:
-    """State of one run; `events()` is the generator behind `train()`."""
+    """State of one run; `events()` is the generator behind `train()`. The pipeline parts travel
+    together as `self.models` (`DreamBoothModels`); after `accelerator.prepare` the trained ones are
+    accelerate's wrappers, and `self.models.unwrapped(...)` is what sampling and saving see."""
 
     def __init__(self, config: TrainConfig, stop_event: threading.Event):
         self.config = config
@@ -113,7 +116,11 @@ class _DreamBoothRun:
         self.max_steps = config.max_train_steps or 0
         self.samples: list[str] = []
         self.last_checkpoint_step: Optional[int] = None
-        self.sdxl = False
+        self.family = ModelFamily()  # SD 1.x, 2.x or SDXL: decided from the model's files first
+        self.models: Optional[DreamBoothModels] = None
+        self.optimizer = None
+        self.dataset = None
+        self.batch_sampler = None  # with --enable_bucket: one bucket per batch, reseeded each epoch
         self.prompt_cache: Optional[dict] = None  # prompt -> (hidden, pooled) with --cache_latents
 
     # -- event helpers ---------------------------------------------------------------------------
@@ -124,15 +131,27 @@ class _DreamBoothRun:
     def events(self) -> Iterator[TrainEvent]:
         cfg = self.config
         # Check the images before anything heavy: a bad folder fails in a fraction of a second.
-        instance_records, warnings = check_instance_data(cfg)
-        self.instance_records = instance_records
-        yield self._event(f"found {len(instance_records)} instance image(s)", warnings=warnings)
-        self.sdxl = is_sdxl_model(cfg)
-        check_flags_for_family(cfg, self.sdxl)
+        self.instance_records, warnings = check_instance_data(cfg)
+        yield self._event(f"found {len(self.instance_records)} instance image(s)", warnings=warnings)
+        self.family = detect_family(cfg.pretrained_model_name_or_path, cfg.revision)
+        check_flags_for_family(cfg, self.family)
+        self._start_accelerator()
+        if cfg.with_prior_preservation:
+            yield from self._class_images()
+        yield self._event(f"loading {cfg.pretrained_model_name_or_path}")
+        self._load_models()
+        dataloader, updates_per_epoch = yield from self._data()
+        dataloader, lr_scheduler = self._prepare(dataloader, self._lr_scheduler())
+        yield from self._resume()
+        yield from self._train_loop(dataloader, lr_scheduler, updates_per_epoch)
+        yield from self._finish()
 
-        # Accelerator
+    # -- stages ----------------------------------------------------------------------------------
+    def _start_accelerator(self) -> None:
+        """The output folder (cleared of what a killed run left half-written), the accelerator, seeds."""
         from accelerate.utils import ProjectConfiguration, set_seed
 
+        cfg = self.config
         os.makedirs(cfg.output_dir, exist_ok=True)
         remove_stale_temporary_checkpoints(cfg.output_dir)
         remove_stale_temporary_exports(cfg.output_dir)
@@ -144,148 +163,105 @@ class _DreamBoothRun:
             seed=cfg.seed, log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_config=project_config,
         )
-        acc = self.accelerator
         if cfg.seed is not None:
             set_seed(cfg.seed)
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
-        # Class images for prior preservation (generated with the base model when missing)
-        class_records: list[ImageRecord] = []
-        if cfg.with_prior_preservation:
-            for message in ensure_class_images(cfg, acc, self.stop_event, sdxl=self.sdxl):
-                yield self._event(message, phase="class_images")
-            class_records, class_warnings = scan_class_images(cfg.class_data_dir)
-            class_records = class_records[: cfg.num_class_images]
-            if class_warnings:
-                yield self._event("class images checked", warnings=class_warnings)
-            if not class_records:
-                raise UserError(f"--class_data_dir: no usable class image in folder {cfg.class_data_dir!r}")
-            self.class_records = class_records
-
-        # Load scheduler and models
-        yield self._event(f"loading {cfg.pretrained_model_name_or_path}")
-        self._load_models()
-        add_lora_adapters(cfg, self.unet, self.text_encoder, self.weight_dtype, text_encoder_2=self.text_encoder_2)
-        # Checkpoints hold only the LoRA tensors (diffusers format), not the frozen model.
-        register_lora_checkpoint_hooks(acc, self.unet, self.text_encoder, self.weight_dtype,
-                                       text_encoder_2=self.text_encoder_2)
-
-        # Optimizer creation
-        self.optimizer = self._create_optimizer()
-
-        # Dataset and DataLoaders creation
-        self.dataset, dataloader, table = build_dataloader(cfg, instance_records, class_records)
-        self.batch_sampler = dataloader.batch_sampler if cfg.enable_bucket else None
-        if table:
-            yield self._event(table)
-        if cfg.uses_latent_cache:
-            yield from self._cache()
-
-        # Scheduler and math around the number of training steps
-        updates_per_epoch = math.ceil(len(dataloader) / cfg.gradient_accumulation_steps)
-        self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
-        if cfg.lr_scheduler != "constant" and cfg.lr_warmup_steps >= self.max_steps:
-            logger.warning("--lr_warmup_steps %d is not below the %d training steps", cfg.lr_warmup_steps,
-                           self.max_steps)
-        lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, warmup_steps=cfg.lr_warmup_steps,
-                                          total_steps=self.max_steps, num_processes=acc.num_processes,
-                                          num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
-
-        # Prepare everything with our `accelerator`.
-        if cfg.train_text_encoder and self.sdxl:
-            (self.unet, self.text_encoder, self.text_encoder_2, self.optimizer, dataloader,
-             lr_scheduler) = acc.prepare(self.unet, self.text_encoder, self.text_encoder_2, self.optimizer,
-                                         dataloader, lr_scheduler)
-        elif cfg.train_text_encoder:
-            self.unet, self.text_encoder, self.optimizer, dataloader, lr_scheduler = acc.prepare(
-                self.unet, self.text_encoder, self.optimizer, dataloader, lr_scheduler
-            )
-        else:
-            self.unet, self.optimizer, dataloader, lr_scheduler = acc.prepare(
-                self.unet, self.optimizer, dataloader, lr_scheduler
-            )
-        if acc.mixed_precision == "fp16":
-            attach_grad_scaler(self.optimizer, acc.scaler)
-        if acc.is_main_process and cfg.report_to != "none":
-            acc.init_trackers("dreambooth-lora", config=cfg.tracker_config())
-
-        # Resume
-        resume = resolve_resume_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
-        if cfg.resume_from_checkpoint and resume is None:
-            yield self._event(f"no checkpoint in {cfg.output_dir} to resume from: starting a new run")
-        if resume is not None:
-            step, path = resume
-            load_checkpoint(acc, path)
-            self.global_step = self.last_checkpoint_step = step
-            yield self._event(f"resumed from {path} at step {step}")
-
-        # Train!
-        yield from self._train_loop(dataloader, lr_scheduler, updates_per_epoch)
-
-        # Final files
-        yield from self._finish()
-
-    # -- stages ----------------------------------------------------------------------------------
-    def _load_models(self) -> None:
-        models = load_models(self.config, self.accelerator, sdxl=self.sdxl)
-        self.tokenizer, self.noise_scheduler = models.tokenizer, models.noise_scheduler
-        self.text_encoder, self.vae, self.unet = models.text_encoder, models.vae, models.unet
-        self.tokenizer_2, self.text_encoder_2 = models.tokenizer_2, models.text_encoder_2
-        self.weight_dtype = models.weight_dtype
-
-    def _base_model_kind(self) -> BaseModelKind:
-        """SD 1.x, 2.x or SDXL, from the loaded parts' configs (for the files' metadata)."""
+    def _class_images(self) -> Iterator[TrainEvent]:
+        """Class images for prior preservation (generated with the base model when missing)."""
         cfg = self.config
-        return detect_base_model(
-            unet_config=self._unwrap(self.unet).config,
-            text_encoder_config=self._unwrap(self.text_encoder).config,
-            prediction_type=self.noise_scheduler.config.prediction_type,
-            pipeline_class=read_pipeline_class(cfg.pretrained_model_name_or_path, cfg.revision),
-        )
+        for message in ensure_class_images(cfg, self.accelerator, self.stop_event, self.family):
+            yield self._event(message, phase="class_images")
+        class_records, class_warnings = scan_class_images(cfg.class_data_dir)
+        if class_warnings:
+            yield self._event("class images checked", warnings=class_warnings)
+        self.class_records = class_records[: cfg.num_class_images]
+        if not self.class_records:
+            raise UserError(f"--class_data_dir: no usable class image in folder {cfg.class_data_dir!r}")
 
-    def _trained_models(self) -> list[torch.nn.Module]:
-        models = [self.unet]
-        if self.config.train_text_encoder:
-            models += self._text_encoders()
-        return models
-
-    def _text_encoders(self) -> list[torch.nn.Module]:
-        return [self.text_encoder] + ([self.text_encoder_2] if self.sdxl else [])
-
-    def _unwrap(self, model):
-        return self.accelerator.unwrap_model(model)
+    def _load_models(self) -> None:
+        """The pipeline parts with their LoRA adapters, the checkpoint hooks and the optimizer."""
+        cfg, acc = self.config, self.accelerator
+        self.models = load_models(cfg, acc, self.family)
+        add_lora_adapters(cfg, self.models)
+        # Checkpoints hold only the LoRA tensors (diffusers format), not the frozen model.
+        register_lora_checkpoint_hooks(acc, self.models)
+        self.optimizer = self._create_optimizer()
 
     def _create_optimizer(self):
         cfg, acc = self.config, self.accelerator
         lr = cfg.learning_rate
         if cfg.scale_lr:
             lr = lr * cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
-        container = torch.nn.ModuleDict({"unet": self.unet})
-        if cfg.train_text_encoder:
-            container["text_encoder"] = self.text_encoder
-            if self.sdxl:
-                container["text_encoder_2"] = self.text_encoder_2
+        container = torch.nn.ModuleDict(self.models.named_trained())
         return build_optimizer(cfg.optimizer, container, lr, cfg.optimizer_args)
+
+    def _data(self):
+        """The dataset and data loader (and with `--cache_latents` the cache); sets `max_steps`.
+        Returns (dataloader, optimizer steps per epoch)."""
+        cfg = self.config
+        self.dataset, dataloader, table = build_dataloader(cfg, self.instance_records, self.class_records)
+        self.batch_sampler = dataloader.batch_sampler if cfg.enable_bucket else None
+        if table:
+            yield self._event(table)
+        if cfg.uses_latent_cache:
+            yield from self._cache()
+        updates_per_epoch = math.ceil(len(dataloader) / cfg.gradient_accumulation_steps)
+        self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
+        return dataloader, updates_per_epoch
+
+    def _lr_scheduler(self):
+        cfg = self.config
+        if cfg.lr_scheduler != "constant" and cfg.lr_warmup_steps >= self.max_steps:
+            logger.warning("--lr_warmup_steps %d is not below the %d training steps", cfg.lr_warmup_steps,
+                           self.max_steps)
+        return build_lr_scheduler(cfg.lr_scheduler, self.optimizer, warmup_steps=cfg.lr_warmup_steps,
+                                  total_steps=self.max_steps, num_processes=self.accelerator.num_processes,
+                                  num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+
+    def _prepare(self, dataloader, lr_scheduler):
+        """`accelerator.prepare` the trained models (the UNet, and the text encoder(s) with
+        `--train_text_encoder`), the optimizer, data loader and schedule; start the trackers."""
+        cfg, acc = self.config, self.accelerator
+        *prepared, self.optimizer, dataloader, lr_scheduler = acc.prepare(*self.models.trained, self.optimizer,
+                                                                          dataloader, lr_scheduler)
+        self.models = self.models.with_trained(prepared)
+        if acc.mixed_precision == "fp16":
+            attach_grad_scaler(self.optimizer, acc.scaler)
+        if acc.is_main_process and cfg.report_to != "none":
+            acc.init_trackers("dreambooth-lora", config=cfg.tracker_config())
+        return dataloader, lr_scheduler
+
+    def _resume(self) -> Iterator[TrainEvent]:
+        cfg = self.config
+        resume = resolve_resume_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
+        if cfg.resume_from_checkpoint and resume is None:
+            yield self._event(f"no checkpoint in {cfg.output_dir} to resume from: starting a new run")
+        if resume is not None:
+            step, path = resume
+            load_checkpoint(self.accelerator, path)
+            self.global_step = self.last_checkpoint_step = step
+            yield self._event(f"resumed from {path} at step {step}")
 
     def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(hidden states, SDXL's pooled embedding or None) of `prompts`; from the prompt cache when
         the text encoders are frozen and `--cache_latents` computed it."""
         if self.prompt_cache is not None:
             hidden, pooled = zip(*(self.prompt_cache[p] for p in prompts))
-            return torch.cat(hidden), (torch.cat(pooled) if self.sdxl else None)
-        device = self.accelerator.device
-        if self.sdxl:
-            return encode_prompts_sdxl(self._text_encoders(), [self.tokenizer, self.tokenizer_2], prompts, device)
-        return self.text_encoder(tokenize(self.tokenizer, prompts, device), return_dict=False)[0], None
+            return torch.cat(hidden), (torch.cat(pooled) if self.models.sdxl else None)
+        models, device = self.models, self.accelerator.device
+        if models.sdxl:
+            return encode_prompts_sdxl(models.text_encoders, models.tokenizers, prompts, device)
+        return models.text_encoder(tokenize(models.tokenizer, prompts, device), return_dict=False)[0], None
 
     def _cache(self) -> Iterator[TrainEvent]:
         """`--cache_latents`: encode the images (and, frozen, the prompts) once; then the VAE moves
         to the CPU (validation images bring it back for the time they take)."""
-        cfg, acc = self.config, self.accelerator
+        cfg, acc, vae = self.config, self.accelerator, self.models.vae
         disk = os.path.join(cfg.output_dir, LATENT_CACHE_DIR) if cfg.cache_latents_to_disk else None
-        vae_id = f"{cfg.pretrained_vae_model_name_or_path or cfg.pretrained_model_name_or_path}:{self.vae.dtype}"
-        for message in cache_latents(self.dataset, self.vae, acc.device, vae_id=vae_id, disk_dir=disk):
+        vae_id = f"{cfg.pretrained_vae_model_name_or_path or cfg.pretrained_model_name_or_path}:{vae.dtype}"
+        for message in cache_latents(self.dataset, vae, acc.device, vae_id=vae_id, disk_dir=disk):
             yield self._event(message, phase="cache")
         if not cfg.train_text_encoder:
             prompts = {self.dataset.prompt_for(r) for r in self.instance_records}
@@ -297,37 +273,37 @@ class _DreamBoothRun:
                 cache = {prompt: self._encode_prompts([prompt]) for prompt in sorted(prompts)}
             self.prompt_cache = cache
             yield self._event(f"cached the embeddings of {len(prompts)} prompt(s)", phase="cache")
-        self.vae.to("cpu")
+        vae.to("cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        device = self.accelerator.device
+        models, device = self.models, self.accelerator.device
+        vae, dtype = models.vae, models.weight_dtype
         if "latent_params" in batch:
-            latents = sample_latents(batch["latent_params"].to(device, dtype=self.vae.dtype), self.vae)
+            latents = sample_latents(batch["latent_params"].to(device, dtype=vae.dtype), vae)
         else:
-            pixel_values = batch["pixel_values"].to(device, dtype=self.vae.dtype)
+            pixel_values = batch["pixel_values"].to(device, dtype=vae.dtype)
             with torch.no_grad():
-                latents = self.vae.encode(pixel_values).latent_dist.sample() * self.vae.config.scaling_factor
-        latents = latents.to(self.weight_dtype)
+                latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+        latents = latents.to(dtype)
         with torch.set_grad_enabled(self.config.train_text_encoder):
             hidden, pooled = self._encode_prompts(batch["prompts"])
         added = None
-        if self.sdxl:  # the target size is the batch's pixel size (its bucket)
-            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if models.sdxl:  # the target size is the batch's pixel size (its bucket)
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)
             target_size = (latents.shape[-2] * factor, latents.shape[-1] * factor)
-            added = unet_added_conditioning(pooled, batch, target_size, dtype=self.weight_dtype)
-        return denoising_loss(self.config, self.noise_scheduler, self.unet, latents, hidden.to(self.weight_dtype),
-                              added)
+            added = unet_added_conditioning(pooled, batch, target_size, dtype=dtype)
+        return denoising_loss(self.config, models.noise_scheduler, models.unet, latents, hidden.to(dtype), added)
 
     def _train_loop(self, dataloader, lr_scheduler, updates_per_epoch: int) -> Iterator[TrainEvent]:
         cfg, acc = self.config, self.accelerator
         yield self._event(f"training {self.max_steps} steps ({self.max_steps - self.global_step} to go)", phase="train")
         steps = training_steps(
-            acc, models=self._trained_models(), dataloader=dataloader, optimizer=self.optimizer,
+            acc, models=self.models.trained, dataloader=dataloader, optimizer=self.optimizer,
             lr_scheduler=lr_scheduler, compute_loss=self._loss, start_step=self.global_step,
             max_steps=self.max_steps, updates_per_epoch=updates_per_epoch, stop_event=self.stop_event,
-            clip_parameters=[p for m in self._trained_models() for p in m.parameters() if p.requires_grad],
+            clip_parameters=[p for m in self.models.trained for p in m.parameters() if p.requires_grad],
             max_grad_norm=cfg.max_grad_norm, on_epoch_start=self._set_epoch,
         )
         for event in steps:
@@ -361,17 +337,13 @@ class _DreamBoothRun:
         cfg, acc = self.config, self.accelerator
         if not cfg.validation_prompts or not cfg.num_validation_images or not acc.is_main_process:
             return []
-        vae_device = next(self.vae.parameters()).device
-        self.vae.to(acc.device)  # back from the CPU after --cache_latents, for the time it takes
+        vae = self.models.vae
+        vae_device = next(vae.parameters()).device
+        vae.to(acc.device)  # back from the CPU after --cache_latents, for the time it takes
         try:
-            paths = write_validation_images(
-                cfg, acc, unet=self._unwrap(self.unet), text_encoder=self._unwrap(self.text_encoder), vae=self.vae,
-                tokenizer=self.tokenizer, noise_scheduler=self.noise_scheduler, weight_dtype=self.weight_dtype,
-                step=self.global_step, text_encoder_2=self._unwrap(self.text_encoder_2) if self.sdxl else None,
-                tokenizer_2=self.tokenizer_2,
-            )
+            paths = write_validation_images(cfg, acc, self.models.unwrapped(acc), step=self.global_step)
         finally:
-            self.vae.to(vae_device)
+            vae.to(vae_device)
         self.samples = paths  # the latest samples go into the model card
         return paths
 
@@ -394,17 +366,15 @@ class _DreamBoothRun:
             if not stopped and cfg.validation_prompts and cfg.num_validation_images:
                 yield self._event("making validation images", phase="validation")
                 samples = self._validate()
-            unet = self._unwrap(self.unet)
-            text_encoder = self._unwrap(self.text_encoder) if cfg.train_text_encoder else None
-            text_encoder_2 = self._unwrap(self.text_encoder_2) if cfg.train_text_encoder and self.sdxl else None
-            meta = training_metadata(cfg, {"ss_steps": str(self.global_step)}, base=self._base_model_kind(),
+            view = self.models.unwrapped(acc)
+            meta = training_metadata(cfg, {"ss_steps": str(self.global_step)}, base=view.family,
                                      instance_records=self.instance_records, class_records=self.class_records,
                                      started_at=self.started_at)
-            outputs["diffusers"] = save_diffusers_lora(cfg.output_dir, unet, text_encoder, meta,
-                                                       text_encoder_2=text_encoder_2)
+            outputs["diffusers"] = save_diffusers_lora(cfg.output_dir, view.unet, view.trained_text_encoders, meta)
             kohya_path = os.path.join(cfg.output_dir, f"{cfg.effective_output_name}.safetensors")
-            outputs["kohya"] = save_kohya_lora(kohya_path, unet, text_encoder, meta, text_encoder_2=text_encoder_2)
-            outputs["model_card"] = write_model_card(cfg.output_dir, cfg, outputs, self.samples, self.global_step)
+            outputs["kohya"] = save_kohya_lora(kohya_path, view.unet, view.trained_text_encoders, meta)
+            outputs["model_card"] = write_model_card(cfg.output_dir, cfg, outputs, self.samples, self.global_step,
+                                                     family=view.family)
             if not cfg.skip_export_check:
                 yield self._event("checking the written files against the trained model", phase="verify")
                 warnings = self._check_exports(outputs)
@@ -421,12 +391,10 @@ class _DreamBoothRun:
         into `outputs` ("verified": one line, "export_check": the details). Returns the warnings."""
         cfg = self.config
         files = {kind: outputs[kind] for kind in ("diffusers", "kohya")}
+        view = self.models.unwrapped(self.accelerator)
         try:
-            report = verify_exports(cfg, files, self._unwrap(self.unet), self._unwrap(self.text_encoder),
-                                    self.tokenizer, dtype=self.weight_dtype,
-                                    text_encoder_trained=cfg.train_text_encoder,
-                                    text_encoder_2=self._unwrap(self.text_encoder_2) if self.sdxl else None,
-                                    tokenizer_2=self.tokenizer_2)
+            report = verify_exports(cfg, files, view.unet, view.text_encoders, view.tokenizers, dtype=view.weight_dtype,
+                                    text_encoder_trained=cfg.train_text_encoder)
         except Exception as err:  # e.g. the base model cannot be loaded a second time
             reason = f"{type(err).__name__}: {err}".splitlines()[0]
             logger.warning("EXPORT CHECK: could not load the base model again to check the files: %s", reason)
@@ -441,9 +409,7 @@ class _DreamBoothRun:
         this process (the app runs several, possibly with another mixed precision)."""
         if self.accelerator is None:
             return
-        for name in ("unet", "text_encoder", "text_encoder_2", "vae", "optimizer", "prompt_cache"):
-            if hasattr(self, name):
-                delattr(self, name)
+        self.models = self.optimizer = self.prompt_cache = self.dataset = self.batch_sampler = None
         release_accelerator(self.accelerator)
         self.accelerator = None
 

@@ -11,42 +11,32 @@ import os
 import torch
 
 from .config import TrainConfig
+from .models import DreamBoothModels
 
 VALIDATION_DIR = "validation"
 
 
-def write_validation_images(cfg: TrainConfig, accelerator, *, unet, text_encoder, vae, tokenizer, noise_scheduler,
-                            weight_dtype: torch.dtype, step: int, text_encoder_2=None,
-                            tokenizer_2=None) -> list[str]:
+def write_validation_images(cfg: TrainConfig, accelerator, models: DreamBoothModels, step: int) -> list[str]:
     """Write `num_validation_images` seeded PNGs per validation prompt, `--validation_width` x
     `--validation_height`, to `<output_dir>/validation/step-<step>-prompt<p>-<i>.png` and log them
-    to the tracker; returns their paths. `unet` and the text encoders are the unwrapped models being
-    trained; with `text_encoder_2` (SDXL) an SDXL pipeline draws them."""
+    to the tracker; returns their paths. `models` is the unwrapped view of the models being
+    trained; a pipeline of their family (SD or SDXL) draws the images."""
     from contextlib import nullcontext
 
     import numpy as np
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DPMSolverMultistepScheduler
 
     from .sdxl import sampling_crop
 
     acc = accelerator
     prompts = cfg.validation_prompts
-    scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
-    extra = {}
-    if text_encoder_2 is not None:
-        pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                             tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
-                                             scheduler=scheduler, add_watermarker=False)
-        extra["crops_coords_top_left"] = sampling_crop(cfg)
-    else:
-        pipeline = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+    pipeline = models.pipeline(DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config))
+    extra = {"crops_coords_top_left": sampling_crop(cfg)} if models.sdxl else {}
     pipeline.set_progress_bar_config(disable=True)
-    models = [m for m in (unet, text_encoder, text_encoder_2) if m is not None]
-    was_training = [m.training for m in models]
-    for model in models:
+    weight_dtype = models.weight_dtype
+    sampled = [models.unet, *models.text_encoders]
+    was_training = [m.training for m in sampled]
+    for model in sampled:
         model.eval()
     width, height = cfg.validation_size
     folder = os.path.join(cfg.output_dir, VALIDATION_DIR)
@@ -69,7 +59,7 @@ def write_validation_images(cfg: TrainConfig, accelerator, *, unet, text_encoder
                     paths.append(path)
                     images_for_log.append(np.asarray(image))
     finally:
-        for model, flag in zip(models, was_training):
+        for model, flag in zip(sampled, was_training):
             model.train(flag)
     for tracker in acc.trackers:
         if tracker.name == "tensorboard":

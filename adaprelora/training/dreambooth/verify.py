@@ -15,6 +15,9 @@ from typing import Optional
 
 import torch
 
+from .family import ModelFamily, detect_family
+from .models import TEXT_ENCODER_NAMES, as_list
+
 logger = logging.getLogger(__name__)
 
 FILE_LABELS = {"diffusers": "diffusers file", "kohya": "kohya file"}
@@ -83,25 +86,26 @@ def _tolerance(dtype: torch.dtype, scale: float, tf32: bool) -> float:
 
 
 @torch.no_grad()
-def _outputs(unet, text_encoder, inputs: dict, text_encoder_2=None) -> dict[str, torch.Tensor]:
+def _outputs(unet, text_encoders: list, inputs: dict, sdxl: bool) -> dict[str, torch.Tensor]:
     """The text encoders' hidden states (SDXL: both, side by side) and the UNet's prediction."""
     extra = {}
-    if text_encoder_2 is None:
-        hidden = text_encoder(inputs["input_ids"], return_dict=False)[0]
+    if not sdxl:
+        hidden = text_encoders[0](inputs["input_ids"][0], return_dict=False)[0]
     else:
         states, pooled = [], None
-        for encoder, ids in ((text_encoder, inputs["input_ids"]), (text_encoder_2, inputs["input_ids_2"])):
+        for encoder, ids in zip(text_encoders, inputs["input_ids"]):
             out = encoder(ids, output_hidden_states=True)
             pooled = out[0]
             states.append(out.hidden_states[-2])
         hidden = torch.cat(states, dim=-1)
-        extra["added_cond_kwargs"] = {"text_embeds": pooled.to(unet.dtype), "time_ids": inputs["time_ids"].to(unet.dtype)}
+        extra["added_cond_kwargs"] = {"text_embeds": pooled.to(unet.dtype),
+                                      "time_ids": inputs["time_ids"].to(unet.dtype)}
     sample = unet(inputs["latents"].to(unet.dtype), inputs["timestep"], hidden.to(unet.dtype), return_dict=False,
                   **extra)[0]
     return {"text_encoder": hidden.float(), "unet": sample.float()}
 
 
-def _fixed_inputs(unet, tokenizer, prompt: str, resolution: int, device, tokenizer_2=None) -> dict:
+def _fixed_inputs(unet, tokenizers: list, prompt: str, resolution: int, device, sdxl: bool) -> dict:
     side = max(1, min(resolution // 8, 8))
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, unet.config.in_channels, side, side, generator=generator)
@@ -110,55 +114,56 @@ def _fixed_inputs(unet, tokenizer, prompt: str, resolution: int, device, tokeniz
         return tok([prompt], padding="max_length", truncation=True, max_length=tok.model_max_length,
                    return_tensors="pt").input_ids.to(device)
 
-    inputs = {"latents": latents.to(device), "timestep": torch.tensor([500], device=device), "input_ids": ids(tokenizer)}
-    if tokenizer_2 is not None:
-        inputs["input_ids_2"] = ids(tokenizer_2)
+    inputs = {"latents": latents.to(device), "timestep": torch.tensor([500], device=device),
+              "input_ids": [ids(tok) for tok in tokenizers]}
+    if sdxl:
         inputs["time_ids"] = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device)
     return inputs
 
 
-def _load_fresh(cfg, device, dtype, sdxl: bool = False):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+def _load_fresh(cfg, device, dtype, family: ModelFamily):
+    """The base model's UNet and text encoder(s) in a pipeline of its family: only the parts a LoRA
+    touches (`load_lora_weights` needs the pipeline's UNet and text encoders)."""
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     variant = {"variant": cfg.variant} if cfg.variant else {}
     common = dict(revision=cfg.revision, dtype=dtype, **variant)
     path = cfg.pretrained_model_name_or_path
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **common)
-    unet.to(device).eval()
-    text_encoder.to(device).eval()
-    # Only the parts a LoRA touches: load_lora_weights needs the pipeline's unet and text encoder(s).
-    if sdxl:
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **common)
-        text_encoder_2.to(device).eval()
-        return StableDiffusionXLPipeline(vae=None, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=None, tokenizer_2=None, unet=unet, scheduler=None,
-                                         add_watermarker=False)
-    return StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=None, unet=unet, scheduler=None,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    classes = (CLIPTextModel, CLIPTextModelWithProjection)[: 2 if family.sdxl else 1]
+    encoders = {name: cls.from_pretrained(path, subfolder=name, **common)
+                for cls, name in zip(classes, TEXT_ENCODER_NAMES)}
+    for model in (unet, *encoders.values()):
+        model.to(device).eval()
+    if family.sdxl:
+        extra = dict(tokenizer=None, tokenizer_2=None, add_watermarker=False)
+    else:
+        extra = dict(tokenizer=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return family.pipeline_class()(vae=None, unet=unet, scheduler=None, **encoders, **extra)
 
 
-def verify_exports(cfg, files: dict[str, str], unet, text_encoder, tokenizer, *, dtype: torch.dtype,
-                   text_encoder_trained: bool, text_encoder_2=None, tokenizer_2=None) -> ExportCheck:
+def verify_exports(cfg, files: dict[str, str], unet, text_encoders, tokenizers, *, dtype: torch.dtype,
+                   text_encoder_trained: bool) -> ExportCheck:
     """Load each of `files` ({"diffusers": path, "kohya": path}) into a fresh copy of
     `cfg.pretrained_model_name_or_path` with `load_lora_weights`, and compare the UNet's (and, when
-    trained, the text encoder's) output with the trained `unet` / `text_encoder` on a fixed input.
+    trained, the text encoders') output with the trained `unet` / `text_encoders` on a fixed input.
 
-    `dtype` is the frozen weights' dtype of the run (the fresh copy is loaded in it, on the trained
-    model's device). Never raises for a bad file: a file that fails to load or differs becomes a
-    failed `FileCheck`. With `text_encoder_2` (SDXL) both encoders and the UNet's added
-    conditioning take part.
+    `text_encoders` and `tokenizers` are one model each or sequences in the pipeline's order (SDXL:
+    two each; then both encoders and the UNet's added conditioning take part). `dtype` is the frozen
+    weights' dtype of the run (the fresh copy is loaded in it, on the trained model's device).
+    Never raises for a bad file: a file that fails to load or differs becomes a failed `FileCheck`.
     """
     device = next(unet.parameters()).device
-    sdxl = text_encoder_2 is not None
-    modes = [(m, m.training) for m in (unet, text_encoder, text_encoder_2) if m is not None]
+    family = detect_family(unet_config=unet.config)
+    encoders, tokenizers = as_list(text_encoders), as_list(tokenizers)
+    modes = [(m, m.training) for m in (unet, *encoders)]
     try:
         for model, _ in modes:
             model.eval()
-        inputs = _fixed_inputs(unet, tokenizer, cfg.instance_prompt or "a photo", cfg.resolution, device,
-                               tokenizer_2=tokenizer_2 if sdxl else None)
-        trained = _outputs(unet, text_encoder, inputs, text_encoder_2)
+        inputs = _fixed_inputs(unet, tokenizers, cfg.instance_prompt or "a photo", cfg.resolution, device,
+                               family.sdxl)
+        trained = _outputs(unet, encoders, inputs, family.sdxl)
     finally:
         for model, was_training in modes:
             model.train(was_training)
@@ -166,15 +171,15 @@ def verify_exports(cfg, files: dict[str, str], unet, text_encoder, tokenizer, *,
     scale = max(float(trained[k].abs().max()) for k in compared)
     tolerance = _tolerance(dtype, scale, bool(cfg.allow_tf32 and device.type == "cuda"))
 
-    pipe = _load_fresh(cfg, device, dtype, sdxl=sdxl)
-    fresh_te2 = pipe.text_encoder_2 if sdxl else None
-    base = _outputs(pipe.unet, pipe.text_encoder, inputs, fresh_te2)
+    pipe = _load_fresh(cfg, device, dtype, family)
+    fresh_encoders = [getattr(pipe, name) for name in TEXT_ENCODER_NAMES[: len(encoders)]]
+    base = _outputs(pipe.unet, fresh_encoders, inputs, family.sdxl)
     report = ExportCheck(lora_effect=max(float((base[k] - trained[k]).abs().max()) for k in compared))
     for kind, path in files.items():
         try:
             pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
                                    adapter_name=f"check_{kind}")
-            loaded = _outputs(pipe.unet, pipe.text_encoder, inputs, fresh_te2)
+            loaded = _outputs(pipe.unet, fresh_encoders, inputs, family.sdxl)
             diff = max(float((loaded[k] - trained[k]).abs().max()) for k in compared)
             report.files.append(FileCheck(kind, ok=diff <= tolerance, max_diff=diff, tolerance=tolerance))
         except Exception as err:  # a file users cannot load is the failure this check exists for
@@ -184,7 +189,7 @@ def verify_exports(cfg, files: dict[str, str], unet, text_encoder, tokenizer, *,
                 pipe.unload_lora_weights()
             except Exception:  # nothing was loaded
                 pass
-    del pipe, fresh_te2
+    del pipe, fresh_encoders
     for warning in report.warnings():
         logger.warning("EXPORT CHECK: %s", warning)
     return report
