@@ -1,7 +1,10 @@
-"""Settings both trainers share: optimizer name and arguments, learning-rate schedules, loss scaling."""
+"""Settings both trainers share: their flags declared from the config dataclass, optimizer name and
+arguments, learning-rate schedules, loss scaling."""
 from __future__ import annotations
 
+import argparse
 import ast
+import dataclasses
 from typing import Iterable, Optional
 
 from .errors import UserError, first_line
@@ -9,6 +12,53 @@ from .errors import UserError, first_line
 # Learning-rate schedules both trainers accept (transformers' `get_scheduler` names).
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
                  "inverse_sqrt")
+
+
+def field_default(field: dataclasses.Field):
+    """A dataclass field's default (its factory called), or `dataclasses.MISSING`."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+class ConfigFlags:
+    """A parser's flags declared against a config dataclass, which stays the one home of the defaults.
+
+    `add("rank", type=int, help=...)` adds `--rank` with the default of the field `rank`; giving a
+    `default` here, or a flag with no field (`dest` names the field when the flag's name differs,
+    e.g. `--bf16` setting `mixed_precision`), raises `TypeError` while the parser is built, so a flag
+    added to the parser alone fails at start-up instead of being parsed and dropped.
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser, config_cls: type):
+        self.parser = parser
+        self.config_cls = config_cls
+        self.fields = {f.name: f for f in dataclasses.fields(config_cls)}
+
+    def add(self, name: str, *, dest: Optional[str] = None, group=None, **kwargs) -> None:
+        field_name = dest or name
+        if field_name not in self.fields:
+            raise TypeError(f"--{name}: {self.config_cls.__name__} has no field {field_name!r}; add the field "
+                            "(with its default) before the flag")
+        if "default" in kwargs:
+            raise TypeError(f"--{name}: its default is {self.config_cls.__name__}.{field_name}'s; do not restate it")
+        default = field_default(self.fields[field_name])
+        if default is not dataclasses.MISSING:
+            kwargs["default"] = default
+        (group or self.parser).add_argument(f"--{name}", dest=field_name, **kwargs)
+
+
+def config_from_namespace(config_cls: type, args: argparse.Namespace):
+    """`config_cls(**vars(args))`, raising `TypeError` for an attribute that is not one of its fields
+    (a flag the config does not know is an error, never silently dropped)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(vars(args)) - names)
+    if unknown:
+        raise TypeError(f"{config_cls.__name__} has no field for {', '.join('--' + u for u in unknown)}; add the "
+                        "field (with its default) or drop the flag")
+    return config_cls(**vars(args))
 
 
 def check_optimizer_name(name: str) -> str:
@@ -91,5 +141,6 @@ def attach_grad_scaler(optimizer, scaler) -> None:
         setter(scaler)
 
 
-__all__ = ["LR_SCHEDULERS", "attach_grad_scaler", "build_lr_scheduler", "build_optimizer", "check_lr_scheduler",
-           "check_optimizer_name", "optimizer_mode", "parse_optimizer_args"]
+__all__ = ["LR_SCHEDULERS", "ConfigFlags", "attach_grad_scaler", "build_lr_scheduler", "build_optimizer",
+           "check_lr_scheduler", "check_optimizer_name", "config_from_namespace", "field_default", "optimizer_mode",
+           "parse_optimizer_args"]

@@ -1,8 +1,9 @@
 """`TrainConfig`: every setting of a DreamBooth LoRA run, named after diffusers' flags.
 
-`train_dreambooth.py` builds one from its command line (`TrainConfig.from_namespace`) and the app
-builds one from its form (`TrainConfig(...)`). `validate()` runs the checks that involve several
-fields; each problem is a `UserError` whose message names the flags involved.
+`train_dreambooth.py` declares its flags from these fields (their defaults live here only) and
+builds one with `TrainConfig.from_namespace`; the app builds one from its form (`TrainConfig(...)`).
+`validate()` runs the checks that involve several fields; each problem is a `UserError` whose
+message names the flags involved.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ..errors import UserError
-from ..options import check_lr_scheduler, check_optimizer_name
+from ..options import check_lr_scheduler, check_optimizer_name, config_from_namespace
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PRIOR_GENERATION_PRECISION = ("no", "fp32", "fp16", "bf16")
@@ -126,9 +127,8 @@ class TrainConfig:
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "TrainConfig":
-        """Build a config from `parse_args()`'s result; unknown attributes are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
+        """Build a config from the parsed flags; an attribute with no field raises `TypeError`."""
+        return config_from_namespace(cls, args)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -4,11 +4,12 @@
 
 `config` (FinetuneConfig, `finetune_llm.py`'s flag names), `tasks` (which tasks, what their data
 must hold), `data` (loading, tokenization, batching), `model` (tokenizer, LoRA model, trained
-tensors), `eval` and `metrics` (each task's standard metric) and `trainer` (`train()`, a generator
-of `TrainEvent`s, and `finetune()`, its command-line driver).
+tensors), `eval` and `metrics` (each task's standard metric), `trainer` (`train()`, a generator
+of `TrainEvent`s) and `cli` (`finetune()`, its command-line driver), as in `dreambooth/`.
 """
 from ..loop import TrainEvent
 from ..options import LR_SCHEDULERS
+from .cli import finetune
 from .config import FinetuneConfig
 from .data import (
     GSM8K_PROMPT,
@@ -19,7 +20,7 @@ from .data import (
     load_task_splits,
 )
 from .tasks import EVAL_SUFFIXES, TASK_NAMES, TaskSpec, check_columns, check_labels, get_task
-from .trainer import finetune, train
+from .trainer import train
 
 __all__ = ["EVAL_SUFFIXES", "GSM8K_PROMPT", "IGNORE_INDEX", "LR_SCHEDULERS", "TASK_NAMES", "CausalLMCollator",
            "FinetuneConfig", "TaskSpec", "TrainEvent", "build_causal_lm_example", "check_columns", "check_labels",

@@ -1,12 +1,14 @@
-"""`FinetuneConfig`: every setting of an LLM fine-tuning run, named after `finetune_llm.py`'s flags."""
+"""`FinetuneConfig`: every setting of an LLM fine-tuning run, named after `finetune_llm.py`'s flags
+(which take their defaults from these fields)."""
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import UserError
-from ..options import check_lr_scheduler, check_optimizer_name
+from ..options import check_lr_scheduler, check_optimizer_name, config_from_namespace
 from .tasks import TaskSpec, get_task
 
 
@@ -47,6 +49,11 @@ class FinetuneConfig:
     resume_from_checkpoint: Optional[str] = None  # "latest", a checkpoint name or a path
     cpu: bool = False
     gguf_file: Optional[str] = None  # a GGUF checkpoint inside model_name_or_path (dequantized to fp32)
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "FinetuneConfig":
+        """Build a config from the parsed flags; an attribute with no field raises `TypeError`."""
+        return config_from_namespace(cls, args)
 
     def validate(self) -> TaskSpec:
         """Check cross-field rules (errors name the flags) and return the task."""

@@ -15,7 +15,7 @@ metric, and the outputs in `output_dir`:
 It yields `TrainEvent`s like the DreamBooth trainer: messages during setup, one event per
 optimizer step, and a last one with `done=True`, the eval `metrics` and the `summary` written to
 `metrics.json`. Setting `stop_event` ends training after the current step; the run then evaluates
-and saves as usual, with `stopped=True`. `finetune(config)` drives it for the command line.
+and saves as usual, with `stopped=True`. `cli.finetune(config)` drives it for the command line.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from .config import FinetuneConfig
 from .data import CausalLMCollator, load_task_splits, tokenize_glue, tokenize_gsm8k_eval, tokenize_gsm8k_train
 from .eval import evaluate_glue, evaluate_gsm8k
 from .model import build_lora_model, load_tokenizer, load_trainable_weights, save_trainable_weights
-from .tasks import EVAL_SUFFIXES
+from .tasks import EVAL_SUFFIXES, TaskSpec
 
 LOSS_LOG_NAME = "loss_log.jsonl"
 METRICS_NAME = "metrics.json"
@@ -66,193 +66,239 @@ def _read_loss_log(path: str, up_to_step: Optional[int] = None) -> list[dict]:
 
 
 def train(config: FinetuneConfig, stop_event: Optional[threading.Event] = None) -> Iterator[TrainEvent]:
-    """Run one fine-tuning job end to end, yielding `TrainEvent`s (see the module docstring)."""
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-    from transformers import DataCollatorWithPadding
+    """Run one fine-tuning job end to end, yielding `TrainEvent`s (see the module docstring).
 
-    stop_event = stop_event or threading.Event()
-    start_time = time.perf_counter()
+    Raises `UserError` for problems the user can fix, before anything heavy is loaded when the
+    settings alone tell. Closing the generator early releases the accelerator."""
     spec = config.validate()
-    accelerator = make_accelerator(mixed_precision=config.mixed_precision,
-                                   gradient_accumulation_steps=config.gradient_accumulation_steps,
-                                   seed=config.seed, cpu=config.cpu)
+    run = _FinetuneRun(config, spec, stop_event or threading.Event())
     try:
-        set_seed(config.seed)
-        os.makedirs(config.output_dir, exist_ok=True)
-        remove_stale_temporary_checkpoints(config.output_dir)
-        resume = resolve_resume_checkpoint(config.output_dir, config.resume_from_checkpoint)
+        yield from run.events()
+    finally:
+        run.close()
 
-        # Data and tokenizer
-        with accelerator.main_process_first():
-            splits = load_task_splits(config, spec)
-            tokenizer = load_tokenizer(config.model_name_or_path, config.gguf_file)
+
+class _FinetuneRun:
+    """State of one run; `events()` is the generator behind `train()`, its stages in the order they
+    run: accelerator, data, model and optimizer, data loaders and schedule, `accelerator.prepare`,
+    resume, the training loop, evaluation and the final files."""
+
+    def __init__(self, config: FinetuneConfig, spec: TaskSpec, stop_event: threading.Event):
+        self.config = config
+        self.spec = spec
+        self.stop_event = stop_event
+        self.start_time = time.perf_counter()
+        self.accelerator = None
+        self.global_step = 0
+        self.max_steps = 0
+        self.tokenizer = None
+        self.train_data = None
+        self.eval_data: dict = {}
+        self.model = None
+        self.optimizer = None
+        self.loss_log_path = os.path.join(config.output_dir, LOSS_LOG_NAME)
+
+    def _event(self, message: str = "", phase: str = "setup", **kw) -> TrainEvent:
+        return TrainEvent(step=self.global_step, max_steps=self.max_steps, message=message, phase=phase, **kw)
+
+    # -- the run ---------------------------------------------------------------------------------
+    def events(self) -> Iterator[TrainEvent]:
+        cfg = self.config
+        self._start_accelerator()
+        resume = resolve_resume_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
+        self._load_data()
+        n_trainable, n_total = self._build_model()
+        train_loader, eval_loaders, steps_per_epoch = self._dataloaders()
+        train_loader, eval_loaders, scheduler = self._prepare(train_loader, eval_loaders, self._lr_scheduler())
+        yield from self._resume(resume)
+        total_batch = cfg.per_device_train_batch_size * self.accelerator.num_processes * cfg.gradient_accumulation_steps
+        yield self._event(
+            f"{self.spec.name}: {len(self.train_data)} training examples, {self.max_steps} steps of {total_batch} "
+            f"examples, optimizer {cfg.optimizer}, {n_trainable:,} trainable of {n_total:,} parameters")
+        train_seconds = yield from self._train_loop(train_loader, scheduler, steps_per_epoch)
+        stopped = self.stop_event.is_set() and self.global_step < self.max_steps
+        yield self._event("evaluating", phase="eval")
+        results, eval_counts = self._evaluate(eval_loaders)
+        yield self._finish(results, eval_counts, train_seconds, n_trainable, stopped)
+
+    # -- stages ----------------------------------------------------------------------------------
+    def _start_accelerator(self) -> None:
+        """The accelerator, the seed, the output folder (cleared of what a killed run left half-written)."""
+        from accelerate.utils import set_seed
+
+        cfg = self.config
+        self.accelerator = make_accelerator(
+            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            seed=cfg.seed, cpu=cfg.cpu)
+        set_seed(cfg.seed)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        remove_stale_temporary_checkpoints(cfg.output_dir)
+
+    def _load_data(self) -> None:
+        """The task's splits and the tokenizer, tokenized (the main process first: it fills the caches)."""
+        cfg, spec = self.config, self.spec
+        with self.accelerator.main_process_first():
+            splits = load_task_splits(cfg, spec)
+            self.tokenizer = tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.gguf_file)
             if spec.family == "glue":
-                train_data = tokenize_glue(splits[spec.train_split], tokenizer, spec, config.max_seq_length)
-                eval_data = {s: tokenize_glue(splits[s], tokenizer, spec, config.max_seq_length)
-                             for s in spec.eval_splits if s in splits}
+                self.train_data = tokenize_glue(splits[spec.train_split], tokenizer, spec, cfg.max_seq_length)
+                self.eval_data = {s: tokenize_glue(splits[s], tokenizer, spec, cfg.max_seq_length)
+                                  for s in spec.eval_splits if s in splits}
             else:
-                train_data = tokenize_gsm8k_train(splits[spec.train_split], tokenizer, config.max_seq_length)
-                eval_data = {s: tokenize_gsm8k_eval(splits[s], tokenizer, config.max_seq_length)
-                             for s in spec.eval_splits if s in splits}
+                self.train_data = tokenize_gsm8k_train(splits[spec.train_split], tokenizer, cfg.max_seq_length)
+                self.eval_data = {s: tokenize_gsm8k_eval(splits[s], tokenizer, cfg.max_seq_length)
+                                  for s in spec.eval_splits if s in splits}
 
-        # Model, LoRA adapter and optimizer (created on the model that runs: AdaPreLoRA hooks into it)
-        model = build_lora_model(config, spec, tokenizer)
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        n_total = sum(p.numel() for p in model.parameters())
-        optimizer = build_optimizer(config.optimizer, model, config.learning_rate, config.optimizer_args)
+    def _build_model(self) -> tuple[int, int]:
+        """The model with its LoRA adapter, and the optimizer (created on the model that runs:
+        AdaPreLoRA hooks into it). Returns (trainable, total) parameter counts."""
+        cfg = self.config
+        self.model = build_lora_model(cfg, self.spec, self.tokenizer)
+        n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_total = sum(p.numel() for p in self.model.parameters())
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, cfg.learning_rate, cfg.optimizer_args)
+        return n_trainable, n_total
 
-        # DataLoaders and schedule
-        eval_batch = config.per_device_eval_batch_size or config.per_device_train_batch_size
-        if spec.family == "glue":
+    def _dataloaders(self):
+        """(train loader, eval loaders by split, optimizer steps per epoch); sets `max_steps`."""
+        from torch.utils.data import DataLoader
+        from transformers import DataCollatorWithPadding
+
+        cfg, acc, tokenizer = self.config, self.accelerator, self.tokenizer
+        eval_batch = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
+        if self.spec.family == "glue":
             train_collate = eval_collate = DataCollatorWithPadding(tokenizer)
         else:
             train_collate = CausalLMCollator(tokenizer.pad_token_id)
             eval_collate = CausalLMCollator(tokenizer.pad_token_id, left=True)
         # Its own generator: starting an epoch then draws no number from the global RNG, so a resumed
         # run's dropout masks match those of the run it continues.
-        train_loader = DataLoader(train_data.with_format(None), batch_size=config.per_device_train_batch_size,
+        train_loader = DataLoader(self.train_data.with_format(None), batch_size=cfg.per_device_train_batch_size,
                                   shuffle=True, collate_fn=train_collate,
-                                  generator=torch.Generator().manual_seed(config.seed))
+                                  generator=torch.Generator().manual_seed(cfg.seed))
         eval_loaders = {s: DataLoader(d.with_format(None), batch_size=eval_batch, collate_fn=eval_collate)
-                        for s, d in eval_data.items()}
-        steps_per_epoch = math.ceil(
-            math.ceil(len(train_loader) / accelerator.num_processes) / config.gradient_accumulation_steps)
-        max_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
-        scheduler = build_lr_scheduler(config.lr_scheduler, optimizer,
-                                       warmup_steps=math.ceil(config.warmup_ratio * max_steps),
-                                       total_steps=max_steps, num_processes=accelerator.num_processes)
+                        for s, d in self.eval_data.items()}
+        steps_per_epoch = math.ceil(math.ceil(len(train_loader) / acc.num_processes) / cfg.gradient_accumulation_steps)
+        self.max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+        return train_loader, eval_loaders, steps_per_epoch
 
-        # Prepare everything with our `accelerator`
-        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-        eval_loaders = {s: accelerator.prepare(loader) for s, loader in eval_loaders.items()}
-        if accelerator.mixed_precision == "fp16":
-            attach_grad_scaler(optimizer, accelerator.scaler)
+    def _lr_scheduler(self):
+        cfg = self.config
+        return build_lr_scheduler(cfg.lr_scheduler, self.optimizer,
+                                  warmup_steps=math.ceil(cfg.warmup_ratio * self.max_steps),
+                                  total_steps=self.max_steps, num_processes=self.accelerator.num_processes)
+
+    def _prepare(self, train_loader, eval_loaders: dict, scheduler):
+        """`accelerator.prepare` the model, optimizer, loaders and schedule; LoRA-only checkpoints."""
+        acc = self.accelerator
+        self.model, self.optimizer, train_loader, scheduler = acc.prepare(self.model, self.optimizer, train_loader,
+                                                                          scheduler)
+        eval_loaders = {s: acc.prepare(loader) for s, loader in eval_loaders.items()}
+        if acc.mixed_precision == "fp16":
+            attach_grad_scaler(self.optimizer, acc.scaler)
         # Checkpoints hold only the trained tensors, not the frozen base model.
-        register_checkpoint_hooks(accelerator, save_trainable_weights, load_trainable_weights)
+        register_checkpoint_hooks(acc, save_trainable_weights, load_trainable_weights)
+        return train_loader, eval_loaders, scheduler
 
-        global_step = 0
-        loss_log_path = os.path.join(config.output_dir, LOSS_LOG_NAME)
+    def _resume(self, resume) -> Iterator[TrainEvent]:
+        """Load the checkpoint `resume` ((step, path) or None) and keep the loss log's lines up to it."""
         if resume is not None:
-            global_step, path = resume
-            yield TrainEvent(step=global_step, max_steps=max_steps, phase="setup",
-                             message=f"resuming from {path} (step {global_step})")
-            load_checkpoint(accelerator, path)
-        if accelerator.is_main_process:  # drop the log lines of steps a resumed run redoes
-            kept = _read_loss_log(loss_log_path, up_to_step=global_step) if resume else []
-            with open(loss_log_path, "w") as fh:
+            self.global_step, path = resume
+            yield self._event(f"resuming from {path} (step {self.global_step})")
+            load_checkpoint(self.accelerator, path)
+        if self.accelerator.is_main_process:  # drop the log lines of steps a resumed run redoes
+            kept = _read_loss_log(self.loss_log_path, up_to_step=self.global_step) if resume else []
+            with open(self.loss_log_path, "w") as fh:
                 fh.writelines(json.dumps(row) + "\n" for row in kept)
 
-        # Training loop
-        total_batch = config.per_device_train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
-        yield TrainEvent(
-            step=global_step, max_steps=max_steps, phase="setup",
-            message=f"{spec.name}: {len(train_data)} training examples, {max_steps} steps of {total_batch} examples, "
-                    f"optimizer {config.optimizer}, {n_trainable:,} trainable of {n_total:,} parameters")
-        if accelerator.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(accelerator.device)
+    def _train_loop(self, train_loader, scheduler, steps_per_epoch: int):
+        """The shared loop; one line per step in the loss log, checkpoints. Returns the training seconds."""
+        cfg, acc, model = self.config, self.accelerator, self.model
+        if acc.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(acc.device)
         train_start = time.perf_counter()
         steps = training_steps(
-            accelerator, models=[model], dataloader=train_loader, optimizer=optimizer, lr_scheduler=scheduler,
-            compute_loss=lambda batch: model(**batch).loss, start_step=global_step, max_steps=max_steps,
-            updates_per_epoch=steps_per_epoch, stop_event=stop_event, clip_parameters=model.parameters(),
-            max_grad_norm=config.max_grad_norm, reduce_loss=True,
+            acc, models=[model], dataloader=train_loader, optimizer=self.optimizer, lr_scheduler=scheduler,
+            compute_loss=lambda batch: model(**batch).loss, start_step=self.global_step, max_steps=self.max_steps,
+            updates_per_epoch=steps_per_epoch, stop_event=self.stop_event, clip_parameters=model.parameters(),
+            max_grad_norm=cfg.max_grad_norm, reduce_loss=True,
         )
         for event in steps:
-            global_step = event.step
-            if accelerator.is_main_process:
-                with open(loss_log_path, "a") as fh:
-                    fh.write(json.dumps({"step": global_step, "loss": event.loss, "lr": event.lr,
-                                         "epoch": round(global_step / steps_per_epoch, 4)}) + "\n")
-            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                event.checkpoint = save_checkpoint(accelerator, config.output_dir, global_step,
-                                                   config.checkpoints_total_limit)
+            self.global_step = event.step
+            if acc.is_main_process:
+                with open(self.loss_log_path, "a") as fh:
+                    fh.write(json.dumps({"step": self.global_step, "loss": event.loss, "lr": event.lr,
+                                         "epoch": round(self.global_step / steps_per_epoch, 4)}) + "\n")
+            if cfg.checkpointing_steps and self.global_step % cfg.checkpointing_steps == 0:
+                event.checkpoint = save_checkpoint(acc, cfg.output_dir, self.global_step, cfg.checkpoints_total_limit)
             yield event
-        train_seconds = time.perf_counter() - train_start
-        stopped = stop_event.is_set() and global_step < max_steps
+        return time.perf_counter() - train_start
 
-        # Evaluation
-        yield TrainEvent(step=global_step, max_steps=max_steps, phase="eval", message="evaluating")
+    def _evaluate(self, eval_loaders: dict) -> tuple[dict, dict]:
+        """(each split's metrics, suffixed as `EVAL_SUFFIXES` says; each split's example count)."""
+        cfg, acc, spec = self.config, self.accelerator, self.spec
         results: dict = {}
         eval_counts: dict = {}
         for split, loader in eval_loaders.items():
             suffix = EVAL_SUFFIXES.get(split, "")
             if spec.family == "glue":
-                scores = evaluate_glue(model, loader, accelerator, spec)
+                scores = evaluate_glue(self.model, loader, acc, spec)
             else:
-                scores, rows = evaluate_gsm8k(model, loader, accelerator, tokenizer, eval_data[split],
-                                              config.max_new_tokens)
-                if accelerator.is_main_process:
-                    with open(os.path.join(config.output_dir, "eval_predictions.jsonl"), "w") as fh:
+                scores, rows = evaluate_gsm8k(self.model, loader, acc, self.tokenizer, self.eval_data[split],
+                                              cfg.max_new_tokens)
+                if acc.is_main_process:
+                    with open(os.path.join(cfg.output_dir, "eval_predictions.jsonl"), "w") as fh:
                         fh.writelines(json.dumps(row) + "\n" for row in rows)
             results.update({f"{name}{suffix}": value for name, value in scores.items()})
-            eval_counts[f"eval_samples{suffix}"] = len(eval_data[split])
+            eval_counts[f"eval_samples{suffix}"] = len(self.eval_data[split])
+        return results, eval_counts
 
-        # Outputs: adapter, metrics
-        accelerator.wait_for_everyone()
-        log = _read_loss_log(loss_log_path) if accelerator.is_main_process else []
+    def _finish(self, results: dict, eval_counts: dict, train_seconds: float, n_trainable: int,
+                stopped: bool) -> TrainEvent:
+        """Write the adapter, `metrics.json` and the config; the last event."""
+        cfg, acc = self.config, self.accelerator
+        acc.wait_for_everyone()
+        log = _read_loss_log(self.loss_log_path) if acc.is_main_process else []
         summary = {
-            "task": spec.name,
-            "model_name_or_path": config.model_name_or_path,
-            "optimizer": config.optimizer,
-            "optimizer_args": config.optimizer_args,
+            "task": self.spec.name,
+            "model_name_or_path": cfg.model_name_or_path,
+            "optimizer": cfg.optimizer,
+            "optimizer_args": cfg.optimizer_args,
             **results,
             **eval_counts,
             "train_loss": sum(row["loss"] for row in log) / len(log) if log else None,
             "last_train_loss": log[-1]["loss"] if log else None,
-            "global_step": global_step,
-            "train_samples": len(train_data),
+            "global_step": self.global_step,
+            "train_samples": len(self.train_data),
             "train_runtime_s": round(train_seconds, 3),
-            "peak_memory_bytes": peak_memory_bytes(accelerator.device),
+            "peak_memory_bytes": peak_memory_bytes(acc.device),
             "trainable_params": n_trainable,
-            "num_processes": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision,
-            "seed": config.seed,
+            "num_processes": acc.num_processes,
+            "mixed_precision": acc.mixed_precision,
+            "seed": cfg.seed,
         }
-        outputs = {"output_dir": os.path.abspath(config.output_dir)}
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(config.output_dir)
-            tokenizer.save_pretrained(config.output_dir)
-            outputs["metrics"] = os.path.join(config.output_dir, METRICS_NAME)
+        outputs = {"output_dir": os.path.abspath(cfg.output_dir)}
+        if acc.is_main_process:
+            acc.unwrap_model(self.model).save_pretrained(cfg.output_dir)
+            self.tokenizer.save_pretrained(cfg.output_dir)
+            outputs["metrics"] = os.path.join(cfg.output_dir, METRICS_NAME)
             with open(outputs["metrics"], "w") as fh:
                 json.dump(_json_safe(summary), fh, indent=2)
-            with open(os.path.join(config.output_dir, "finetune_config.json"), "w") as fh:
-                json.dump(asdict(config), fh, indent=2)
-        accelerator.wait_for_everyone()
-        yield TrainEvent(step=global_step, max_steps=max_steps, phase="done", done=True, stopped=stopped,
-                         message=("stopped" if stopped else "finished") + f" at step {global_step}",
-                         outputs=outputs, metrics=results, summary=summary,
-                         peak_memory_bytes=summary["peak_memory_bytes"],
-                         wall_time=time.perf_counter() - start_time)
-    finally:
-        release_accelerator(accelerator)
+            with open(os.path.join(cfg.output_dir, "finetune_config.json"), "w") as fh:
+                json.dump(asdict(cfg), fh, indent=2)
+        acc.wait_for_everyone()
+        return self._event(("stopped" if stopped else "finished") + f" at step {self.global_step}", phase="done",
+                           done=True, stopped=stopped, outputs=outputs, metrics=results, summary=summary,
+                           peak_memory_bytes=summary["peak_memory_bytes"],
+                           wall_time=time.perf_counter() - self.start_time)
+
+    def close(self) -> None:
+        """Free the accelerator's singleton state, so another run can start in this process."""
+        if self.accelerator is None:
+            return
+        self.model = self.optimizer = None
+        release_accelerator(self.accelerator)
+        self.accelerator = None
 
 
-def finetune(config: FinetuneConfig) -> dict:
-    """Run one job for the command line (messages on stdout, a tqdm bar on stderr, the eval metrics
-    as one JSON line at the end); returns what it writes to `output_dir/metrics.json`."""
-    from tqdm.auto import tqdm
-
-    is_main = os.environ.get("RANK", "0") == "0"
-    bar = None
-    last = None
-    try:
-        for event in train(config):
-            last = event
-            if event.phase == "train":
-                if bar is None:
-                    bar = tqdm(total=event.max_steps, initial=event.step - 1, desc="training",
-                               disable=os.environ.get("LOCAL_RANK", "0") != "0")
-                bar.update(event.step - bar.n)
-                bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}")
-            elif event.message and not event.done and event.phase == "setup" and is_main:
-                print(event.message, flush=True)
-    finally:
-        if bar is not None:
-            bar.close()
-    if is_main:
-        print(json.dumps(_json_safe(last.metrics), indent=None), flush=True)
-    return last.summary
-
-
-__all__ = ["LOSS_LOG_NAME", "METRICS_NAME", "finetune", "train"]
+__all__ = ["LOSS_LOG_NAME", "METRICS_NAME", "train"]
