@@ -234,34 +234,37 @@ def solve_from_grams(grams, mean_r, m, n, damping, clip_threshold):
     sync (see kernels/fused_step.py)."""
     G1, G2, G3, G4, H1, H2, K, H3, H4 = grams.unbind(1)
     sq_mr = torch.sqrt(mean_r)[:, None, None]
-    return solve_rxr(G1 / sq_mr, G2, G3 * sq_mr, G4 * (sq_mr * sq_mr), H1, H2, K, H3, H4, m, n, damping,
-                     clip_threshold, sync=False)
+    HA = torch.cat([torch.cat([H2, H3.mT], -1), torch.cat([H3, H4], -1)], -2)
+    GB = torch.cat([torch.cat([G2, G3 * sq_mr], -1), torch.cat([G3.mT * sq_mr, G4 * (sq_mr * sq_mr)], -1)], -2)
+    return solve_rxr(G1 / sq_mr, H1, K, HA, GB, m, n, damping, clip_threshold, sync=False)
 
 
-def solve_rxr(BPB, BtB, BgBp, gBpgBp, AQA, AAt, K, H3, H4, m, n, damping, clip_threshold, *, sync=True):
+def solve_rxr(BPB, AQA, K, HA, GB, m, n, damping, clip_threshold, *, sync=True):
     """`balanced_solve` and `clip_factor` in r x r algebra only: (c M_B^-1, c Y, c M_A^-1) with
-    Y = 1/2 M_B^-1 K M_A^-1 and c the clip factor, so that dA = c M_B^-1 gAq - c Y A and
-    dB = c gBp M_A^-1 - c B Y, from the Grams B^T P B, B^T B, B^T gBp, gBp^T gBp, A Q A^T, A A^T,
-    K = gA A^T, gA Q^-1 A^T, gA Q^-2 gA^T (gAq = gA Q^-1, gBp = P^-1 gB). `sync=False` never asks
-    the host whether a Cholesky factor failed (see `cholesky`)."""
-    LB = cholesky(add_ridge(BPB, damping), sync=sync)  # B^T P B + ridge
-    LA = cholesky(add_ridge(AQA, damping), sync=sync)  # A Q A^T + ridge
-    eye = _eye_like(K).expand_as(K)
-    MBi = torch.cholesky_solve(eye, LB)
-    MAi = torch.cholesky_solve(eye, LA)
-    Y = 0.5 * (MBi @ K @ MAi)  # 1/2 M_B^-1 K M_A^-1
+    Y = 1/2 M_B^-1 K M_A^-1 and c the clip factor, so that dA = [-c Y, c M_B^-1] [A; gAq] and
+    dB = [B, gBp] [-c Y; c M_A^-1] (gAq = gA Q^-1, gBp = P^-1 gB).
+
+    From B^T P B, A Q A^T, K = gA A^T and the 2r x 2r Grams HA of [A; gAq] (rows) and GB of
+    [B, gBp] (columns): ||B dA + dB A||^2 = <B^T B, dA dA^T> + 2 <B^T dB, dA A^T> + <dB^T dB, A A^T>
+    with dA dA^T = W HA W^T, dA A^T = W HA[:, :r], dB^T dB = V^T GB V, B^T dB = GB[:r] V for
+    W = [-Y, M_B^-1], V = [-Y; M_A^-1]. `sync=False` never asks the host whether a Cholesky
+    factor failed (see `cholesky`)."""
+    k, r = K.shape[0], K.shape[-1]
+    L = cholesky(add_ridge(torch.cat([BPB, AQA]), damping), sync=sync)  # M_B, M_A + ridge, one batch
+    Minv = torch.cholesky_solve(_eye_like(L).expand_as(L), L)
+    MBi, MAi = Minv[:k], Minv[k:]
+    Y = torch.bmm(torch.bmm(MBi, K), MAi).mul_(0.5)
     if clip_threshold is None:
         return MBi, Y, MAi
-    # ||B dA + dB A||^2 = <B^T B, dA dA^T> + 2 <B^T dB, dA A^T> + <dB^T dB, A A^T>, with
-    # dA = M_B^-1 gAq - Y A and dB = gBp M_A^-1 - B Y:
-    MBi_H3 = MBi @ H3
-    dAdAt = MBi @ H4 @ MBi - MBi_H3 @ Y.mT - Y @ MBi_H3.mT + Y @ AAt @ Y.mT
-    dAAt = MBi_H3 - Y @ AAt
-    BtdB = BgBp @ MAi - BtB @ Y
-    MAi_BgBp_Y = MAi @ BgBp.mT @ Y
-    dBtdB = MAi @ gBpgBp @ MAi - MAi_BgBp_Y - MAi_BgBp_Y.mT + Y.mT @ BtB @ Y
+    W = torch.cat([-Y, MBi], -1)  # (k, r, 2r)
+    V = torch.cat([-Y, MAi], -2)  # (k, 2r, r)
+    dAdAt = torch.bmm(torch.bmm(W, HA), W.mT)
+    dAAt = torch.bmm(W, HA[:, :, :r])
+    dBtdB = torch.bmm(torch.bmm(V.mT, GB), V)
+    BtdB = torch.bmm(GB[:, :r], V)
+    BtB, AAt = GB[:, :r, :r], HA[:, :r, :r]
     sq = (BtB * dAdAt).sum((-2, -1)) + 2 * (BtdB * dAAt).sum((-2, -1)) + (dBtdB * AAt).sum((-2, -1))
-    rms = torch.sqrt(sq.clamp_min(0) / (m * n))
+    rms = torch.sqrt(sq.clamp_min_(0) / (m * n))
     c = (clip_threshold / torch.clamp(rms, min=clip_threshold))[:, None, None]
     return MBi * c, Y * c, MAi * c
 
@@ -272,10 +275,10 @@ def balanced_step_(XA, XB, p, q, inv_s, damping: float = 0.1, clip_threshold=1.0
 
     XA (k, 2r, n) holds [A; grad A] and XB (k, 2, m, r) holds [B, grad B] per pair (the layout
     `step._stack_pairs` makes); the gradient halves are overwritten with gA Q^-1 / s and
-    P^-1 gB / s. Every Gram comes from four products (a Gram of XA, XA against A Q, the Grams of
-    B and of P^-1 gB in one batch, B^T P^-1 gB) plus B^T P B, the clip factor from r x r algebra
-    (`solve_rxr`), and then dA = [-c Y, c M_B^-1] XA, dB = P^-1 gB c M_A^-1 - B c Y.
-    p (k, m), q (k, n), inv_s (k, 1, 1). Returns the clipped (dA, dB).
+    P^-1 gB / s. The r x r products come from five batched products (the Gram of [A; gAq],
+    [A; gAq] against A Q, the Grams of B and of gBp in one batch, B^T gBp, B^T P B), the clip
+    factor from r x r algebra (`solve_rxr`), and then dA = [-c Y, c M_B^-1] [A; gAq] and
+    dB = gBp c M_A^-1 - B c Y. p (k, m), q (k, n), inv_s (k, 1, 1). Returns the clipped (dA, dB).
     """
     k, r2, n = XA.shape
     r, m = r2 // 2, XB.shape[-2]
@@ -283,14 +286,16 @@ def balanced_step_(XA, XB, p, q, inv_s, damping: float = 0.1, clip_threshold=1.0
     B, gB = XB[:, 0], XB[:, 1]
     gA.mul_(inv_s / q[:, None, :])
     gB.mul_(inv_s / p[:, :, None])
-    HA = XA @ XA.mT  # [[A A^T, .], [gA Q^-1 A^T, gA Q^-2 gA^T]]
-    H1K = XA @ (A * q[:, None, :]).mT  # [A Q A^T; gA A^T]
+    HA = torch.bmm(XA, XA.mT)  # [[A A^T, A gAq^T], [gAq A^T, gAq gAq^T]]
+    H1K = torch.bmm(XA, (A * q[:, None, :]).mT)  # [A Q A^T; gA A^T]
     XB2 = XB.flatten(0, 1)
-    GB = (XB2.mT @ XB2).view(k, 2, r, r)  # B^T B, gB^T P^-2 gB
-    MBi, Y, MAi = solve_rxr(B.mT @ (B * p[:, :, None]), GB[:, 0], B.mT @ gB, GB[:, 1], H1K[:, :r], HA[:, :r, :r],
-                            H1K[:, r:], HA[:, r:, :r], HA[:, r:, r:], m, n, damping, clip_threshold)
-    dA = torch.cat([-Y, MBi], dim=-1) @ XA
-    dB = torch.baddbmm(gB @ MAi, B, Y, alpha=-1)
+    G24 = torch.bmm(XB2.mT, XB2).view(k, 2, r, r)  # B^T B, gBp^T gBp
+    G3 = torch.bmm(B.mT, gB)  # B^T gBp
+    GB = torch.cat([torch.cat([G24[:, 0], G3], -1), torch.cat([G3.mT, G24[:, 1]], -1)], -2)
+    BPB = torch.bmm(B.mT, B * p[:, :, None])
+    MBi, Y, MAi = solve_rxr(BPB, H1K[:, :r], H1K[:, r:], HA, GB, m, n, damping, clip_threshold)
+    dA = torch.bmm(torch.cat([-Y, MBi], -1), XA)
+    dB = torch.baddbmm(torch.bmm(gB, MAi), B, Y, alpha=-1)
     return dA, dB
 
 

@@ -65,10 +65,11 @@ class _Bucket(NamedTuple):
     step: torch.Tensor  # (k,) new step counts (unchanged for the pairs left out)
 
 
-def _finite_rows(t: torch.Tensor) -> torch.Tensor:
-    """(k,) True where a stacked tensor's row is finite: a sum is non-finite iff some element is
-    (or the values overflow, which is no usable gradient either)."""
-    return torch.isfinite(t.sum(tuple(range(1, t.dim()))))
+def _finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    """(k,) True where the stacked tensors' rows are all finite: a sum is non-finite iff some
+    element is (or the values overflow, which is no usable gradient either)."""
+    total = sum(t.sum(tuple(range(1, t.dim()))) for t in tensors)
+    return torch.isfinite(total)
 
 
 def _bucket_step(A, B, gradA, gradB, state: dict, update: Callable, energies=None) -> torch.Tensor:
@@ -87,9 +88,7 @@ def _bucket_step(A, B, gradA, gradB, state: dict, update: Callable, energies=Non
     if not any(x.present):
         return ok
     es = tuple(energies(x)) if energies is not None else ()
-    ok = ok & _finite_rows(x.gradA) & _finite_rows(x.gradB)
-    for e in es:
-        ok = ok & _finite_rows(e)
+    ok = ok & _finite_rows(x.gradA, x.gradB, *es)
     all_ok = bool(ok.all())
     skipped = saved = None
     if not all_ok:
@@ -109,9 +108,9 @@ def _bucket_step(A, B, gradA, gradB, state: dict, update: Callable, energies=Non
         for name, value in saved.items():
             state[name][skipped] = value
     targets = range(k) if all_ok else ok.nonzero().flatten().tolist()
-    A_new, B_new = x.A.unbind(0), x.B.unbind(0)
+    A_new, B_new = x.A.view((k,) + A[0].shape).unbind(0), x.B.view((k,) + B[0].shape).unbind(0)
     torch._foreach_copy_([A[j] for j in targets] + [B[j] for j in targets],  # casts to the params' dtype
-                         [A_new[j].view(A[j].shape) for j in targets] + [B_new[j].view(B[j].shape) for j in targets])
+                         [A_new[j] for j in targets] + [B_new[j] for j in targets])
     return ok
 
 
