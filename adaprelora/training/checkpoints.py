@@ -4,6 +4,10 @@ A checkpoint is `accelerator.save_state` (optimizer, scheduler, RNG) whose model
 replaced by the trained tensors alone: `register_checkpoint_hooks` takes each trainer's own
 save/load functions for those. Folders are written under a temporary name and renamed when
 complete, so every `checkpoint-*` folder loads; temporaries a killed run left are removed at start.
+
+The output folder itself is checked before a run loads anything (`check_output_dir`); files that
+must not pass for a finished result are moved aside (`set_aside`); resuming with another LoRA rank
+names the ranks (`load_checkpoint`, `lora_ranks`).
 """
 from __future__ import annotations
 
@@ -17,6 +21,39 @@ from .errors import UserError
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = f".tmp-{CHECKPOINT_PREFIX}"
+
+
+def check_output_dir(path: Optional[str], flag: str = "--output_dir") -> None:
+    """`UserError` when `path` cannot be the run's output folder: empty, an existing file, under a
+    file, or a folder (or nearest existing parent) this process cannot write into. Cheap: the trainers
+    call it before anything is loaded, so the mistake costs no model loading and no half-run."""
+    if not path or not str(path).strip():
+        raise UserError(f"{flag} must name a folder")
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag}: {path!r} is a file, not a folder; choose another {flag}")
+    parent = path
+    while not os.path.exists(parent):
+        up = os.path.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag}: {path!r} lies under {parent!r}, which is a file, not a folder; "
+                        f"choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}: cannot write into {parent!r} (permission denied); choose another {flag}")
+
+
+def set_aside(output_dir: str, paths, folder_name: str) -> str:
+    """Move the files `paths` into `output_dir/folder_name/` (replacing what an earlier run put
+    there), so that nothing in `output_dir` itself looks like a finished result; returns the folder."""
+    folder = os.path.join(output_dir, folder_name)
+    os.makedirs(folder, exist_ok=True)
+    for path in paths:
+        if path and os.path.isfile(path):
+            os.replace(path, os.path.join(folder, os.path.basename(path)))
+    return folder
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -104,8 +141,38 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Option
     return path
 
 
-def load_checkpoint(accelerator, path: str) -> None:
-    """`accelerator.load_state(path)`; a checkpoint that does not load is a `UserError`."""
+def lora_ranks(name: str, checkpoint_shape, model_shape) -> Optional[tuple[int, int]]:
+    """(the checkpoint's rank, this model's) when tensor `name` is a LoRA factor whose shapes differ
+    by rank alone (A is (r, in), B is (out, r)); None otherwise."""
+    checkpoint_shape, model_shape = tuple(checkpoint_shape), tuple(model_shape)
+    if len(checkpoint_shape) < 2 or len(checkpoint_shape) != len(model_shape) or checkpoint_shape == model_shape:
+        return None
+    lowered = name.lower()
+    if "lora_a" in lowered or "lora_down" in lowered or "down.weight" in lowered:
+        axis = 0
+    elif "lora_b" in lowered or "lora_up" in lowered or "up.weight" in lowered:
+        axis = 1
+    else:
+        return None
+    rest = [i for i in range(len(model_shape)) if i != axis]
+    if any(checkpoint_shape[i] != model_shape[i] for i in rest):
+        return None
+    return checkpoint_shape[axis], model_shape[axis]
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+
+
+def rank_mismatch_message(path: str, checkpoint_rank: int, model_rank: int, rank_flag: str) -> str:
+    return (f"--resume_from_checkpoint: {path} holds a LoRA of rank {checkpoint_rank} but this run has "
+            f"{rank_flag} {model_rank}: resume with {rank_flag} {checkpoint_rank}, or start a new run in another "
+            "--output_dir")
+
+
+def load_checkpoint(accelerator, path: str, rank_flag: str = "--rank") -> None:
+    """`accelerator.load_state(path)`; a checkpoint that does not load is a `UserError`, which names
+    the rank when the checkpoint's LoRA has another rank than this run's (`rank_flag`)."""
     from .errors import first_line
 
     try:
@@ -113,6 +180,11 @@ def load_checkpoint(accelerator, path: str) -> None:
     except UserError:
         raise
     except Exception as err:
+        for name, saved, current in _SIZE_MISMATCH.findall(str(err)):
+            shapes = [tuple(int(x) for x in text.split(",") if x.strip()) for text in (saved, current)]
+            ranks = lora_ranks(name, *shapes)
+            if ranks is not None:
+                raise UserError(rank_mismatch_message(path, *ranks, rank_flag)) from None
         raise UserError(f"--resume_from_checkpoint: cannot load {path}: {first_line(err)}") from None
 
 
@@ -138,6 +210,7 @@ def register_checkpoint_hooks(accelerator, save_weights: Callable[[list, str], N
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-__all__ = ["CHECKPOINT_PREFIX", "list_checkpoints", "load_checkpoint", "register_checkpoint_hooks",
-           "remove_stale_temporary_checkpoints", "resolve_resume_checkpoint", "rotate_checkpoints",
-           "save_checkpoint", "save_checkpoint_atomically"]
+__all__ = ["CHECKPOINT_PREFIX", "check_output_dir", "list_checkpoints", "load_checkpoint", "lora_ranks",
+           "rank_mismatch_message", "register_checkpoint_hooks", "remove_stale_temporary_checkpoints",
+           "resolve_resume_checkpoint", "rotate_checkpoints", "save_checkpoint", "save_checkpoint_atomically",
+           "set_aside"]

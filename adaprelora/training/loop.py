@@ -16,7 +16,12 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
+from .errors import TrainingDiverged
 from .options import optimizer_mode
+
+# Under an fp16 loss scaler a non-finite loss skips its step (the scaler lowers the scale and the
+# weights stay as they were), so a few in a row are normal; this many in a row means the run is stuck.
+SCALER_NONFINITE_LIMIT = 5
 
 
 @dataclass
@@ -93,6 +98,12 @@ def training_steps(
     the data order of an epoch depends only on the epoch (seedable sampler), so it sees what an
     uninterrupted run would. Stops after the current step when `stop_event` is set.
 
+    A step whose loss, or after which any trained weight (parameters with `requires_grad` in
+    `models`), is NaN or infinite raises `TrainingDiverged` (a `UserError` naming the step and what
+    to try) before its event is yielded, so a trainer never checkpoints or exports broken weights;
+    checkpoints of earlier steps stay. Under an fp16 loss scaler, which skips such steps itself,
+    only non-finite weights or `SCALER_NONFINITE_LIMIT` non-finite losses in a row do.
+
     Optimizers with train and eval modes (Schedule-Free AdamW) are in train mode for each step and
     in eval mode whenever an event is yielded and after the loop, so what a trainer does between
     events (checkpoints, validation images, evaluation, the final files) sees the weights to keep,
@@ -113,6 +124,9 @@ def _training_steps(accelerator, *, models, dataloader, optimizer, lr_scheduler,
                     max_steps, updates_per_epoch, stop_event, clip_parameters, max_grad_norm, reduce_loss,
                     on_epoch_start) -> Iterator[TrainEvent]:
     clip_parameters = list(clip_parameters)
+    trained = [p for model in models for p in model.parameters() if p.requires_grad]
+    scaled = getattr(accelerator, "scaler", None) is not None
+    nonfinite_in_a_row = 0
     first_epoch = start_step // updates_per_epoch
     skip_batches = (start_step % updates_per_epoch) * accelerator.gradient_accumulation_steps
     num_epochs = math.ceil(max_steps / updates_per_epoch)
@@ -146,6 +160,11 @@ def _training_steps(accelerator, *, models, dataloader, optimizer, lr_scheduler,
             step += 1
             step_loss = _step_loss(accelerator, micro_losses, reduce_loss)
             micro_losses = []
+            loss_bad, weights_bad = _nonfinite(accelerator, step_loss, trained)
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if loss_bad else 0
+            if weights_bad or (loss_bad and (not scaled or nonfinite_in_a_row >= SCALER_NONFINITE_LIMIT)):
+                raise TrainingDiverged(_diverged_message(step, step_loss, weights_bad, lr_scheduler, max_grad_norm,
+                                                        getattr(accelerator, "mixed_precision", None)))
             elapsed = time.perf_counter() - loop_start
             optimizer_mode(optimizer, train=False)
             yield TrainEvent(step=step, max_steps=max_steps, loss=step_loss, lr=float(lr_scheduler.get_last_lr()[0]),
@@ -153,6 +172,33 @@ def _training_steps(accelerator, *, models, dataloader, optimizer, lr_scheduler,
                              steps_per_sec=(step - start_step) / elapsed if elapsed > 0 else None)
             if step >= max_steps or stop_event.is_set():
                 return
+
+
+def _nonfinite(accelerator, loss: float, trained: list[torch.nn.Parameter]) -> tuple[bool, bool]:
+    """(the loss is not finite, some trained weight is not finite), on any process."""
+    with torch.no_grad():
+        weights_ok = torch.stack([torch.isfinite(p).all() for p in trained]).all() if trained else torch.tensor(True)
+        flags = torch.tensor([not math.isfinite(loss), not bool(weights_ok)], dtype=torch.float32,
+                             device=accelerator.device)
+    if accelerator.num_processes > 1:  # every process must stop, not only the one that saw it
+        flags = accelerator.reduce(flags, reduction="sum")
+    return bool(flags[0] > 0), bool(flags[1] > 0)
+
+
+def _diverged_message(step: int, loss: float, weights_bad: bool, lr_scheduler, max_grad_norm,
+                      precision: Optional[str]) -> str:
+    lr = float(lr_scheduler.get_last_lr()[0])
+    what = f"the loss is {loss}" + (" and the trained weights are no longer finite" if weights_bad else "")
+    if weights_bad and math.isfinite(loss):
+        what = f"the trained weights are no longer finite (loss {loss:.4g})"
+    tips = [f"a lower --learning_rate (the rate is now {lr:.3g})"]
+    if not max_grad_norm:
+        tips.append("gradient clipping (--max_grad_norm 1.0)")
+    if precision not in (None, "no"):
+        tips.append(f"training without {precision} mixed precision")
+    advice = tips[0] if len(tips) == 1 else ", ".join(tips[:-1]) + " or " + tips[-1]
+    return (f"training diverged at step {step}: {what}; stopped without writing the final files (earlier "
+            f"checkpoints are kept): try {advice}")
 
 
 def _step_loss(accelerator, micro_losses: list[torch.Tensor], across_processes: bool) -> float:
@@ -222,5 +268,5 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-__all__ = ["TrainEvent", "format_bytes", "make_accelerator", "peak_memory_bytes", "release_accelerator",
-           "training_steps"]
+__all__ = ["SCALER_NONFINITE_LIMIT", "TrainEvent", "format_bytes", "make_accelerator", "peak_memory_bytes",
+           "release_accelerator", "training_steps"]

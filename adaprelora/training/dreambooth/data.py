@@ -1,7 +1,9 @@
 """DreamBooth images: finding them, captions, preprocessing with PIL/numpy, the dataset and collate.
 
 - Images are PNG, JPEG or WebP files of any size. EXIF orientation is applied; transparent images
-  are flattened on white; everything becomes RGB.
+  (RGBA, LA, palette with transparency) are flattened on white; 16-bit grayscale is scaled to 8 bits;
+  CMYK goes through its ICC profile when it has one; everything becomes RGB. Floating-point images
+  are refused (`UnsupportedImage`), never trained on with guessed pixels.
 - A caption file next to an image (`photo.txt`, or `photo.png.txt`) replaces the instance prompt
   for that image; otherwise `--instance_prompt` is used.
 - Files that cannot be decoded are skipped with a warning that names each one; a folder with no
@@ -50,20 +52,61 @@ def is_image_file(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+class UnsupportedImage(ValueError):
+    """An image whose pixels cannot be turned into RGB without guessing (e.g. floating-point data)."""
+
+
+# Modes with an alpha channel (premultiplied ones included): flattened on white.
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open an image fully decoded, EXIF orientation applied, alpha flattened on white, as RGB.
 
-    Raises OSError (or another PIL error) when the file cannot be decoded.
+    16-bit grayscale (PNG's `I;16`, or `I` in older Pillow) is scaled to 8 bits (65535 -> 255)
+    instead of clipped, which would turn nearly every pixel white. CMYK with an embedded ICC profile
+    is converted through it. Floating-point images and 32-bit integers beyond 16-bit range raise
+    `UnsupportedImage` naming the mode. Other errors (OSError...) when the file cannot be decoded.
     """
     with Image.open(path) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
-    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    img = _to_8bit(img)
+    has_alpha = img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
+    elif img.mode == "CMYK" and img.info.get("icc_profile"):
+        img = _cmyk_through_profile(img)
     return img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Integer images wider than 8 bits as 8-bit grayscale `L`; other modes unchanged."""
+    import numpy as np
+
+    if img.mode == "F":
+        raise UnsupportedImage("floating-point pixels (mode F): save it as an 8-bit PNG or JPEG")
+    if not (img.mode == "I" or img.mode.startswith("I;16")):
+        return img
+    pixels = np.asarray(img).astype(np.int64)
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+        raise UnsupportedImage(f"32-bit integer pixels outside 0..65535 (mode {img.mode}): save it as an 8-bit PNG")
+    return Image.fromarray(np.round(pixels / 257.0).astype(np.uint8), mode="L")
+
+
+def _cmyk_through_profile(img: Image.Image) -> Image.Image:
+    """A CMYK image converted to sRGB with its own ICC profile (Pillow's plain conversion ignores it)."""
+    import io
+
+    from PIL import ImageCms
+
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
+        return ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except Exception:  # a broken profile: the plain conversion is still a picture
+        return img
 
 
 def read_caption(image_path: str) -> Optional[str]:
@@ -79,17 +122,26 @@ def read_caption(image_path: str) -> Optional[str]:
 
 
 def _check_readable(paths: Iterable[str]) -> tuple[list[str], list[str]]:
-    """Split `paths` into decodable images and warnings (one per unreadable file, naming it)."""
+    """Split `paths` into decodable images and warnings (one per unreadable file, naming it and why)."""
     good, warnings = [], []
     for path in paths:
         try:
             load_rgb(path)
         except Exception as err:  # PIL raises many types for broken files
-            reason = first_line(err)
-            warnings.append(f"skipping unreadable image {path}: {reason}")
+            warnings.append(f"skipping unreadable image {path}: {_reason(err)}")
             continue
         good.append(path)
     return good, warnings
+
+
+def _reason(err: BaseException) -> str:
+    """Why an image could not be used, in words (PIL's messages often repeat the path)."""
+    text = first_line(err)
+    if isinstance(err, Image.UnidentifiedImageError) or text.startswith("cannot identify image file"):
+        return "not an image PIL can decode (broken, empty or another format)"
+    if isinstance(err, Image.DecompressionBombError):
+        return f"too large ({text})"
+    return text
 
 
 def list_image_files(folder: str) -> list[str]:
@@ -129,7 +181,9 @@ def scan_instance_images(
     good, warnings = _check_readable(candidates)
     warnings = pre_warnings + warnings
     if not good:
-        raise UserError(f"{flag}: no usable image in {where} ({len(warnings)} unreadable or missing)")
+        first = warnings[0].removeprefix("skipping ")
+        more = f" (and {len(warnings) - 1} more unreadable or missing)" if len(warnings) > 1 else ""
+        raise UserError(f"{flag}: no usable image in {where}: {first}{more}")
     records = []
     for path in good:
         caption = captions.get(path)
@@ -322,7 +376,7 @@ def collate_fn(examples: list[dict], with_prior_preservation: bool = False) -> d
 
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "ImageRecord", "DreamBoothDataset", "build_dataloader", "collate_fn", "is_image_file", "list_image_files",
+    "IMAGE_EXTENSIONS", "ImageRecord", "DreamBoothDataset", "UnsupportedImage", "build_dataloader", "collate_fn", "is_image_file", "list_image_files",
     "load_rgb", "preprocess", "read_caption", "scan_class_images", "scan_instance_images",
 ]
 

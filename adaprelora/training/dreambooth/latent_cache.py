@@ -20,6 +20,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..errors import UserError
+
 LATENT_CACHE_DIR = "latent_cache"
 
 
@@ -67,9 +69,15 @@ def cache_latents(dataset, vae, device, *, vae_id: str, disk_dir: Optional[str] 
     for record, bucket in views:
         path = os.path.join(disk_dir, _entry_name(record, bucket, vae_id, dataset.interpolation)) if disk_dir else None
         entry = _read(path) if path and os.path.isfile(path) else None
+        if entry is not None and not torch.isfinite(entry[0]).all():
+            entry = None  # written by an older run that did not check: encode again
         if entry is None:
             pixels, original, crop = dataset.load_view(record, bucket)
             params = vae.encode(pixels[None].to(device, dtype=vae.dtype)).latent_dist.parameters[0].cpu()
+            if not torch.isfinite(params).all():  # never cache (or train on) what a run cannot learn from
+                raise UserError(f"{record.path}: the VAE's encoding of this image is not finite (VAE in "
+                                f"{str(vae.dtype).removeprefix('torch.')}): use --mixed_precision no, or an "
+                                "fp16-safe VAE (--pretrained_vae_model_name_or_path)")
             entry = (params, original, crop)
             encoded += 1
             if path:

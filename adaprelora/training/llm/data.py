@@ -6,13 +6,15 @@ that training, evaluation and the quality benchmark share it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from ..errors import UserError, first_line
-from .tasks import TaskSpec, check_columns, check_labels
+from .tasks import TaskSpec, check_columns, check_labels, check_texts
 
 if TYPE_CHECKING:
     from .config import FinetuneConfig
@@ -21,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens and padding)
 GSM8K_PROMPT = "Question: {question}\nAnswer:"
+DATASETS_CACHE_DIR = "datasets_cache"  # under --output_dir: what datasets builds from local files
 
 
 def _builder_for(path: str) -> tuple[str, dict]:
@@ -34,30 +37,88 @@ def _builder_for(path: str) -> tuple[str, dict]:
     raise UserError(f"{path}: unsupported file type (use .jsonl, .json, .csv or .tsv)")
 
 
-def _load_file(path: str, spec: TaskSpec):
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost cause of `err` (datasets wraps a JSON parse error in a generic one)."""
+    seen = {id(err)}
+    while err.__cause__ is not None and id(err.__cause__) not in seen:
+        err = err.__cause__
+        seen.add(id(err))
+    return err
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets logs a failed parse at ERROR level (twice with a root handler) before raising; the
+    UserError raised instead says the same in one line, so its logs are muted meanwhile."""
+    import datasets
+
+    previous = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(previous)
+
+
+def _load_file(path: str, spec: TaskSpec, cache_dir: Optional[str] = None):
     import datasets
 
     builder, kwargs = _builder_for(path)
+    if os.path.isfile(path) and not _has_content(path):
+        raise UserError(f"{path}: the file is empty (no rows)")
     try:
-        data = datasets.load_dataset(builder, data_files={"data": path}, split="data", **kwargs)
-    except Exception as err:  # malformed JSON/CSV: one line naming the file
-        raise UserError(f"{path}: could not be read as {builder} ({type(err).__name__}: {first_line(err)})") from None
+        with _quiet_datasets():
+            data = datasets.load_dataset(builder, data_files={"data": path}, split="data", cache_dir=cache_dir,
+                                         **kwargs)
+    except Exception as err:  # malformed JSON/CSV: one line naming the file and the parser's reason
+        cause = _root_cause(err)
+        raise UserError(f"{path}: could not be read as {builder} ({type(cause).__name__}: {first_line(cause)})") \
+            from None
     check_columns(data.column_names, spec, where=path)
+    if len(data) == 0:
+        raise UserError(f"{path}: no rows")
     return data
 
 
+def _has_content(path: str) -> bool:
+    """Whether the file holds anything but whitespace (compressed files are taken as non-empty)."""
+    if path.lower().endswith(".gz"):
+        return os.path.getsize(path) > 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
+
+
+def datasets_cache_dir(config: FinetuneConfig) -> str:
+    """Where the datasets library keeps what it builds from local data files: inside the run's
+    output folder (`<output_dir>/datasets_cache`), never the user's home. Hub data keeps the Hugging
+    Face cache (`HF_DATASETS_CACHE`, by default under ~/.cache/huggingface), where it is shared
+    between runs."""
+    return os.path.join(config.output_dir, DATASETS_CACHE_DIR)
+
+
 def load_task_splits(config: FinetuneConfig, spec: TaskSpec) -> dict:
-    """{"train": Dataset, <eval split>: Dataset, ...}: from the local files if given, else the Hub."""
+    """{"train": Dataset, <eval split>: Dataset, ...}: from the local files if given, else the Hub.
+
+    Every row is checked before tokenization: text columns hold text (no nulls), GLUE labels are
+    valid class ids (or numbers, STS-B); errors name the file (or Hub split), row and column.
+    """
+    where = {}
     if config.train_file:
-        splits = {spec.train_split: _load_file(config.train_file, spec),
-                  spec.eval_splits[0]: _load_file(config.validation_file, spec)}
+        cache_dir = datasets_cache_dir(config)
+        files = {spec.train_split: config.train_file, spec.eval_splits[0]: config.validation_file}
         if config.validation_mismatched_file:
-            splits[spec.eval_splits[1]] = _load_file(config.validation_mismatched_file, spec)
+            files[spec.eval_splits[1]] = config.validation_mismatched_file
+        splits = {name: _load_file(path, spec, cache_dir) for name, path in files.items()}
+        where = dict(files)
     else:
         import datasets
 
         try:
-            hub = datasets.load_dataset(spec.hub_path, spec.hub_config)
+            with _quiet_datasets():
+                hub = datasets.load_dataset(spec.hub_path, spec.hub_config)
         except Exception as err:  # offline, no such dataset...: say what to do instead
             raise UserError(
                 f"could not load {spec.hub_path} ({spec.hub_config}) from the Hub: {first_line(err)}; "
@@ -65,16 +126,17 @@ def load_task_splits(config: FinetuneConfig, spec: TaskSpec) -> dict:
             ) from None
         splits = {name: hub[name] for name in (spec.train_split,) + spec.eval_splits}
         for name, data in splits.items():
-            check_columns(data.column_names, spec, where=f"{spec.hub_path}/{spec.hub_config} [{name}]")
+            where[name] = f"{spec.hub_path}/{spec.hub_config} [{name}]"
+            check_columns(data.column_names, spec, where=where[name])
     for name, data in splits.items():
         limit = config.max_train_samples if name == spec.train_split else config.max_eval_samples
         if limit is not None and limit < len(data):
             splits[name] = data.select(range(limit))
         if len(splits[name]) == 0:
             raise UserError(f"the {name} split of {spec.name} is empty")
-    if spec.family == "glue":
-        for name, data in splits.items():
-            check_labels(data[spec.label_column], spec, where=name)
+        check_texts(splits[name], spec, where=where[name])
+        if spec.family == "glue":
+            check_labels(splits[name][spec.label_column], spec, where=where[name])
     return splits
 
 

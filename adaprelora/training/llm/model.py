@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from ..checkpoints import lora_ranks, rank_mismatch_message
 from ..errors import UserError, first_line
 from .config import FinetuneConfig
 from .tasks import TaskSpec
@@ -82,6 +83,14 @@ def load_trainable_state_dict(model, state: dict) -> None:
             f"{len(unknown)} unknown, e.g. {(missing + unknown)[0]!r}): same --model_name_or_path, "
             "--task and LoRA flags as the run that wrote it?"
         )
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(params[name].shape):
+            ranks = lora_ranks(name, value.shape, params[name].shape)
+            if ranks is not None:
+                raise UserError(rank_mismatch_message("the checkpoint", *ranks, "--lora_r"))
+            raise UserError(f"checkpoint does not match the model: {name!r} has shape {tuple(value.shape)} there and "
+                            f"{tuple(params[name].shape)} here: same --model_name_or_path, --task and LoRA flags as "
+                            "the run that wrote it?")
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))

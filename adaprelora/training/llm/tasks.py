@@ -80,13 +80,38 @@ def check_columns(columns, spec: TaskSpec, where: str) -> None:
             )
 
 
+def _shown(value) -> str:
+    """A value as the data file spells it (JSON's null, true and false)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
 def check_labels(labels, spec: TaskSpec, where: str) -> None:
-    """GLUE labels: numbers for STS-B, class ids 0..num_labels-1 otherwise (the test split's -1 is not)."""
-    for value in labels:
+    """GLUE labels: numbers for STS-B, class ids 0..num_labels-1 otherwise (the test split's -1 is not).
+
+    A class id may be stored as a whole float (`1.0`: a JSON column with one float in it is read as
+    floats); the error names the row and the value as written (`0.5`, `null`), not a converted one.
+    """
+    for row, value in enumerate(labels, start=1):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if spec.is_regression:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = number
         else:
-            ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < spec.num_labels
+            ok = number and float(value).is_integer() and 0 <= value < spec.num_labels
         if not ok:
             wanted = "a number" if spec.is_regression else f"an integer class id in 0..{spec.num_labels - 1}"
-            raise UserError(f"{where}: column 'label' must hold {wanted} for {spec.name}, found {value!r}")
+            raise UserError(f"{where}: row {row}: column 'label' must hold {wanted} for {spec.name}, "
+                            f"found {_shown(value)}")
+
+
+def check_texts(data, spec: TaskSpec, where: str) -> None:
+    """Every text column (`spec.text_columns`) holds text in every row: a null, a number or a list
+    would otherwise reach the tokenizer and fail there without naming the file, row or column."""
+    for column in spec.text_columns:
+        for row, value in enumerate(data[column], start=1):
+            if not isinstance(value, str):
+                raise UserError(f"{where}: row {row}: column {column!r} must hold text for {spec.name}, "
+                                f"found {_shown(value)}")
