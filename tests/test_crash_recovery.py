@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,14 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 80  # the app checkpoints about ten times per run: every 8 steps here
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_app(base_model: str, output_root: Path, workdir: Path, log_name: str):
-    port = _free_port()
+def _start_app(base_model: str, output_root: Path, workdir: Path, log_name: str, port: int):
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT))
     log = open(workdir / log_name, "w")
@@ -70,18 +62,8 @@ def _stop(proc) -> None:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    import numpy as np
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(2):
-        path = folder / f"photo{i}.png"
-        Image.fromarray((rng.random((40, 48, 3)) * 255).astype("uint8")).save(path)
-        paths.append(str(path))
-    return paths
+def images(tmp_path_factory, write_images):  # tests/conftest.py, as is free_port
+    return write_images(tmp_path_factory.mktemp("photos"), [(40, 48)] * 2, prefix="photo")
 
 
 def _train_args(images, name):
@@ -96,7 +78,7 @@ def _rows(client) -> dict[str, list]:
 
 
 @pytest.mark.timeout(600)
-def test_a_killed_run_is_listed_as_interrupted_and_resumes_exactly(tmp_path, images):
+def test_a_killed_run_is_listed_as_interrupted_and_resumes_exactly(tmp_path, images, free_port):
     import torch
     from safetensors.torch import load_file
 
@@ -106,7 +88,7 @@ def test_a_killed_run_is_listed_as_interrupted_and_resumes_exactly(tmp_path, ima
     loras = root / "loras"
 
     # 1. Train, and kill the app (SIGKILL, no clean-up) once a few checkpoints exist.
-    proc, url = _start_app(base, root, tmp_path, "app1.log")
+    proc, url = _start_app(base, root, tmp_path, "app1.log", free_port())
     try:
         job = Client(url, verbose=False).submit(**_train_args(images, "crashed"), api_name="/train")
         for update in job:
@@ -131,7 +113,7 @@ def test_a_killed_run_is_listed_as_interrupted_and_resumes_exactly(tmp_path, ima
     (loras / "early" / "adaprelora_app.json").write_text(json.dumps(dict(meta, name="early")))
 
     # 2. A new app over the same folder.
-    proc, url = _start_app(base, root, tmp_path, "app2.log")
+    proc, url = _start_app(base, root, tmp_path, "app2.log", free_port())
     try:
         client = Client(url, verbose=False)
         rows = _rows(client)
