@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-from typing import Iterable, Optional
+import inspect
+import math
+from typing import Callable, Iterable, Optional
 
 from .errors import UserError, first_line
 
@@ -96,6 +98,83 @@ def parse_optimizer_args(items: Optional[Iterable[str]]) -> dict:
     return out
 
 
+# The class each optimizer name builds (the factory passes `--optimizer_args` on to it), for checking
+# the arguments' names and forms against its signature before anything is loaded.
+_OPTIMIZER_CLASSES = {
+    "adaprelora": "adaprelora.optimizer:AdaPreLoRA", "adaprelora-sgd": "adaprelora.optimizer:AdaPreLoRA",
+    "adamw": "torch.optim:AdamW", "loraplus": "torch.optim:AdamW", "scaled-gd": "adaprelora.baselines:ScaledLoRA",
+    "scaled-adamw": "adaprelora.baselines:ScaledLoRA", "lora-pro": "adaprelora.baselines:LoRAPro",
+    "prodigy": "prodigyopt:Prodigy", "adafactor": "transformers.optimization:Adafactor",
+    "schedule-free": "schedulefree:AdamWScheduleFree", "adamw8bit": "bitsandbytes.optim:AdamW8bit",
+}
+
+
+def _optimizer_parameters(key: str) -> Optional[dict[str, inspect.Parameter]]:
+    """The keyword arguments optimizer `key` takes (its factory builder's and its class's), or None
+    when they cannot be told (an optional package missing: building it will say so)."""
+    import importlib
+
+    from adaprelora import factory
+
+    try:
+        module, _, attr = _OPTIMIZER_CLASSES[key].partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        builder = factory._REGISTRY[key]
+    except Exception:
+        return None
+    found: dict[str, inspect.Parameter] = {}
+    for fn in (cls.__init__, builder):
+        for name, param in inspect.signature(fn).parameters.items():
+            if name not in ("self", "params", "model", "lr") and param.kind not in (param.VAR_KEYWORD,
+                                                                                      param.VAR_POSITIONAL):
+                found.setdefault(name, param)
+    return found
+
+
+def _expected_form(default) -> Optional[tuple[str, Callable[[object], bool]]]:
+    """(what a value must look like, a test) for an argument whose default is `default`; None: any."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and (math.isfinite(v) or v == default)
+
+    if isinstance(default, bool):
+        return "True or False", lambda v: isinstance(v, bool)
+    if isinstance(default, (int, float)):
+        return "a finite number", number
+    if isinstance(default, tuple) and default and all(isinstance(x, (int, float)) for x in default):
+        return f"a tuple of {len(default)} numbers", lambda v: (
+            isinstance(v, (tuple, list)) and len(v) == len(default)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+    if isinstance(default, str):
+        return "text", lambda v: isinstance(v, str)
+    return None
+
+
+def check_optimizer_args(name: str, args: dict) -> None:
+    """`UserError` naming the key, the value and the expected form when an `--optimizer_args` entry
+    is not an argument of optimizer `name`, or does not look like its default (a number, True/False,
+    a tuple of numbers, text). None passes where the default is None or the type hint allows it."""
+    if not isinstance(args, dict):
+        raise UserError("--optimizer_args must be key=value pairs")
+    key = check_optimizer_name(name)
+    params = _optimizer_parameters(key)
+    if params is None:
+        return
+    for arg, value in args.items():
+        if arg not in params:
+            raise UserError(f"--optimizer_args {arg}={value!r}: {key} takes no argument {arg!r}; it takes: "
+                            f"{', '.join(sorted(params))}")
+        default, annotation = params[arg].default, str(params[arg].annotation)
+        if default is inspect.Parameter.empty or default is None:
+            continue
+        if value is None and ("Optional" in annotation or "None" in annotation):
+            continue
+        form = _expected_form(default)
+        if form is not None and not form[1](value):
+            example = str(default).replace(" ", "")
+            raise UserError(f"--optimizer_args {arg}={value!r}: expected {form[0]} for {key}'s {arg!r}, "
+                            f"e.g. {arg}={example}")
+
+
 def build_optimizer(name: str, model, lr: float, optimizer_args: dict):
     """`create_optimizer` with its argument errors as a `UserError` naming the flags."""
     from adaprelora import create_optimizer
@@ -142,5 +221,5 @@ def attach_grad_scaler(optimizer, scaler) -> None:
 
 
 __all__ = ["LR_SCHEDULERS", "ConfigFlags", "attach_grad_scaler", "build_lr_scheduler", "build_optimizer",
-           "check_lr_scheduler", "check_optimizer_name", "config_from_namespace", "field_default", "optimizer_mode",
-           "parse_optimizer_args"]
+           "check_lr_scheduler", "check_optimizer_args", "check_optimizer_name", "config_from_namespace",
+           "field_default", "optimizer_mode", "parse_optimizer_args"]

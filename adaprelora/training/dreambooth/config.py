@@ -15,8 +15,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from ..errors import UserError
-from ..options import check_lr_scheduler, check_optimizer_name, config_from_namespace
+from ..checkpoints import check_output_dir
+from ..errors import UserError, check_number_fields, check_seed
+from ..options import check_lr_scheduler, check_optimizer_args, config_from_namespace
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PRIOR_GENERATION_PRECISION = ("no", "fp32", "fp16", "bf16")
@@ -189,12 +190,16 @@ class TrainConfig:
                 raise UserError(message)
 
         need(bool(self.pretrained_model_name_or_path), "--pretrained_model_name_or_path is required")
+        check_number_fields(self)
+        check_seed(self.seed)
+        check_output_dir(self.output_dir)
         need(
             bool(self.instance_data_dir) or bool(self.instance_images),
             "--instance_data_dir is required (a folder of PNG/JPEG/WebP images)",
         )
         if self.instance_data_dir and not self.instance_images and not os.path.isdir(self.instance_data_dir):
-            raise UserError(f"--instance_data_dir: folder {self.instance_data_dir!r} does not exist")
+            what = "is a file, not a folder" if os.path.exists(self.instance_data_dir) else "does not exist"
+            raise UserError(f"--instance_data_dir: folder {self.instance_data_dir!r} {what}")
         need(self.resolution > 0 and self.resolution % 8 == 0,
              f"--resolution must be a positive multiple of 8, got {self.resolution}")
         need(self.rank >= 1, f"--rank must be at least 1, got {self.rank}")
@@ -241,9 +246,7 @@ class TrainConfig:
                 "(PyTorch's scaled-dot-product attention is used without the flag)"
             )
 
-        check_optimizer_name(self.optimizer)
-        if not isinstance(self.optimizer_args, dict):
-            raise UserError("--optimizer_args must be key=value pairs")
+        check_optimizer_args(self.optimizer, self.optimizer_args)
 
         if self.output_name is not None:
             need(bool(self.output_name.strip()) and os.sep not in self.output_name and "/" not in self.output_name,
@@ -259,8 +262,7 @@ class TrainConfig:
                  f"--class_inference_steps must be at least 1, got {self.class_inference_steps}")
             need(self.num_class_images >= 1,
                  f"--num_class_images must be at least 1, got {self.num_class_images}")
-            if os.path.exists(self.class_data_dir) and not os.path.isdir(self.class_data_dir):
-                raise UserError(f"--class_data_dir: {self.class_data_dir!r} is a file, not a folder")
+            check_output_dir(self.class_data_dir, "--class_data_dir")  # generated class images go there
         else:
             if self.class_data_dir:
                 warnings.warn("You need not use --class_data_dir without --with_prior_preservation.")

@@ -44,6 +44,7 @@ from ..checkpoints import (
     remove_stale_temporary_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
+    set_aside,
 )
 from ..errors import UserError
 from ..loop import TrainEvent, make_accelerator, peak_memory_bytes, release_accelerator, training_steps
@@ -68,6 +69,8 @@ from .validation import VALIDATION_DIR, write_validation_images
 from .verify import verify_exports
 
 logger = logging.getLogger(__name__)
+# Where the files of a run whose export check failed go, so none of them passes for a finished LoRA.
+EXPORT_CHECK_FAILED_DIR = "export-check-failed"
 
 
 def train(config: TrainConfig, stop_event: Optional[threading.Event] = None) -> Iterator[TrainEvent]:
@@ -78,7 +81,7 @@ def train(config: TrainConfig, stop_event: Optional[threading.Event] = None) -> 
     `done=True` and `outputs`: {"output_dir", "diffusers", "kohya", "model_card"} paths, and
     "checkpoint" when a final checkpoint was written (stopped runs), "verified" (one line: did both
     files, loaded into a fresh base model with diffusers' `load_lora_weights`, reproduce the trained
-    model; a mismatch is also in the event's `warnings`) and "export_check" (the details), unless
+    model) and "export_check" (the details), unless
     `skip_export_check`; a run stopped before its first
     step saves nothing and has only "output_dir". Setting `stop_event` ends training after the
     current step: a final checkpoint and the output files are saved and the last event has
@@ -88,8 +91,11 @@ def train(config: TrainConfig, stop_event: Optional[threading.Event] = None) -> 
     `<output_name>.safetensors` (kohya/A1111), `README.md`, `checkpoint-<step>/` folders,
     `validation/*.png` and tracker logs under `logs/`.
 
-    Raises `UserError` for problems the user can fix. Closing the generator early (e.g. the
-    consumer stops iterating) releases the models without writing outputs.
+    Raises `UserError` for problems the user can fix, `TrainingDiverged` (a `UserError`) when the
+    loss or the weights stop being finite, and `UserError` when the export check finds that the
+    written files do not reproduce the trained model (they are then moved into
+    `export-check-failed/`, so nothing in `output_dir` passes for a finished LoRA). Closing the
+    generator early (e.g. the consumer stops iterating) releases the models without writing outputs.
     """
     config.validate()
     run = _DreamBoothRun(config, stop_event or threading.Event())
@@ -378,6 +384,11 @@ class _DreamBoothRun:
             if not cfg.skip_export_check:
                 yield self._event("checking the written files against the trained model", phase="verify")
                 warnings = self._check_exports(outputs)
+                if not outputs.get("export_check", {}).get("ok", True):
+                    folder = set_aside(cfg.output_dir, [outputs[k] for k in ("diffusers", "kohya", "model_card")],
+                                       EXPORT_CHECK_FAILED_DIR)
+                    raise UserError(f"{outputs['verified']}: the written files do not reproduce the trained model; "
+                                    f"they were moved to {folder} for inspection (checkpoints are kept)")
         acc.wait_for_everyone()
         wall = time.perf_counter() - self.start_time
         message = ("stopped" if stopped else "finished") + f" at step {self.global_step}"

@@ -7,8 +7,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..errors import UserError
-from ..options import check_lr_scheduler, check_optimizer_name, config_from_namespace
+from ..checkpoints import check_output_dir
+from ..errors import UserError, check_number_fields, check_seed
+from ..options import check_lr_scheduler, check_optimizer_args, config_from_namespace
 from .tasks import TaskSpec, get_task
 
 
@@ -58,6 +59,9 @@ class FinetuneConfig:
     def validate(self) -> TaskSpec:
         """Check cross-field rules (errors name the flags) and return the task."""
         spec = get_task(self.task)
+        check_number_fields(self)
+        check_seed(self.seed)
+        check_output_dir(self.output_dir)
         if (self.train_file is None) != (self.validation_file is None):
             raise UserError("--train_file and --validation_file must be given together")
         if self.validation_mismatched_file and spec.name != "glue:mnli":
@@ -66,7 +70,7 @@ class FinetuneConfig:
             path = getattr(self, flag)
             if path and not os.path.isfile(path):
                 raise UserError(f"--{flag}: no such file {path!r}")
-        check_optimizer_name(self.optimizer)
+        check_optimizer_args(self.optimizer, self.optimizer_args)
         positive = {
             "lora_r": self.lora_r,
             "per_device_train_batch_size": self.per_device_train_batch_size,
@@ -88,6 +92,14 @@ class FinetuneConfig:
             raise UserError(f"mixed precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if spec.family == "gsm8k" and self.max_new_tokens <= 0:
             raise UserError(f"--max_new_tokens must be positive, got {self.max_new_tokens}")
+        for flag in ("per_device_eval_batch_size", "max_train_samples", "max_eval_samples", "checkpoints_total_limit"):
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                raise UserError(f"--{flag} must be at least 1, got {value}")
+        if not self.lora_alpha > 0:
+            raise UserError(f"--lora_alpha must be positive, got {self.lora_alpha}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise UserError(f"--max_grad_norm must be 0 (off) or more, got {self.max_grad_norm}")
         if self.checkpointing_steps is not None and self.checkpointing_steps <= 0:
             raise UserError(f"--checkpointing_steps must be positive, got {self.checkpointing_steps}")
         return spec
