@@ -78,6 +78,7 @@ def _rows(client) -> dict[str, list]:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_a_killed_run_is_listed_as_interrupted_and_resumes_exactly(tmp_path, images, free_port):
     import torch
     from safetensors.torch import load_file
