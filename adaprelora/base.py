@@ -44,6 +44,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _setting(value):
+    """A group setting, compared as a value: betas given as a list equal the same tuple."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 class LoRAPairOptimizer(Optimizer):
     """Base class; see the module docstring. Not for direct use: a subclass implements
     `_step_bucket` with its rule's functional step."""
@@ -102,6 +107,15 @@ class LoRAPairOptimizer(Optimizer):
             ga, gb = where.get(id(pair.A)), where.get(id(pair.B))
             if ga is None or gb is None:
                 raise ValueError(f"LoRA pair {pair.name!r}: A and B must both be among the optimized parameters")
+            if ga != gb:  # LoRA+: B's group gives B its lr; every other setting of the step is A's group's
+                a, b = self.param_groups[ga], self.param_groups[gb]
+                differ = [k for k in self.defaults if k != "lr" and _setting(a.get(k)) != _setting(b.get(k))]
+                if differ:
+                    k = differ[0]
+                    raise ValueError(
+                        f"LoRA pair {pair.name!r}: A is in param group {ga} and B in param group {gb}, whose {k} "
+                        f"differ ({a.get(k)!r} vs {b.get(k)!r}), but a pair steps with one {k}: "
+                        "give the two groups the same settings except lr (B may have its own lr, as in LoRA+)")
             out.append((ga, gb))
         return out
 
