@@ -105,6 +105,64 @@ def test_kohya_loraplus_groups_pair_across_groups_by_position():
     assert [(id(p.A), id(p.B)) for p in pairs] == [(id(m.lora_down.weight), id(m.lora_up.weight)) for m in loras]
 
 
+def test_kohya_block_lr_with_loraplus_pairs_each_block_and_leaves_out_zero_lr_blocks():
+    """kohya's block lr weights: a group (and a LoRA+ group) per UNet block at unet_lr * weight; a
+    block of weight 0 is not in the list at all."""
+    te, unet, network = tiny_kohya_setup(loraplus_lr_ratio=4.0)
+    network.set_block_lr_weight([1.0, 0.0, 0.5])
+    params, descriptions = network.prepare_optimizer_params(5e-4, 1e-3, 1e-3)
+    assert descriptions == ["textencoder", "textencoder plus", "unet_block0", "unet_block0 plus",
+                            "unet_block2", "unet_block2 plus"]
+    opt = AdaPreLoRA(params, lr=1e-3)
+    listed = network.text_encoder_loras + [network.unet_loras[0], network.unet_loras[2]]
+    assert [(id(p.A), id(p.B)) for p in opt.pairs] == [(id(m.lora_down.weight), id(m.lora_up.weight)) for m in listed]
+    group_of = {id(t): gi for gi, g in enumerate(opt.param_groups) for t in g["params"]}
+    assert [(group_of[id(p.A)], group_of[id(p.B)]) for p in opt.pairs] == [(0, 1), (0, 1), (2, 3), (4, 5)]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 2e-3, 1e-3, 4e-3, 5e-4, 2e-3])
+
+
+def test_a_bias_free_bottleneck_reads_as_a_pair_by_order_but_not_by_name():
+    """By order alone, a trainable (r, in) weight directly followed by a trainable (out, r) one is a
+    LoRA pair, whatever the layers are (here a bias-free bottleneck head); names tell them apart."""
+    model = make_lora_model()
+    head = nn.Sequential(nn.Linear(16, 4, bias=False), nn.ReLU(), nn.Linear(4, 16, bias=False))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + list(head.named_parameters())
+    by_order = AdaPreLoRA([p for _, p in named], lr=1e-3)
+    assert len(by_order.pairs) == 4 and (by_order.pairs[-1].A, by_order.pairs[-1].B) == (head[0].weight, head[2].weight)
+    by_name = AdaPreLoRA(named, lr=1e-3)
+    assert _ids(by_name.pairs) == _ids(find_lora_pairs(model)) and len(by_name.pairs) == 3
+
+
+_ONLY_TORCH = textwrap.dedent("""
+    import sys
+    for name in ("peft", "transformers", "diffusers", "accelerate", "bitsandbytes", "triton"):
+        sys.modules[name] = None  # an import of any of them now fails
+    import torch
+    from adaprelora import AdaPreLoRA
+    from adaprelora.testing.kohya_network import kohya_loss, tiny_kohya_setup
+    torch.set_num_threads(1)
+    te, unet, network = tiny_kohya_setup(loraplus_lr_ratio=4.0)
+    params, _ = network.prepare_optimizer_params(5e-4, 1e-3, 1e-3)
+    opt = AdaPreLoRA(params, lr=1e-3).attach(network)
+    before = [p.detach().clone() for p in network.parameters()]
+    kohya_loss(te, unet, 0).backward()
+    opt.step()
+    moved = sum(not torch.equal(a, p) for a, p in zip(before, network.parameters()))
+    print(len(opt.pairs), opt.stats, moved)
+""")
+
+
+def test_a_kohya_environment_needs_only_torch(tmp_path):
+    """kohya's and musubi's environments need not have peft, transformers or diffusers: the
+    list-built optimizer (and attach to kohya's modules) imports none of them."""
+    script = tmp_path / "only_torch.py"
+    script.write_text(_ONLY_TORCH)
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, str(script)], check=True, timeout=120, cwd=root, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": root})
+    assert out.stdout.split() == ["5", "exact", "10"], out.stdout + out.stderr
+
+
 def test_tensors_outside_pairs_get_plain_adamw():
     from peft import LoraConfig, get_peft_model
 
@@ -208,6 +266,20 @@ def test_duplicates_empty_groups_frozen_tensors_and_misuse():
         AdaPreLoRA(params, lr=1e-3, lora_scale=[1.0, 2.0])
     with pytest.raises(ValueError, match="some items of the parameter list are"):
         AdaPreLoRA([("a", params[0]), params[1]], lr=1e-3)
+
+
+def test_a_pair_over_two_groups_that_differ_in_more_than_lr_is_one_error():
+    """LoRA+ gives B its own lr; any other setting of a pair's step comes from one group, so groups
+    that split a pair and differ in, say, weight_decay are refused rather than half-applied."""
+    A, B = nn.Parameter(torch.randn(4, 12)), nn.Parameter(torch.randn(8, 4))
+    with pytest.raises(ValueError, match=r"LoRA pair 'param_groups\[0\]\[0\]\+param_groups\[1\]\[0\]': A is in "
+                                         r"param group 0 and B in param group 1, whose weight_decay differ \(0\.0 vs "
+                                         r"0\.1\).*same settings except lr"):
+        AdaPreLoRA([{"params": [A]}, {"params": [B], "lr": 4e-3, "weight_decay": 0.1}], lr=1e-3)
+    with pytest.raises(ValueError, match="whose betas differ"):
+        AdaPreLoRA([{"params": [A]}, {"params": [B], "betas": (0.9, 0.99)}], lr=1e-3)
+    opt = AdaPreLoRA([{"params": [A], "betas": [0.9, 0.99]}, {"params": [B], "lr": 4e-3, "betas": (0.9, 0.99)}], lr=1e-3)
+    assert len(opt.pairs) == 1  # only the lr differs (betas as a list or a tuple are the same)
 
 
 def test_loraplus_pairs_step_each_factor_with_its_groups_lr():

@@ -10,7 +10,10 @@ tests rebuild the parameter layout they hand to `optimizer_class(params, lr=...,
 - `LoRANetwork.prepare_optimizer_params(text_encoder_lr, unet_lr, default_lr)`: one group per part
   (text encoder first, then UNet) with its own lr and, with a LoRA+ ratio, each part split into a
   group of everything but `lora_up` and a "plus" group of `lora_up` weights at lr * ratio; a group
-  whose lr is 0 or None is left out (as kohya logs "NO LR skipping!").
+  whose lr is 0 or None is left out (as kohya logs "NO LR skipping!"); with block lr weights
+  (`set_block_lr_weight`, kohya's `--network_args down_lr_weight=...`) the UNet part is one group
+  (and one "plus" group) per block at unet_lr * weight, a block of weight 0 left out. A block here is
+  one adapted UNet layer (kohya groups the layers of a UNet block).
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ class LoRANetwork(nn.Module):
                  multiplier: float = 1.0, loraplus_lr_ratio: Optional[float] = None):
         super().__init__()
         self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.block_lr_weight: Optional[list] = None
 
         def create(prefix, root):
             return [LoRAModule(f"{prefix}_{name.replace('.', '_')}", module, multiplier, lora_dim, alpha)
@@ -70,6 +74,10 @@ class LoRANetwork(nn.Module):
         for lora in self.text_encoder_loras + self.unet_loras:
             lora.apply_to()
             self.add_module(lora.lora_name, lora)
+
+    def set_block_lr_weight(self, block_lr_weight: Optional[list]) -> None:
+        """One lr weight per UNet LoRA layer (kohya: per UNet block)."""
+        self.block_lr_weight = block_lr_weight
 
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
         """The param groups and their descriptions, in kohya's order and split."""
@@ -97,7 +105,11 @@ class LoRANetwork(nn.Module):
         if self.text_encoder_loras:
             assemble(self.text_encoder_loras, text_encoder_lr if text_encoder_lr is not None else default_lr,
                      ratio, "textencoder")
-        if self.unet_loras:
+        if self.unet_loras and self.block_lr_weight is not None:
+            for idx, lora in enumerate(self.unet_loras):
+                lr = (unet_lr if unet_lr is not None else default_lr) * self.block_lr_weight[idx]
+                assemble([lora], lr, ratio, f"unet_block{idx}")
+        elif self.unet_loras:
             assemble(self.unet_loras, unet_lr if unet_lr is not None else default_lr, ratio, "unet")
         return all_params, descriptions
 
