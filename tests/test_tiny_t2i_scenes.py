@@ -83,6 +83,7 @@ def test_caption_variants_cover_guidance_generic_noun_and_triggers():
     assert caps.count("a red star on a green background") / len(caps) > 0.5
 
 
+@pytest.mark.slow
 def test_train_script_runs_a_few_steps_into_a_temporary_folder(tmp_path, training_threads):
     out = tmp_path / "tiny"
     threads = str(training_threads)  # 24 s a run on two, 38 s on one
@@ -134,6 +135,7 @@ def test_train_script_refuses_a_folder_that_is_not_a_model(tmp_path):
 
 
 @pytest.mark.parametrize("limit, message", [("-1", "must be positive"), ("0.0001", "ran out before the UNet's first step")])
+@pytest.mark.slow
 def test_train_script_time_limit_errors_are_one_line(tmp_path, limit, message):
     """A negative limit, or one spent before the UNet starts: one `error:` line, exit 2, no folder written."""
     out = tmp_path / "model"
