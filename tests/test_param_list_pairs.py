@@ -121,6 +121,18 @@ def test_kohya_block_lr_with_loraplus_pairs_each_block_and_leaves_out_zero_lr_bl
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 2e-3, 1e-3, 4e-3, 5e-4, 2e-3])
 
 
+def test_musubi_layout_one_group_and_its_loraplus_group():
+    """musubi-tuner's network has no text-encoder part: one group for the DiT and, with LoRA+, one
+    of its lora_up weights (here kohya's network with the text encoder's lr 0, which leaves it out)."""
+    te, unet, network = tiny_kohya_setup(loraplus_lr_ratio=4.0)
+    params, descriptions = network.prepare_optimizer_params(0, 1e-3, 1e-3)
+    assert descriptions == ["unet", "unet plus"]
+    opt = AdaPreLoRA(params, lr=1e-3)
+    assert [(id(p.A), id(p.B)) for p in opt.pairs] == [
+        (id(m.lora_down.weight), id(m.lora_up.weight)) for m in network.unet_loras]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 4e-3])
+
+
 def test_a_bias_free_bottleneck_reads_as_a_pair_by_order_but_not_by_name():
     """By order alone, a trainable (r, in) weight directly followed by a trainable (out, r) one is a
     LoRA pair, whatever the layers are (here a bias-free bottleneck head); names tell them apart."""
