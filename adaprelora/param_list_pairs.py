@@ -12,7 +12,8 @@ Two readings (`pairs_from=`):
   factors of one rank directly followed by k matching up factors pair by position (a layer whose
   LoRA is split into q/k/v parts, or a PEFT layer with several trainable adapters). A group
   left with only down factors followed by a group with only up factors of matching ranks (kohya's
-  LoRA+ groups) is paired by position. The default for unnamed lists.
+  LoRA+ groups; groups left with no factor, e.g. empty ones, in between do not count) is paired by
+  position. The default for unnamed lists.
 - "none": no discovery; only `pairs=[(A, B, scale), ...]`.
 
 Frozen tensors are never paired. Everything not paired gets plain AdamW, except a tensor shaped
@@ -168,12 +169,13 @@ def _pairs_by_order(entries: list[list[_Entry]]) -> list[tuple[_Entry, _Entry]]:
             i += 1
     # a group of down factors followed by a group of up factors (LoRA+): by position
     left = [[e for e in row if e.index not in used and e.tensor.dim() in (2, 4)] for row in trainable]
-    for g in range(len(left) - 1):
-        downs, ups = left[g], left[g + 1]
+    kept = [g for g, row in enumerate(left) if row]  # groups with nothing left over (empty, 1-D only) skipped
+    for g, h in zip(kept, kept[1:]):
+        downs, ups = left[g], left[h]
         if downs and len(downs) == len(ups) and all(_fits(a.tensor, b.tensor) for a, b in zip(downs, ups)):
             found.extend(zip(downs, ups))
             used.update(e.index for e in downs + ups)
-            left[g], left[g + 1] = [], []
+            left[g], left[h] = [], []
     ranks = {int(a.tensor.shape[0]) for a, _ in found}
     for row in left:
         for e in row:

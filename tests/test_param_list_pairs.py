@@ -243,9 +243,14 @@ def test_duplicates_empty_groups_frozen_tensors_and_misuse():
     params = _lora_list(model)
     with pytest.raises(ValueError, match=r"tensor 6 .* is the same tensor as tensor 0 .*pass each parameter once"):
         AdaPreLoRA([{"params": params}, {"params": params[:1]}], lr=1e-3)
-    # an empty group is fine
+    # an empty group is fine, also between LoRA+'s group of down factors and its group of up factors
     opt = AdaPreLoRA([{"params": []}, {"params": params}], lr=1e-3)
     assert len(opt.pairs) == 3
+    _, _, network = tiny_kohya_setup(loraplus_lr_ratio=4.0)
+    groups, _ = network.prepare_optimizer_params(1e-3, 1e-3, 1e-3)
+    plus = AdaPreLoRA([groups[0], {"params": [], "lr": 1e-3}, groups[1]] + groups[2:], lr=1e-3)
+    loras = network.text_encoder_loras + network.unet_loras
+    assert [(p.A, p.B) for p in plus.pairs] == [(m.lora_down.weight, m.lora_up.weight) for m in loras]
     forward_backward(model, 0)
     opt.step()
     # a frozen tensor in the list is never paired and never moves; a frozen B leaves its A unpaired
