@@ -5,6 +5,7 @@ One tiny Stable Diffusion pipeline (built in code) and one server for the module
 """
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -29,11 +30,14 @@ def _launch(base_model: str, output_root: str, port: int):
 # tiny_sd, write_images and free_port are tests/conftest.py's.
 @pytest.fixture(scope="module")
 def images(tmp_path_factory, write_images):
+    from PIL import Image
+
     folder = tmp_path_factory.mktemp("photos")
     paths = write_images(folder, [(40, 48)] * 3, prefix="photo")
     (folder / "notes.txt").write_text("not an image")
     (folder / "fake.png").write_text("text pretending to be a PNG")
     (folder / "truncated.png").write_bytes(open(paths[0], "rb").read()[:120])
+    Image.open(paths[0]).save(folder / "anim.gif")  # a real GIF: the command line does not read GIFs
     return {"good": paths, "folder": folder}
 
 
@@ -67,12 +71,33 @@ def _lora_folders(root: str) -> set[str]:
     return set(os.listdir(os.path.join(root, "loras")))
 
 
-def test_api_has_the_named_endpoints_with_their_parameter_names(app):
+def _refused(call, message: str, client) -> str:
+    """`call()` fails with one clear message matching `message` (Gradio's generic "an exception was
+    raised" would mean a traceback in the console), and the app answers the next request."""
+    with pytest.raises(AppError, match=message) as err:
+        call()
+    text = str(err.value)
+    assert "Traceback" not in text and "upstream Gradio app has raised" not in text and "\n" not in text, text
+    assert isinstance(client.predict(api_name="/loras"), list), "the app keeps serving"
+    return text
+
+
+def test_api_has_the_named_endpoints_with_their_parameter_names(app, tiny_sd):
     api = app["client"].view_api(print_info=False, return_format="dict")["named_endpoints"]
     train = [p["parameter_name"] for p in api["/train"]["parameters"]]
     assert train[:7] == ["images", "instance_prompt", "max_train_steps", "learning_rate", "rank", "optimizer",
                          "resolution"], train
     assert all(p["parameter_has_default"] for p in api["/train"]["parameters"][2:]), "extras need defaults"
+    # The parameters are the form's fields, and those left out start where the page does (the profile's values).
+    from adaprelora.app.defaults import profile_for
+    from adaprelora.app.form import TrainForm
+
+    assert train == TrainForm.names(), train
+    start = TrainForm.from_profile(profile_for(tiny_sd).train)
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in api["/train"]["parameters"]}
+    for name in ("max_train_steps", "learning_rate", "rank", "optimizer", "resolution", "train_text_encoder",
+                 "validation_steps", "seed", "num_samples"):
+        assert defaults[name] == getattr(start, name), (name, defaults[name], getattr(start, name))
     generate = [p["parameter_name"] for p in api["/generate"]["parameters"]]
     assert generate[:4] == ["prompt", "lora", "num_inference_steps", "seed"], generate
     assert all(p["parameter_has_default"] for p in api["/generate"]["parameters"][1:])
@@ -186,6 +211,18 @@ def test_one_training_at_a_time_and_stop_keeps_the_lora(app, images, trained):
         (dict(images=["fake.png"]), "fake.png` cannot be used: it is not an image"),
         (dict(images=["truncated.png"]), "truncated.png` could not be read as an image"),
         (dict(images=["notes.txt"]), "Invalid file type"),
+        (dict(images=["anim.gif"]), "anim.gif` is a GIF file: training reads PNG, JPEG and WebP only"),
+        (dict(seed=2**70), "Seed must be between 0 and 4294967295, got 1.18059e\\+21"),
+        (dict(seed=-1), "Seed must be between 0 and 4294967295, got -1"),
+        (dict(seed=1.5), "Seed must be a whole number, got 1.5"),
+        (dict(max_train_steps=None), "Training steps is empty; enter a number"),
+        (dict(learning_rate=None), "Learning rate is empty; enter a number"),
+        (dict(validation_steps=2.5), "Sample interval must be a whole number"),
+        (dict(rank=10**400), "LoRA rank must be a finite number"),
+        (dict(resolution=1e30), "Resolution must be between 32 and 2048, got 1e\\+30"),
+        (dict(captions={"headers": ["image", "caption"],
+                        "data": [["photo0.png", "sks dog"], ["no-such.png", "a caption for nothing"]]}),
+         "The caption table names `no-such.png`, which is not among the uploaded images"),
     ],
 )
 def test_bad_training_input_is_refused_with_a_clear_message(app, images, kwargs, message):
@@ -194,8 +231,7 @@ def test_bad_training_input_is_refused_with_a_clear_message(app, images, kwargs,
     args.update(kwargs)
     args["images"] = [handle_file(p if os.path.isabs(p) else str(images["folder"] / p)) for p in args["images"]]
     before = _lora_folders(app["root"])
-    with pytest.raises(AppError, match=message.replace(".", r"\.")):
-        app["client"].predict(**args, api_name="/train")
+    _refused(lambda: app["client"].predict(**args, api_name="/train"), message.replace(".", r"\."), app["client"])
     assert _lora_folders(app["root"]) == before, "a refused run leaves nothing behind"
 
 
@@ -206,13 +242,92 @@ def test_bad_training_input_is_refused_with_a_clear_message(app, images, kwargs,
         (dict(lora="no-such-lora"), "no trained LoRA named 'no-such-lora'"),
         (dict(lora="../../etc"), "invalid LoRA name"),
         (dict(num_inference_steps=0), "Steps must be between 1"),
+        (dict(seed=2**70), "Seed must be between -1 and 4294967295, got 1.18059e\\+21. -1 picks a random seed"),
+        (dict(seed=-5), "Seed must be between -1 and 4294967295, got -5"),
+        (dict(seed=1.5), "Seed must be a whole number, got 1.5"),
+        (dict(num_inference_steps=None), "Steps is empty; enter a number"),
+        (dict(guidance_scale=None), "Guidance scale is empty"),
+        (dict(lora_scale=None), "LoRA scale is empty"),
+        (dict(num_images=10**400), "Number of images must be a finite number"),
     ],
 )
 def test_bad_generation_input_is_refused_with_a_clear_message(app, kwargs, message):
     args = dict(prompt="a photo of sks dog", lora="(none)", num_inference_steps=2, seed=0)
     args.update(kwargs)
-    with pytest.raises(AppError, match=message):
-        app["client"].predict(**args, api_name="/generate")
+    before = set(os.listdir(os.path.join(app["root"], "generated"))) if os.path.isdir(os.path.join(app["root"], "generated")) else set()
+    _refused(lambda: app["client"].predict(**args, api_name="/generate"), message, app["client"])
+    after = set(os.listdir(os.path.join(app["root"], "generated"))) if os.path.isdir(os.path.join(app["root"], "generated")) else set()
+    assert after == before, "a refused request writes no image"
+
+
+def _raw_call(url: str, api_name: str, body: str) -> str:
+    """One call through Gradio's HTTP API with a JSON body as written (gradio_client cannot send
+    NaN or Infinity); the event stream of its result."""
+    import httpx
+
+    event = httpx.post(f"{url}gradio_api/call/{api_name}", content=body,
+                       headers={"Content-Type": "application/json"}, timeout=60).json()["event_id"]
+    return httpx.get(f"{url}gradio_api/call/{api_name}/{event}", timeout=120).text
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused_by_name(app, images, value):
+    import httpx
+
+    upload = httpx.post(f"{app['url']}gradio_api/upload", files={"files": open(images["good"][0], "rb")}).json()[0]
+    image = {"path": upload, "meta": {"_type": "gradio.FileData"}}
+    before = _lora_folders(app["root"])
+    for api_name, data, label in [
+        ("train", f'[[{json.dumps(image)}], "a photo of sks dog", 2, {value}, 4, "adamw", 32, "", '
+                  '{"headers": ["image", "caption"], "data": []}, "", false, "", 2, 0, 0]', "Learning rate"),
+        ("generate", f'["a photo of sks dog", "(none)", 2, 0, "", {value}, 1.0, 1]', "Guidance scale"),
+        ("generate", f'["a photo of sks dog", "(none)", 2, 0, "", 7.5, {value}, 1]', "LoRA scale"),
+    ]:
+        stream = _raw_call(app["url"], api_name, '{"data": ' + data + "}")
+        assert "event: error" in stream and f"{label} must be a finite number" in stream, stream
+        assert "Traceback" not in stream, stream
+    assert _lora_folders(app["root"]) == before, "a refused run leaves nothing behind"
+    assert isinstance(app["client"].predict(api_name="/loras"), list), "the app keeps serving"
+
+
+def test_the_app_recovers_when_its_output_folder_is_removed(tmp_path, images, tiny_sd, free_port):
+    import shutil
+
+    root = tmp_path / "out"
+    demo, url = _launch(tiny_sd, str(root), free_port())
+    client = Client(url, verbose=False)
+    one_step = lambda name: client.predict([handle_file(images["good"][0])], "a photo of sks dog", 1, 1e-4,  # noqa: E731
+                                           4, "adamw", 32, lora_name=name, num_samples=0, api_name="/train")
+    try:
+        shutil.rmtree(root)
+        assert client.predict(api_name="/loras") == [], "the list is empty, and its folder made again"
+        summary = one_step("after removal")[5]
+        assert summary["status"] == "done" and os.path.isfile(root / summary["diffusers"]), summary
+        assert client.predict(api_name="/loras") == ["after-removal"]
+
+        # Removed while a run trains: the run stops with one line and leaves nothing; the app goes on.
+        job = client.submit([handle_file(images["good"][0])], "a photo of sks cat", 10_000, 1e-4, 4, "adamw", 32,
+                            lora_name="removed cat", validation_steps=10_000, num_samples=0, api_name="/train")
+        for update in job:
+            if isinstance(update, tuple) and "step 1/" in str(update[0]):
+                break
+        shutil.rmtree(root)
+        _refused(job.result, "Training of removed-cat stopped at step \\d+: its folder .* was removed while it ran", client)
+        assert client.predict(api_name="/loras") == [] and os.listdir(root / "loras") == [], "nothing looks finished"
+
+        # A file where the output folder was: every endpoint says so in one line, and the app goes on.
+        shutil.rmtree(root)
+        root.write_text("not a folder")
+        for call in (lambda: client.predict(api_name="/loras"), lambda: one_step("blocked"),
+                     lambda: client.predict("a photo", "(none)", 1, 0, api_name="/generate")):
+            with pytest.raises(AppError, match=f"{root} is a file, not a folder") as err:
+                call()
+            assert "Traceback" not in str(err.value) and "\n" not in str(err.value), str(err.value)
+        root.unlink()
+        assert client.predict(api_name="/loras") == []
+        assert len(client.predict("a photo", "(none)", 1, 0, api_name="/generate")) == 1
+    finally:
+        demo.close()
 
 
 def test_presets_fill_the_form_but_keep_a_typed_prompt(app):

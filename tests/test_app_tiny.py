@@ -4,7 +4,6 @@ the model's judge sees the subject only with it. Also: the page's defaults fit t
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -22,19 +21,13 @@ from adaprelora.tiny_t2i.judge import judge_images, load_judge, similarity  # no
 HEARTS_WITH_LORA_MIN = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, training_threads):
+def app(tmp_path_factory, training_threads, free_port):  # tests/conftest.py
     previous = torch.get_num_threads()
     torch.set_num_threads(training_threads)  # the server and client are idle while a run trains
     root = str(tmp_path_factory.mktemp("tiny-output-root"))
     demo = build_demo(DEFAULT_BASE_MODEL, root, check_base_model_in_background=False)
-    port = _free_port()
+    port = free_port()
     demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
     try:
         yield {"client": Client(f"http://127.0.0.1:{port}/", verbose=False), "root": root}
@@ -46,9 +39,9 @@ def app(tmp_path_factory, training_threads):
 def test_defaults_fit_the_model_in_use(tmp_path):
     assert DEFAULT_BASE_MODEL == TINY_SD_DIR
     assert profile_for(TINY_SD_DIR) is TINY_PROFILE
-    assert TINY_PROFILE.train["resolution"] == 64
+    assert TINY_PROFILE.train.resolution == 64
     sd = profile_for("stable-diffusion-v1-5/stable-diffusion-v1-5")
-    assert not sd.builtin and sd.train["resolution"] == 512 and "object" in sd.presets
+    assert not sd.builtin and sd.train.resolution == 512 and "object" in sd.presets
 
 
 def _images(gallery):
@@ -70,7 +63,7 @@ def test_train_the_example_then_generate_the_subject_only_with_the_lora(app):
     prompt = TINY_PROFILE.presets["shape"]["instance_prompt"]
     # Learning rate, rank, batch, class images and resolution left out: the built-in model's defaults;
     # half the default steps keep the CI short (the full default run is tests/test_tiny_t2i_model.py's).
-    updates = list(client.submit([handle_file(p) for p in files], prompt, TINY_PROFILE.train["max_train_steps"] // 2,
+    updates = list(client.submit([handle_file(p) for p in files], prompt, TINY_PROFILE.train.max_train_steps // 2,
                                  lora_name="heart",
                                  captions={"headers": ["image", "caption"], "data": captions}, api_name="/train"))
     assert updates, "the /train stream gave no update"
@@ -79,14 +72,14 @@ def test_train_the_example_then_generate_the_subject_only_with_the_lora(app):
     from pathlib import Path
 
     captions_written = list(Path(app["root"]).rglob("class_images/*.txt"))
-    assert len(captions_written) == TINY_PROFILE.train["num_class_images"], len(captions_written)
+    assert len(captions_written) == TINY_PROFILE.train.num_class_images, len(captions_written)
     # The run used the built-in model's loss weighting too (recorded for a resume after a crash).
     import json
 
     from adaprelora.app.store import META_FILE
 
     (meta_path,) = Path(app["root"]).rglob(META_FILE)
-    assert json.loads(meta_path.read_text())["train_config"]["snr_gamma"] == TINY_PROFILE.train["snr_gamma"] == 5.0
+    assert json.loads(meta_path.read_text())["train_config"]["snr_gamma"] == TINY_PROFILE.train.snr_gamma == 5.0
 
     judge = load_judge(os.path.join(TINY_SD_DIR, "judge"))
     # Every background, three images each: at half the default steps the LoRA draws the heart in some

@@ -316,7 +316,7 @@ def test_the_app_names_the_family_and_generates_with_an_sdxl_lora(sdxl_run, tiny
     assert profile_for(tiny_sdxl).family == "SDXL" and profile_for(tiny_sdxl).presets is SDXL_PRESETS
     assert profile_for(tiny_sd).family == "Stable Diffusion 1.x"
     hub = profile_for("stabilityai/stable-diffusion-xl-base-1.0")
-    assert hub.family == "SDXL" and hub.train["resolution"] == 1024
+    assert hub.family == "SDXL" and hub.train.resolution == 1024
     base = BaseModel(tiny_sdxl, check_in_background=False)
     assert "(SDXL)" in base.status_markdown()
     out, _ = sdxl_run

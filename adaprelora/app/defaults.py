@@ -3,18 +3,19 @@ values the forms start with.
 
 The default base model is the built-in `assets/tiny-sd` (works offline, 64 x 64 shapes); Stable
 Diffusion 1.x/2.x and SDXL models get settings for photos (SDXL at 1024 px). `profile_for(model_id)`
-picks the profile (`model_family` tells the families apart); `ui.py` builds the forms from it and
-`handlers.py` fills API parameters left out with its values.
+picks the profile (`model_family` tells the families apart); the Train form starts from its
+`TrainProfile` (`form.TrainForm.from_profile`), the Generate form from its `GenerateProfile`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Optional
 
 from adaprelora.tiny_t2i import TINY_SD_DIR
-from adaprelora.tiny_t2i.personalise import DREAMBOOTH_DEFAULTS, trigger_prompt
+from adaprelora.tiny_t2i.personalise import DREAMBOOTH_DEFAULTS, trigger_prompt, write_class_images
 from adaprelora.training.dreambooth.family import detect_family
 
 # The base model `python app.py` trains and generates with unless `--base-model` says otherwise.
@@ -50,12 +51,52 @@ SDXL_PRESETS: dict[str, dict[str, Any]] = {
 # Family names the page shows.
 FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL = "Stable Diffusion 1.x", "Stable Diffusion 2.x", "SDXL"
 
-# Where the Train form starts (and the `/train` API's values for parameters left out), for SD.
-TRAIN_DEFAULTS: dict[str, Any] = dict(max_train_steps=500, learning_rate=1e-4, rank=8, optimizer="adaprelora",
-                                      resolution=512, validation_steps=100, seed=0, num_samples=2)
-# Where the Generate form starts (and the `/generate` API's values for parameters left out), for SD.
-GENERATE_DEFAULTS: dict[str, Any] = dict(num_inference_steps=30, seed=0, guidance_scale=7.5, lora_scale=1.0,
-                                         num_images=1)
+# Seeds the trainer accepts (numpy's generator takes 32 bits) and the generator is given.
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class TrainProfile:
+    """Where the Train form starts for one kind of base model, and the run settings it does not show.
+
+    The first group is named as the `form.TrainForm` fields it fills (`TrainForm.from_profile`);
+    the page's components start at these values, so they are also the `/train` API's values for
+    parameters left out."""
+
+    max_train_steps: int = 500
+    learning_rate: float = 1e-4
+    rank: int = 8
+    optimizer: str = "adaprelora"
+    resolution: int = 512
+    class_prompt: str = ""
+    train_text_encoder: bool = False
+    validation_steps: int = 100
+    seed: int = 0
+    num_samples: int = 2
+    # Run settings the page does not show.
+    train_batch_size: int = 1
+    num_class_images: Optional[int] = None  # None: TrainConfig's default
+    class_caption_dropout_rate: float = 0.0
+    snr_gamma: Optional[float] = None
+    # Writes the prior-preservation images for `class_prompt` (folder, count), used while the form
+    # keeps that class prompt; None: the trainer generates them with the base model.
+    class_images: Optional[Callable[[str, int], Any]] = None
+
+
+@dataclass(frozen=True)
+class GenerateProfile:
+    """Where the Generate form starts (and the `/generate` API's values for parameters left out)."""
+
+    num_inference_steps: int = 30
+    seed: int = 0
+    guidance_scale: float = 7.5
+    lora_scale: float = 1.0
+    num_images: int = 1
+
+
+# Where the forms start for Stable Diffusion.
+TRAIN_DEFAULTS = TrainProfile()
+GENERATE_DEFAULTS = GenerateProfile()
 
 
 @dataclass(frozen=True)
@@ -64,8 +105,8 @@ class ModelProfile:
 
     family: str
     builtin: bool
-    train: dict = field(default_factory=dict)
-    generate: dict = field(default_factory=dict)
+    train: TrainProfile = field(default_factory=TrainProfile)
+    generate: GenerateProfile = field(default_factory=GenerateProfile)
     presets: dict = field(default_factory=dict)
     prompt_hint: str = "a photo of sks dog"
     generate_hint: str = "a photo of sks dog in a bucket"
@@ -74,23 +115,24 @@ class ModelProfile:
 TINY_PROFILE = ModelProfile(
     family="built-in tiny-sd (64 x 64 shapes)",
     builtin=True,
-    train=dict(TRAIN_DEFAULTS, max_train_steps=DREAMBOOTH_DEFAULTS["max_train_steps"],
-               learning_rate=DREAMBOOTH_DEFAULTS["learning_rate"], rank=DREAMBOOTH_DEFAULTS["rank"],
-               resolution=DREAMBOOTH_DEFAULTS["resolution"], validation_steps=100, num_samples=4,
-               train_text_encoder=DREAMBOOTH_DEFAULTS["train_text_encoder"],
-               train_batch_size=DREAMBOOTH_DEFAULTS["train_batch_size"],
-               class_prompt=DREAMBOOTH_DEFAULTS["class_prompt"],
-               num_class_images=DREAMBOOTH_DEFAULTS["num_class_images"], scene_class_images=True,
-               class_caption_dropout_rate=DREAMBOOTH_DEFAULTS["class_caption_dropout_rate"],
-               snr_gamma=DREAMBOOTH_DEFAULTS["snr_gamma"]),
-    generate=dict(GENERATE_DEFAULTS, num_inference_steps=25, guidance_scale=5.0, num_images=4),
+    train=TrainProfile(max_train_steps=DREAMBOOTH_DEFAULTS["max_train_steps"],
+                       learning_rate=DREAMBOOTH_DEFAULTS["learning_rate"], rank=DREAMBOOTH_DEFAULTS["rank"],
+                       resolution=DREAMBOOTH_DEFAULTS["resolution"], validation_steps=100, num_samples=4,
+                       train_text_encoder=DREAMBOOTH_DEFAULTS["train_text_encoder"],
+                       train_batch_size=DREAMBOOTH_DEFAULTS["train_batch_size"],
+                       class_prompt=DREAMBOOTH_DEFAULTS["class_prompt"],
+                       num_class_images=DREAMBOOTH_DEFAULTS["num_class_images"],
+                       class_images=write_class_images,  # captioned scenes from the model's own data generator
+                       class_caption_dropout_rate=DREAMBOOTH_DEFAULTS["class_caption_dropout_rate"],
+                       snr_gamma=DREAMBOOTH_DEFAULTS["snr_gamma"]),
+    generate=GenerateProfile(num_inference_steps=25, guidance_scale=5.0, num_images=4),
     presets=TINY_PRESETS,
     prompt_hint=trigger_prompt("white"),
     generate_hint=trigger_prompt("green"),
 )
 
 
-def _native_resolution(folder: str, default: int = TRAIN_DEFAULTS["resolution"]) -> int:
+def _native_resolution(folder: str, default: int = TRAIN_DEFAULTS.resolution) -> int:
     """Pixels per side the pipeline in `folder` was trained at (UNet sample size x VAE factor)."""
     try:
         with open(os.path.join(folder, "unet", "config.json")) as f:
@@ -120,16 +162,15 @@ def profile_for(model_id: str) -> ModelProfile:
     if is_builtin_model(model_id):
         return TINY_PROFILE
     family = model_family(model_id)
-    default_resolution = 1024 if family == FAMILY_SDXL else TRAIN_DEFAULTS["resolution"]
+    default_resolution = 1024 if family == FAMILY_SDXL else TRAIN_DEFAULTS.resolution
     resolution = _native_resolution(model_id, default_resolution) if os.path.isdir(model_id) else default_resolution
+    train = dataclasses.replace(TRAIN_DEFAULTS, resolution=resolution)
     if family == FAMILY_SDXL:
-        return ModelProfile(family=family, builtin=False, train=dict(TRAIN_DEFAULTS, resolution=resolution),
-                            generate=dict(GENERATE_DEFAULTS, guidance_scale=5.0), presets=SDXL_PRESETS)
-    return ModelProfile(family=family, builtin=False,
-                        train=dict(TRAIN_DEFAULTS, resolution=resolution), generate=dict(GENERATE_DEFAULTS),
-                        presets=PRESETS)
+        return ModelProfile(family=family, builtin=False, train=train,
+                            generate=dataclasses.replace(GENERATE_DEFAULTS, guidance_scale=5.0), presets=SDXL_PRESETS)
+    return ModelProfile(family=family, builtin=False, train=train, generate=GENERATE_DEFAULTS, presets=PRESETS)
 
 
-__all__ = ["DEFAULT_BASE_MODEL", "FAMILY_SD1", "FAMILY_SD2", "FAMILY_SDXL", "GENERATE_DEFAULTS", "ModelProfile",
-           "PRESETS", "PRESET_FIELDS", "SD15_MODEL", "SDXL_PRESETS", "TINY_PRESETS", "TINY_PROFILE", "TRAIN_DEFAULTS",
-           "is_builtin_model", "model_family", "profile_for"]
+__all__ = ["DEFAULT_BASE_MODEL", "FAMILY_SD1", "FAMILY_SD2", "FAMILY_SDXL", "GENERATE_DEFAULTS", "GenerateProfile",
+           "MAX_SEED", "ModelProfile", "PRESETS", "PRESET_FIELDS", "SD15_MODEL", "SDXL_PRESETS", "TINY_PRESETS",
+           "TINY_PROFILE", "TRAIN_DEFAULTS", "TrainProfile", "is_builtin_model", "model_family", "profile_for"]

@@ -147,11 +147,11 @@ class BaseModel:
 class GenerationRequest:
     prompt: str
     negative_prompt: str = ""
-    num_inference_steps: int = GENERATE_DEFAULTS["num_inference_steps"]
-    guidance_scale: float = GENERATE_DEFAULTS["guidance_scale"]
-    seed: int = GENERATE_DEFAULTS["seed"]
-    lora_scale: float = GENERATE_DEFAULTS["lora_scale"]
-    num_images: int = GENERATE_DEFAULTS["num_images"]
+    num_inference_steps: int = GENERATE_DEFAULTS.num_inference_steps
+    guidance_scale: float = GENERATE_DEFAULTS.guidance_scale
+    seed: int = GENERATE_DEFAULTS.seed
+    lora_scale: float = GENERATE_DEFAULTS.lora_scale
+    num_images: int = GENERATE_DEFAULTS.num_images
     width: Optional[int] = None
     height: Optional[int] = None
 

@@ -8,6 +8,7 @@ the inputs, `jobs` runs the training, `generate` makes images, `store` keeps the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -15,9 +16,9 @@ from typing import Optional
 
 import gradio as gr
 
-from .defaults import PRESET_FIELDS, profile_for
+from .defaults import MAX_SEED, PRESET_FIELDS, profile_for
 from .examples import sidecar_caption, stage_example
-from .form import as_paths, real, train_config, whole
+from .form import TrainForm, as_paths, real, text, whole
 from .generate import BaseModel, GenerationRequest, default_device, generate_images, how_to_use_local_model
 from .jobs import MAX_SAMPLES_SHOWN, TrainingJob, TrainingRun, discard, file_update, stage_images
 from .store import INTERRUPTED, LoraInfo, LoraStore, StoreError, format_size
@@ -61,62 +62,25 @@ class AppHandlers:
         return {name: instance_prompt if name == "instance_prompt" and keep_prompt else values[name]
                 for name in PRESET_FIELDS}
 
-    def train(
-        self,
-        images,
-        instance_prompt: str,
-        max_train_steps: Optional[float] = None,
-        learning_rate: Optional[float] = None,
-        rank: Optional[float] = None,
-        optimizer: str = "adaprelora",
-        resolution: Optional[float] = None,
-        lora_name: Optional[str] = None,
-        captions=None,
-        class_prompt: Optional[str] = None,
-        train_text_encoder: Optional[bool] = None,
-        validation_prompt: Optional[str] = None,
-        validation_steps: Optional[float] = None,
-        seed: float = 0,
-        num_samples: Optional[float] = None,
-        progress=gr.Progress(),
-    ):
+    def train(self, form: TrainForm, progress=gr.Progress()):
         """Train a DreamBooth LoRA on the uploaded images; streams progress, returns when done.
 
-        Numbers left out (None) take the base model's defaults (`defaults.profile_for`)."""
-        d = self.profile.train
-        max_train_steps = d["max_train_steps"] if max_train_steps is None else max_train_steps
-        learning_rate = d["learning_rate"] if learning_rate is None else learning_rate
-        rank = d["rank"] if rank is None else rank
-        resolution = d["resolution"] if resolution is None else resolution
-        validation_steps = d["validation_steps"] if validation_steps is None else validation_steps
-        num_samples = d["num_samples"] if num_samples is None else num_samples
-        if train_text_encoder is None:
-            train_text_encoder = d.get("train_text_encoder", False)
-        if class_prompt is None:  # left out: the profile's (prior preservation on the built-in model)
-            class_prompt = d.get("class_prompt")
-        config, paths, captions_by_path = train_config(
-            self.base.model_id, images=images, instance_prompt=instance_prompt, max_train_steps=max_train_steps,
-            learning_rate=learning_rate, rank=rank, optimizer=optimizer, resolution=resolution, captions=captions,
-            class_prompt=class_prompt, train_text_encoder=train_text_encoder, validation_prompt=validation_prompt,
-            validation_steps=validation_steps, seed=seed, num_samples=num_samples,
-            device_type=default_device()[0].type, train_batch_size=d.get("train_batch_size", 1),
-            num_class_images=d.get("num_class_images"),
-            class_caption_dropout_rate=d.get("class_caption_dropout_rate", 0.0), snr_gamma=d.get("snr_gamma"),
-        )
+        The `/train` endpoint takes the form's fields as parameters (`form.form_endpoint`)."""
+        profile = self.profile.train
+        config = form.to_config(self.base.model_id, profile, default_device()[0].type)
         self._check_base_model()
-        info = self.store.create((lora_name or "").strip() or instance_prompt, _run_meta(config, self.base, paths))
+        with store_errors():
+            info = self.store.create(form.run_name(), _run_meta(config, self.base))
         try:
-            stage_images(info, config, paths, captions_by_path)
-            if d.get("scene_class_images") and config.with_prior_preservation and class_prompt == d.get("class_prompt"):
-                # The built-in model's prior-preservation set: captioned scenes from its own data generator.
-                from adaprelora.tiny_t2i.personalise import write_class_images
-
-                write_class_images(config.class_data_dir, config.num_class_images)
+            stage_images(info, config)
+            if profile.class_images and config.with_prior_preservation and config.class_prompt == profile.class_prompt:
+                profile.class_images(config.class_data_dir, config.num_class_images)
         except Exception as err:
             discard(self.store, info)
             raise gr.Error(f"Could not prepare the training images: {err}") from None
         info.meta["train_config"] = _config_record(config)  # what a resume after a crash needs
-        self.store.save_meta(info)
+        with store_errors():
+            self.store.save_meta(info)
         self.base.release()  # the trainer loads its own copy of the model
         yield from TrainingRun(self.store, info, config, TrainingJob(name=info.name)).updates(progress)
 
@@ -127,10 +91,8 @@ class AppHandlers:
 
         if not name:
             raise gr.Error("Pick an interrupted LoRA in the LoRAs tab to resume.")
-        try:
+        with store_errors():
             info = self.store.get(name)
-        except StoreError as err:
-            raise gr.Error(str(err)) from None
         if not info.resumable:
             why = ("it has no checkpoint to continue from (it died before the first one): delete it and train again"
                    if info.status == INTERRUPTED else f"it is {info.status_label}, not interrupted")
@@ -143,10 +105,8 @@ class AppHandlers:
                            f"{config.pretrained_model_name_or_path} to resume it.")
         config.output_dir, config.resume_from_checkpoint = info.path, "latest"
         self._check_base_model()
-        try:
+        with store_errors():
             self.store.reopen(info)
-        except StoreError as err:
-            raise gr.Error(str(err)) from None
         self.base.release()
         yield from TrainingRun(self.store, info, config, TrainingJob(name=info.name)).updates(progress)
 
@@ -164,27 +124,25 @@ class AppHandlers:
         prompt: str,
         lora: str = NO_LORA,
         num_inference_steps: Optional[float] = None,
-        seed: float = 0,
+        seed: Optional[float] = None,
         negative_prompt: Optional[str] = None,
         guidance_scale: Optional[float] = None,
-        lora_scale: float = 1.0,
+        lora_scale: Optional[float] = None,
         num_images: Optional[float] = None,
     ):
-        """Generate images with the base model and, optionally, one trained LoRA (numbers left
-        out take the base model's defaults)."""
-        d = self.profile.generate
-        num_inference_steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
-        num_images = d["num_images"] if num_images is None else num_images
-        prompt = (prompt or "").strip()
+        """Generate images with the base model and, optionally, one trained LoRA.
+
+        The page sends every field (the API fills those left out with the form's starting values,
+        `GenerateProfile`); one sent empty (None) is an error naming it."""
+        prompt = text(prompt)
         if not prompt:
             raise gr.Error("Write a prompt; include the LoRA's trigger word (e.g. \"sks\") to use what it learned.")
         request = GenerationRequest(
             prompt=prompt,
-            negative_prompt=(negative_prompt or "").strip(),
+            negative_prompt=text(negative_prompt),
             num_inference_steps=whole(num_inference_steps, "Steps", 1, 200),
             guidance_scale=real(guidance_scale, "Guidance scale", 0, 50),
-            seed=whole(seed, "Seed"),
+            seed=whole(seed, "Seed", -1, MAX_SEED, "-1 picks a random seed."),
             lora_scale=real(lora_scale, "LoRA scale", -4, 4),
             num_images=whole(num_images, "Number of images", 1, 8),
         )
@@ -200,11 +158,16 @@ class AppHandlers:
                 raise gr.Error(f"LoRA {lora!r} is not ready (status: {info.status}).")
             lora_dir, weight_name = info.path, os.path.basename(info.weights_path)
         self._check_base_model()
+        with store_errors():
+            self.store.ensure_root()  # an output root removed or replaced by a file: made again, or said so
         out_dir = os.path.join(self.store.output_root, "generated", time.strftime("%Y-%m-%d"))
         try:
             paths = generate_images(self.base, request, lora_dir, out_dir, weight_name=weight_name)
         except RuntimeError as err:
             raise gr.Error(str(err)) from None
+        except OSError as err:  # the output folder cannot be written (a file in its place, no permission)
+            raise gr.Error(f"The generated images could not be saved under {self.store.output_root}: "
+                           f"{err.strerror or err}. Check --output-root.") from None
         caption = f"seed {request.seed}" + (f" · {lora} x{request.lora_scale:g}" if lora_dir else "")
         return [(path, caption) for path in paths]
 
@@ -216,11 +179,13 @@ class AppHandlers:
     # -- LoRAs tab ---------------------------------------------------------------------------
     def loras(self) -> list[str]:
         """Names of the trained LoRAs usable for generation, newest first."""
-        return self.store.names()
+        with store_errors():
+            return self.store.names()
 
     def lora_widgets(self, selected: Optional[str] = None):
         """Table of all LoRAs, the Generate tab's choices and the LoRAs tab's selection."""
-        infos = self.store.list()
+        with store_errors():
+            infos = self.store.list()
         all_names = [info.name for info in infos]
         keep = selected if selected in all_names else (all_names[0] if all_names else None)
         return {"table": [table_row(info) for info in infos],
@@ -232,10 +197,8 @@ class AppHandlers:
         if not name:
             return {"details": {}, "lora_samples": [], "lora_diffusers": file_update(None),
                     "lora_kohya": file_update(None)}
-        try:
+        with store_errors():
             info = self.store.get(name)
-        except StoreError as err:
-            raise gr.Error(str(err)) from None
         meta = {k: v for k, v in info.meta.items() if k not in ("loss_history", "samples", "train_config")}
         meta["size"] = format_size(info.size_bytes())
         if info.status == INTERRUPTED:
@@ -252,18 +215,28 @@ class AppHandlers:
 
     def delete_lora(self, name: Optional[str] = None):
         """Delete one LoRA folder from the output root."""
-        if not name:  # nothing chosen, or the confirmation was cancelled
-            gr.Info("Nothing was deleted.")
-            return self.store.names()
-        try:
+        with store_errors():
+            if not name:  # nothing chosen, or the confirmation was cancelled
+                gr.Info("Nothing was deleted.")
+                return self.store.names()
             self.store.delete(name)
-        except StoreError as err:
-            raise gr.Error(str(err)) from None
-        gr.Info(f"Deleted {name}.")
-        return self.store.names()
+            gr.Info(f"Deleted {name}.")
+            return self.store.names()
 
     def base_model_status(self) -> str:
         return self.base.status_markdown(timeout=60.0)
+
+
+@contextlib.contextmanager
+def store_errors():
+    """The store's refusals (and a folder it cannot make or read) as the page's one-line error."""
+    try:
+        yield
+    except StoreError as err:
+        raise gr.Error(str(err)) from None
+    except OSError as err:
+        raise gr.Error(f"The output folder cannot be used: {err.strerror or err} ({err.filename}). "
+                       "Check --output-root.") from None
 
 
 def table_row(info: LoraInfo) -> list:
@@ -283,7 +256,7 @@ def _config_record(config) -> dict:
     return json.loads(json.dumps(config.to_dict(), default=str))
 
 
-def _run_meta(config, base: BaseModel, paths: list[str]) -> dict:
+def _run_meta(config, base: BaseModel) -> dict:
     """What the store records about a run when it starts."""
     return {
         "base_model": base.model_id,
@@ -297,5 +270,5 @@ def _run_meta(config, base: BaseModel, paths: list[str]) -> dict:
         "train_text_encoder": config.train_text_encoder,
         "validation_prompt": config.validation_prompt or "",
         "seed": config.seed,
-        "num_images": len(paths),
+        "num_images": len(config.instance_images),
     }

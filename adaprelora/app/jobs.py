@@ -23,7 +23,6 @@ from .store import DONE, FAILED, STOPPED, LoraInfo, LoraStore, StoreError
 
 logger = logging.getLogger(__name__)
 
-COPY_AS_IS = (".png", ".jpg", ".jpeg", ".webp")  # what the trainer reads; other formats become PNG
 MAX_SAMPLES_SHOWN = 24
 
 
@@ -39,23 +38,18 @@ class TrainingJob:
         return self
 
 
-def stage_images(info: LoraInfo, config, paths: list[str], captions: dict[str, str]) -> None:
-    """Copy the uploads into the LoRA folder (other formats converted to PNG) and point the config there."""
-    from PIL import Image, ImageOps
-
+def stage_images(info: LoraInfo, config) -> None:
+    """Copy the uploads (`config.instance_images`, checked by the form: PNG, JPEG or WebP) with their
+    captions into the LoRA folder, and point the config there: the run is self-contained."""
     folder = os.path.join(info.path, "instance_images")
     os.makedirs(folder, exist_ok=True)
+    captions = config.instance_captions or {}
     staged, staged_captions = [], {}
-    for i, path in enumerate(paths):
+    for i, path in enumerate(config.instance_images):
         stem, ext = os.path.splitext(os.path.basename(path))
         stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:60] or "image"
-        if ext.lower() in COPY_AS_IS:
-            dest = os.path.join(folder, f"{i:03d}-{stem}{ext.lower()}")
-            shutil.copyfile(path, dest)
-        else:
-            dest = os.path.join(folder, f"{i:03d}-{stem}.png")
-            with Image.open(path) as img:
-                ImageOps.exif_transpose(img).convert("RGB").save(dest)
+        dest = os.path.join(folder, f"{i:03d}-{stem}{ext.lower()}")
+        shutil.copyfile(path, dest)
         staged.append(dest)
         if path in captions:
             staged_captions[dest] = captions[path]
@@ -151,6 +145,10 @@ class TrainingRun:
         except Exception as err:
             logger.exception("training %s failed", self.info.name)
             self.info.meta["error"] = f"{type(err).__name__}: {err}"
+            if not os.path.isdir(self.info.path):
+                step = self.last.step if self.last is not None else 0
+                raise gr.Error(f"Training of {self.info.name} stopped at step {step}: its folder {self.info.path} was "
+                               "removed while it ran. Train again.") from None
             raise gr.Error(f"Training failed: {type(err).__name__}: {err} (the traceback is in the app's console)") from None
         finally:
             if self.status == FAILED:
@@ -226,6 +224,19 @@ class TrainingRun:
         self.store.save_meta(self.info)
 
     def _record_end(self) -> None:
+        """Record how the run ended. A record that cannot be written is logged (another error may be on
+        its way); for a run that ended well it is the page's error: a run whose record is lost must not
+        look finished."""
+        try:
+            self._write_end()
+        except (OSError, StoreError) as err:
+            logger.warning("could not record the end of run %s: %s", self.info.name, err)
+            if self.status != FAILED:  # the page must not show a run whose record is lost as finished
+                self.status = FAILED
+                raise gr.Error(f"Training of {self.info.name} ended, but its record could not be written: {err}. "
+                               "Check the output folder.") from None
+
+    def _write_end(self) -> None:
         info = self.info
         info.meta["outputs"] = {kind: self.store.relative(info, path) for kind in ("diffusers", "kohya")
                                 if (path := self._output_file(kind))}

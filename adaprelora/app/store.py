@@ -8,7 +8,9 @@ Layout, one folder per LoRA (the folder is also the trainer's `output_dir`):
         pytorch_lora_weights.safetensors, checkpoint-*/, samples...   written by the trainer
 
 Names are plain slugs (letters, digits, `.`, `_`, `-`); every path is resolved and checked to lie
-inside `<output_root>/loras` before anything is read, written or deleted there.
+inside `<output_root>/loras` before anything is read, written or deleted there. A `loras/` folder
+removed while the app runs is made again when next needed (an empty list, a new run); one that
+cannot be made (the output root became a file, no permission) is a `StoreError` saying so.
 """
 from __future__ import annotations
 
@@ -122,7 +124,7 @@ class LoraStore:
     def __init__(self, output_root: str):
         self.output_root = os.path.realpath(os.path.expanduser(output_root))
         self.loras_root = os.path.join(self.output_root, LORAS_DIR)
-        os.makedirs(self.loras_root, exist_ok=True)
+        self.ensure_root()
         self._lock = threading.Lock()
         self._active: set[str] = set()  # LoRAs being trained by this process
         for info in self.list():
@@ -131,6 +133,20 @@ class LoraStore:
                 self.save_meta(info)
 
     # -- paths -----------------------------------------------------------------------------
+    def ensure_root(self) -> None:
+        """Make `<output_root>/loras` if it is missing (removed while the app runs); `StoreError`
+        when it cannot be made."""
+        if os.path.isdir(self.loras_root):
+            return
+        try:
+            os.makedirs(self.loras_root, exist_ok=True)
+        except OSError as err:
+            blocker = next((p for p in (self.output_root, self.loras_root) if os.path.exists(p) and not os.path.isdir(p)),
+                           None)
+            reason = f"{blocker} is a file, not a folder" if blocker else (err.strerror or str(err))
+            raise StoreError(f"the output folder {self.loras_root} is gone and cannot be made again: {reason}. "
+                             "Remove what is in its way, or restart the app with another --output-root") from None
+
     def path_for(self, name: str) -> str:
         """The folder of LoRA `name`; refuses names that are not slugs or that escape the store."""
         if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
@@ -152,6 +168,7 @@ class LoraStore:
     def create(self, base_name: str, meta: dict) -> LoraInfo:
         """Reserve a new folder named `base_name` (or `base_name-2`, `-3`...) and write `meta`."""
         base = slugify(base_name) or "lora"
+        self.ensure_root()
         for i in range(1, 1000):
             name = base if i == 1 else f"{base}-{i}"
             path = self.path_for(name)
@@ -189,7 +206,10 @@ class LoraStore:
                 self._active.discard(info.name)
 
     def save_meta(self, info: LoraInfo) -> None:
-        """Write the metadata atomically (a crash never leaves half a JSON file)."""
+        """Write the metadata atomically (a crash never leaves half a JSON file); a LoRA folder
+        removed meanwhile is made again to hold it."""
+        self.ensure_root()
+        os.makedirs(info.path, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".meta-", suffix=".json", dir=info.path)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(info.meta, fh, indent=2, sort_keys=True, default=str)
@@ -220,6 +240,7 @@ class LoraStore:
     def list(self) -> list[LoraInfo]:
         """Every LoRA folder with metadata, newest first."""
         found = []
+        self.ensure_root()
         for name in os.listdir(self.loras_root):
             try:
                 found.append(self.get(name))
