@@ -40,6 +40,16 @@ _WHAT_TO_PASS = (
     "pairs=[(A, B, scale), ...] (pairs_from='none'), or the model: AdaPreLoRA(model, ...)"
 )
 
+_NO_PAIR = {
+    "order": ("found no trainable LoRA pair in the parameter list, read by order: it needs each adapted layer's "
+              "lora_down/lora_A (r, in) directly followed by its lora_up/lora_B (out, r), both trainable (frozen "
+              "tensors are never paired); " + _WHAT_TO_PASS),
+    "names": ("found no trainable LoRA pair in the parameter list, read by names: it needs trainable tensors "
+              "named ...lora_A... and ...lora_B... (or lora_down / lora_up), as model.named_parameters() gives "
+              "for PEFT and kohya-style layers; pass the pairs themselves with pairs=[(A, B, scale), ...] "
+              "(pairs_from='none'), or the model: AdaPreLoRA(model, ...)"),
+}
+
 
 @dataclass
 class _Entry:
@@ -234,7 +244,7 @@ def pairs_from_param_list(params: Iterable, pairs_from: Optional[str] = None,
 
     Returns `(params, pairs)`: `params` materialised (generators are consumed) for torch's
     Optimizer, and the pairs in list order (by their A factor). `pairs_from` None picks "names"
-    for `(name, tensor)` items, else "order".
+    for `(name, tensor)` items, else "order". A reading that finds no pair is a ValueError.
     """
     if pairs_from is not None and pairs_from not in PAIRS_FROM:
         raise ValueError(f"pairs_from must be one of {', '.join(map(repr, PAIRS_FROM))} or None, got {pairs_from!r}")
@@ -246,6 +256,8 @@ def pairs_from_param_list(params: Iterable, pairs_from: Optional[str] = None,
         raise ValueError("pairs_from='names' needs (name, tensor) items: pass model.named_parameters() "
                          "(or param groups whose 'params' are such items)")
     found = _pairs_by_name(entries) if mode == "names" else _pairs_by_order(entries)
+    if not found:
+        raise ValueError(_NO_PAIR[mode])
     scales = _scales(lora_scale, len(found))
     pairs = []
     for (a, b), s in zip(found, scales):
@@ -274,7 +286,7 @@ def _scales(lora_scale, k: int) -> list[float]:
 def list_pairs(params: Iterable, pairs=None, pairs_from: Optional[str] = None,
                lora_scale: Union[None, float, Sequence[float]] = None) -> tuple[list, list[LoraPair]]:
     """What `LoRAPairOptimizer` does with a parameter list: the explicit `pairs=` if given, else
-    `pairs_from_param_list`; a ValueError when a reading finds no pair at all."""
+    `pairs_from_param_list`."""
     from .pairs import pairs_from_tuples
 
     if pairs is not None:
@@ -282,11 +294,4 @@ def list_pairs(params: Iterable, pairs=None, pairs_from: Optional[str] = None,
             raise ValueError("pairs=[(A, B, scale), ...] names the pairs and their scales itself: "
                              "leave pairs_from and lora_scale out")
         return params, pairs_from_tuples(pairs)
-    params, found = pairs_from_param_list(params, pairs_from, lora_scale)
-    if not found and pairs_from != "none":
-        raise ValueError(
-            "found no trainable LoRA pair in the parameter list (read by "
-            f"{pairs_from or 'names or order'}): it needs each adapted layer's lora_down/lora_A (r, in) "
-            "directly followed by its lora_up/lora_B (out, r), or (name, tensor) items with those names; "
-            + _WHAT_TO_PASS)
-    return params, found
+    return pairs_from_param_list(params, pairs_from, lora_scale)

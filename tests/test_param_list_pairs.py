@@ -265,8 +265,10 @@ def test_duplicates_empty_groups_frozen_tensors_and_misuse():
     with pytest.raises(ValueError, match=r"tensor 0 .*shape \(4, 12\)"):
         AdaPreLoRA(params, lr=1e-3)
     params[1].requires_grad_(True)
-    with pytest.raises(ValueError, match="found no trainable LoRA pair"):
+    with pytest.raises(ValueError, match="found no trainable LoRA pair in the parameter list, read by order: "):
         AdaPreLoRA(SimpleNet().parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"no trainable LoRA pair .*, read by names: .*pairs=\[\(A, B, scale\)"):
+        AdaPreLoRA(SimpleNet().named_parameters(), lr=1e-3)
     with pytest.raises(ValueError, match="did not find any trainable LoRA"):
         AdaPreLoRA(params, lr=1e-3, pairs_from="none")
     with pytest.raises(ValueError, match="needs \\(name, tensor\\) items"):
