@@ -113,14 +113,13 @@ def _lora_state(model) -> dict:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def _restore(base_state, cfg_hf, lora_state):
-    """A fresh model with the base weights and a trained LoRA state (to score a sweep run again)."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
+def _restore(base, lora_state):
+    """A copy of the base model with a trained LoRA state (to score a sweep run again)."""
+    import copy
 
-    model = AutoModelForCausalLM.from_config(cfg_hf)
-    model.load_state_dict(base_state, strict=False)
-    model.tie_weights()
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    model = copy.deepcopy(base)
     lcfg = LoraConfig(r=SETUP["rank"], lora_alpha=SETUP["alpha"], target_modules=list(SETUP["targets"]),
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
@@ -147,9 +146,7 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
     prof = PROFILES[profile]
     configs = list(configs or prof["configs"])
     t_start = time.perf_counter()
-    model, tok = gsm8k.load_base(log)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg_hf = model.config
+    base, tok = gsm8k.load_base(log)  # every run trains a copy of it
     data = e2e_splits(prof["n_train"], prof["n_val"], prof["n_test"], n_refs=SETUP["n_refs"], seed=SETUP["data_seed"])
     train_ex = examples(tok, data["train"])
     val_rows, test_rows = data["val"], data["test"]
@@ -169,14 +166,13 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
               "metrics": {"bleu": "sacrebleu corpus BLEU, multi-reference", "rouge_l": "rouge-score ROUGE-L F1, "
                           "best reference per record, mean", "heldout_loss": "cross-entropy per reference token"},
               "optimizers": {}}
-    base = evaluate(model, tok, test_rows, test_ex, prof["max_new_tokens"])
-    result["base"] = base
-    log(f"  base model: BLEU {base['bleu']:.2f} ROUGE-L {base['rouge_l']:.2f} held-out loss "
-        f"{base['heldout_loss']:.4f} ({base['eval_s']:.0f} s)")
-    del model
+    ev = evaluate(base, tok, test_rows, test_ex, prof["max_new_tokens"])
+    result["base"] = ev
+    log(f"  base model: BLEU {ev['bleu']:.2f} ROUGE-L {ev['rouge_l']:.2f} held-out loss "
+        f"{ev['heldout_loss']:.4f} ({ev['eval_s']:.0f} s)")
 
     def train(cfg, lr, seed):
-        model, _, rec = gsm8k.train_lora(base_state, cfg_hf, tok, train_ex, cfg, lr, seed, prof, log, setup=SETUP)
+        model, _, rec = gsm8k.train_lora(base, tok, train_ex, cfg, lr, seed, prof, log, setup=SETUP)
         return model, rec
 
     seed0 = prof["seeds"][0]
@@ -212,7 +208,7 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
         runs = []
         for s in prof["seeds"]:
             if s == seed0 and states[best_lr] is not None:
-                model, rec = _restore(base_state, cfg_hf, states[best_lr]), dict(sweep[best_lr])
+                model, rec = _restore(base, states[best_lr]), dict(sweep[best_lr])
             else:
                 model, rec = train(cfg, best_lr, s)
             rec["test"] = None if rec["nonfinite"] else evaluate(model, tok, test_rows, test_ex,

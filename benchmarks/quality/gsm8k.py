@@ -143,19 +143,18 @@ def generate_and_score(model, tok, rows, max_new_tokens: int) -> dict:
                          for r, c in zip(rows[:5], completions[:5])]}
 
 
-def train_lora(base_state, model_cls_cfg, tok, train_ex, config: C.OptConfig, lr: float, seed: int, prof: dict,
-               log=print, setup: Optional[dict] = None):
-    """SmolLM2 with a fresh LoRA (seeded; rank, alpha, targets and schedule from `setup`, default
+def train_lora(base, tok, train_ex, config: C.OptConfig, lr: float, seed: int, prof: dict, log=print,
+               setup: Optional[dict] = None):
+    """A copy of the base model `base` with a fresh LoRA (seeded; rank, alpha, targets and schedule from `setup`, default
     this suite's `SETUP`) trained `prof["steps"]` steps of batch `prof["batch"]` drawn from
     `train_ex` in a seeded order (the same for every optimizer at one seed): returns (model,
     optimizer, record of the training). The model is left in eval mode, ready to score
     (schedule-free optimizers are switched to their averaged weights)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    import copy
 
-    model = AutoModelForCausalLM.from_config(model_cls_cfg)
-    model.load_state_dict(base_state, strict=False)
-    model.tie_weights()
+    from peft import LoraConfig, get_peft_model
+
+    model = copy.deepcopy(base)  # a memory copy: much faster than building the model and loading weights
     setup = setup or SETUP
     torch.manual_seed(seed)
     lcfg = LoraConfig(r=setup["rank"], lora_alpha=setup["alpha"], target_modules=list(setup["targets"]),
@@ -199,9 +198,9 @@ def train_lora(base_state, model_cls_cfg, tok, train_ex, config: C.OptConfig, lr
     return model, opt, record
 
 
-def run_one(base_state, model_cls_cfg, tok, train_ex, test_rows, config: C.OptConfig, lr: float, seed: int,
-            prof: dict, log=print, test_ex=None) -> dict:
-    model, _, rec = train_lora(base_state, model_cls_cfg, tok, train_ex, config, lr, seed, prof, log)
+def run_one(base, tok, train_ex, test_rows, config: C.OptConfig, lr: float, seed: int, prof: dict, log=print,
+            test_ex=None) -> dict:
+    model, _, rec = train_lora(base, tok, train_ex, config, lr, seed, prof, log)
     nonfinite = rec["nonfinite"]
     ev = generate_and_score(model, tok, test_rows, prof["max_new_tokens"]) if not nonfinite else None
     hl = heldout_loss(model, test_ex, tok.pad_token_id) if (test_ex and not nonfinite) else None
@@ -212,8 +211,7 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
     prof = PROFILES[profile]
     configs = list(configs or prof["configs"])
     t_start = time.perf_counter()
-    model, tok = load_base(log)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model, tok = load_base(log)  # every run trains a copy of it
     data = word_problem_splits(SETUP["n_train"], SETUP["n_test"], seed=SETUP["data_seed"])
     test_rows = data["test"][:prof["n_eval"]]
     train_ex = _train_examples(tok, data["train"])
@@ -232,14 +230,12 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
         result["base"] = ev
         log(f"  base model: accuracy {ev['accuracy']:.3f} on {ev['n']} ({ev['gen_s']:.0f} s), held-out answer "
             f"loss {ev['heldout_answer_loss']:.4f} on {len(test_ex)}")
-    cfg_hf = model.config
-    del model
     for label in configs:
         cfg = C.CONFIGS_BY_LABEL[label]
         lr = SETUP["sgd_lr"] if cfg.family == "sgd" else SETUP["lr"]
         runs = []
         for s in prof["seeds"]:
-            r = run_one(base_state, cfg_hf, tok, train_ex, test_rows, cfg, lr, s, prof, log, test_ex=test_ex)
+            r = run_one(model, tok, train_ex, test_rows, cfg, lr, s, prof, log, test_ex=test_ex)
             runs.append(r)
             log(f"  {label:22s} lr={lr:g} seed {s}: accuracy {C._fmt(r['accuracy'])} held-out loss "
                 f"{C._fmt(r['heldout_answer_loss'])} train loss "
