@@ -153,6 +153,7 @@ def test_unknown_shape_is_a_clear_error(bad):
         scenes.render(scenes.Scene(bad, "red", "blue"))
 
 
+@pytest.mark.slow
 def test_decoder_finetuning_learns_and_leaves_the_encoder_alone():
     """The decoder-only stage lowers reconstruction error on fixed latents and touches no encoder weight."""
     from torch.nn import functional as F
