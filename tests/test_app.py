@@ -260,6 +260,30 @@ def test_bad_generation_input_is_refused_with_a_clear_message(app, kwargs, messa
     assert after == before, "a refused request writes no image"
 
 
+def test_a_16_bit_grayscale_png_trains_on_its_scaled_pixels(app, tmp_path):
+    """A true 16-bit PNG is accepted, staged as uploaded, and what the trainer reads from it is the
+    image scaled to 8 bits (65535 -> 255), not clipped to white."""
+    import numpy as np
+    from PIL import Image
+
+    from adaprelora.training.dreambooth.data import load_rgb
+
+    wide = (np.linspace(0, 65535, 40 * 48).reshape(40, 48)).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(wide).save(path)
+    with Image.open(path) as img:
+        assert img.mode.startswith("I"), img.mode  # really 16 bits per pixel on disk
+    summary = app["client"].predict([handle_file(str(path))], "a photo of sks ramp", 1, 1e-4, 4, "adamw", 32,
+                                    lora_name="deep png", num_samples=0, api_name="/train")[5]
+    assert summary["status"] == "done", summary
+    staged = os.path.join(app["root"], "loras", "deep-png", "instance_images", "000-deep.png")
+    assert open(staged, "rb").read() == path.read_bytes(), "the upload is trained as it was sent"
+    seen = np.asarray(load_rgb(staged))[..., 0].astype(int)
+    expected = np.round(wide.astype(np.float64) / 257.0).astype(int)  # independent reference
+    assert np.abs(seen - expected).max() <= 1 and (seen == 255).mean() < 0.01, (seen == 255).mean()
+    assert "deep-png" not in app["client"].predict("deep-png", api_name="/delete_lora")  # leave the root as it was
+
+
 def _raw_call(url: str, api_name: str, body: str) -> str:
     """One call through Gradio's HTTP API with a JSON body as written (gradio_client cannot send
     NaN or Infinity); the event stream of its result."""

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 from adaprelora.tiny_t2i import TINY_SD_DIR
 from adaprelora.tiny_t2i.personalise import DREAMBOOTH_DEFAULTS, trigger_prompt, write_class_images
 from adaprelora.training.dreambooth.family import detect_family
+from adaprelora.training.errors import MAX_SEED  # the seeds a run takes (numpy's 32 bits); the page's bound too
 
 # The base model `python app.py` trains and generates with unless `--base-model` says otherwise.
 DEFAULT_BASE_MODEL = TINY_SD_DIR
@@ -50,10 +51,6 @@ SDXL_PRESETS: dict[str, dict[str, Any]] = {
 }
 # Family names the page shows.
 FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL = "Stable Diffusion 1.x", "Stable Diffusion 2.x", "SDXL"
-
-# Seeds the trainer accepts (numpy's generator takes 32 bits) and the generator is given.
-MAX_SEED = 2**32 - 1
-
 
 @dataclass(frozen=True)
 class TrainProfile:
