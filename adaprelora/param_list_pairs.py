@@ -19,7 +19,7 @@ Two readings (`pairs_from=`):
 Frozen tensors are never paired. Everything not paired gets plain AdamW, except a tensor shaped
 like a factor of a rank already in use that found no partner: that is a `ValueError` naming it
 (a missing partner or an order this module does not know would otherwise train it silently as a
-plain tensor). The LoRA scale is not in the list (kohya keeps alpha in a buffer): it is
+plain tensor). A down-shaped weight directly followed by its bias is taken for an ordinary layer. The LoRA scale is not in the list (kohya keeps alpha in a buffer): it is
 `lora_scale` (a float, or one per pair) or 1.
 """
 from __future__ import annotations
@@ -187,9 +187,14 @@ def _pairs_by_order(entries: list[list[_Entry]]) -> list[tuple[_Entry, _Entry]]:
             used.update(e.index for e in downs + ups)
             left[g], left[h] = [], []
     ranks = {int(a.tensor.shape[0]) for a, _ in found}
+    # a weight directly followed by its bias is an ordinary layer (a classifier head of r labels):
+    # no down/A factor has a bias in PEFT, kohya or LyCORIS
+    biased = {row[i].index for row in trainable for i in range(len(row) - 1)
+              if row[i + 1].tensor.dim() == 1 and row[i + 1].tensor.shape[0] == row[i].tensor.shape[0]}
     for row in left:
         for e in row:
-            if e.index not in used and (_down_rank(e.tensor) in ranks or _up_rank(e.tensor) in ranks):
+            down_like = _down_rank(e.tensor) in ranks and e.index not in biased
+            if e.index not in used and (down_like or _up_rank(e.tensor) in ranks):
                 raise ValueError(
                     f"{e.where()} has the shape of a rank-{_down_rank(e.tensor) or _up_rank(e.tensor)} LoRA "
                     f"factor but no partner in the order the trainers use (each lora_down/lora_A directly "

@@ -133,6 +133,36 @@ def test_musubi_layout_one_group_and_its_loraplus_group():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 4e-3])
 
 
+def test_a_trainable_head_shaped_like_a_factor_gets_adamw_when_its_bias_follows_it():
+    """A classifier head of r labels (r, hidden) saved with modules_to_save has a LoRA down factor's
+    shape; followed by its bias it is an ordinary layer (AdamW), while the same weight without a
+    bias after it is refused as an unpaired factor."""
+    from peft import LoraConfig, get_peft_model
+
+    class Classifier(nn.Module):
+        def __init__(self, bias: bool):
+            super().__init__()
+            self.body, self.head = nn.Linear(16, 16), nn.Linear(16, 2, bias=bias)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Classifier(bias=True), LoraConfig(r=2, target_modules=["body"], modules_to_save=["head"]))
+    opt = AdaPreLoRA(model.parameters(), lr=1e-2)
+    assert _ids(opt.pairs) == _ids(find_lora_pairs(model)) and len(opt.pairs) == 1
+    head = model.base_model.model.head.modules_to_save["default"]
+    before = head.weight.detach().clone()
+    model(torch.randn(4, 16)).square().mean().backward()
+    opt.step()
+    assert not torch.equal(head.weight, before)  # stepped, by the AdamW for tensors outside pairs
+    bare = get_peft_model(Classifier(bias=False), LoraConfig(r=2, target_modules=["body"], modules_to_save=["head"]))
+    with pytest.raises(ValueError, match=r"tensor 5 \(param group 0, position 5, shape \(2, 16\)\) has the shape of a "
+                                         r"rank-2 LoRA factor but no partner"):
+        AdaPreLoRA(bare.parameters(), lr=1e-2)
+    assert len(AdaPreLoRA(bare.named_parameters(), lr=1e-2).pairs) == 1  # what the error says to pass
+
+
 def test_a_bias_free_bottleneck_reads_as_a_pair_by_order_but_not_by_name():
     """By order alone, a trainable (r, in) weight directly followed by a trainable (out, r) one is a
     LoRA pair, whatever the layers are (here a bias-free bottleneck head); names tell them apart."""
