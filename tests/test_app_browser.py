@@ -3,35 +3,41 @@
 On the built-in tiny-sd model, as a new user would: opens the page, clicks the one-click example
 (pictures of a red heart, a shape the base model never saw), trains with the default settings,
 waits for the samples and the download buttons, generates with the new LoRA and without it, and
-saves a screenshot of each tab under `docs/` (real pictures, used by the README).
+takes a screenshot of each tab. They go to a temporary folder; with ADAPRELORA_SCREENSHOT_FULL_RUN=1
+the run trains all the default steps and the screenshots replace the README's `docs/screenshot_*.png`.
 Skipped, with the reason, only when Chromium or chromedriver is not installed.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 
 import pytest
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if os.path.exists(p)), None)
 CHROMEDRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="headless browser test needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        CHROMIUM is None or CHROMEDRIVER is None,
+        reason="headless browser test needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+    ),
+    pytest.mark.browser,
+    pytest.mark.slow,
+]
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 WAIT_S = 240  # generous: CI machines are slow and shared; nothing here asserts on time
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# All the default steps and the README's screenshots (docs/screenshot_*.png) rewritten; otherwise a
+# quarter of the steps and screenshots in a temporary folder, so a test run leaves the tree alone.
+FULL_RUN = os.environ.get("ADAPRELORA_SCREENSHOT_FULL_RUN") == "1"
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def screenshot_dir(tmp_path_factory) -> str:
+    return DOCS if FULL_RUN else str(tmp_path_factory.mktemp("screenshots"))
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, free_port):  # free_port: tests/conftest.py
     import torch
 
     from adaprelora.app import DEFAULT_BASE_MODEL, build_demo
@@ -41,7 +47,7 @@ def app_url(tmp_path_factory):
     os.environ["GRADIO_TEMP_DIR"] = str(root / ".gradio-cache")  # as app.py does: uploads inside the root
     torch.set_num_threads(1)
     demo = build_demo(DEFAULT_BASE_MODEL, str(root), check_base_model_in_background=False)
-    port = _free_port()
+    port = free_port()
     demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
                         allowed_paths=[str(root)])
     try:
@@ -110,10 +116,10 @@ def _click_tab(driver, name: str) -> None:
     tab.click()
 
 
-def _screenshot(driver, name: str) -> str:
-    os.makedirs(DOCS, exist_ok=True)
-    path = os.path.join(DOCS, name)
-    driver.save_screenshot(path)
+def _screenshot(driver, folder: str, name: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    assert driver.save_screenshot(path), f"the screenshot {path} was not written"
     return path
 
 
@@ -142,7 +148,7 @@ def _generate(driver, root, lora: str, prompt: str) -> list:
     return _generated_images(root, before)
 
 
-def test_example_train_watch_generate_in_a_real_browser(app_url, browser):
+def test_example_train_watch_generate_in_a_real_browser(app_url, browser, screenshot_dir):
     from adaprelora.tiny_t2i import TINY_SD_DIR
     from adaprelora.tiny_t2i.judge import judge_images, load_judge
 
@@ -166,7 +172,7 @@ def test_example_train_watch_generate_in_a_real_browser(app_url, browser):
     # the full default run and scores it; ADAPRELORA_SCREENSHOT_FULL_RUN=1 trains all of them, for the
     # README's screenshots), and watch: samples appear, the download buttons show up at the end.
     steps = int(_css(driver, "#train-steps input")[0].get_attribute("value"))
-    if os.environ.get("ADAPRELORA_SCREENSHOT_FULL_RUN") != "1":
+    if not FULL_RUN:
         steps //= 4
         _set_text(driver, "#train-steps input", str(steps))
     _css(driver, "#train-button")[0].click()
@@ -177,7 +183,7 @@ def test_example_train_watch_generate_in_a_real_browser(app_url, browser):
           and _css(d, "#download-kohya")[0].is_displayed(), "the download buttons did not appear")
     assert _css(driver, "#loss-plot canvas, #loss-plot svg"), "the loss curve is drawn"
     driver.execute_script("window.scrollTo(0, 0)")
-    _screenshot(driver, "screenshot_train.png")
+    _screenshot(driver, screenshot_dir, "screenshot_train.png")
 
     # Generate without the LoRA, then with it: the judge sees the heart only with it.
     judge = load_judge(os.path.join(TINY_SD_DIR, "judge"))
@@ -198,7 +204,7 @@ def test_example_train_watch_generate_in_a_real_browser(app_url, browser):
     refs = judge_images(judge, [Image.open(p).convert("RGB") for p in example_images()])
     seen_with, seen_without = judge_images(judge, with_lora), judge_images(judge, plain)
     gain = similarity(seen_with, refs) - similarity(seen_without, refs)
-    _screenshot(driver, "screenshot_generate.png")
+    _screenshot(driver, screenshot_dir, "screenshot_generate.png")
     # Eight images are too few for a learning score (tests/test_app_tiny.py and tests/test_tiny_t2i_model.py
     # count the judge's hearts on more); here the judge's embedding must move towards the example pictures
     # and the base model must draw no heart. Measured: similarity gain 0.166 with 2 of the 8 judged hearts
@@ -214,4 +220,4 @@ def test_example_train_watch_generate_in_a_real_browser(app_url, browser):
     _click_tab(driver, "LoRAs")
     _wait(driver, lambda d: "example-heart" in _css(d, "#lora-table")[0].text, "the LoRA is not in the table")
     _wait(driver, lambda d: "adaprelora" in _css(d, "#lora-details")[0].text, "the LoRA's settings are not shown")
-    _screenshot(driver, "screenshot_loras.png")
+    _screenshot(driver, screenshot_dir, "screenshot_loras.png")
