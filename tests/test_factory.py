@@ -15,6 +15,7 @@ def test_available_optimizers_lists_every_method():
 
 
 @pytest.mark.parametrize("name", list(LRS))
+@pytest.mark.slow
 def test_every_optimizer_reduces_the_loss_of_a_small_lora_regression(name):
     model = make_lora_model(seed=0, init_B_random=False, modules_to_save=["norm"])
     opt = create_optimizer(name, model, lr=LRS[name])
