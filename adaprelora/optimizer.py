@@ -123,6 +123,9 @@ class AdaPreLoRA(LoRAPairOptimizer):
         from .pairs import bind_pair_modules
         from .stats import ExactEnergyCollector
 
+        if self.stats == "raw":
+            raise ValueError("attach() switches to exact energies, but this optimizer was built with stats='raw': "
+                             "leave attach() out to keep the raw surrogate, or build it without stats='raw'")
         bind_pair_modules(self.pairs, models, adopt_scale=not self._scale_given)
         if self._collector is not None:
             self._collector.remove()

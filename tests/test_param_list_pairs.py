@@ -410,6 +410,8 @@ def test_attach_gives_the_model_built_optimizers_exact_energies_and_steps():
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=na)
     with pytest.raises(ValueError, match="not the weights of a Linear or Conv2d"):
         AdaPreLoRA(model_a.parameters(), lr=1e-2).attach(SimpleNet())
+    with pytest.raises(ValueError, match="built with stats='raw'"):  # not silently switched to exact
+        AdaPreLoRA(model_a.parameters(), lr=1e-2, stats="raw").attach(model_a)
     # PEFT's embedding LoRA: by order it looks like a pair, by name (and with the model) it gets AdamW
     from peft import LoraConfig, get_peft_model
 
