@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("max_train_samples", type=int, help="Use only the first N training examples.")
     flag("max_eval_samples", type=int, help="Evaluate on the first N examples.")
     flag("checkpointing_steps", type=int, help="Save a checkpoint every N steps.")
+    flag("eval_steps", type=int, metavar="N",
+         help="Compute the loss on the evaluation split every N steps (and before the first and after the "
+              "last): printed, in loss_log.jsonl (eval_loss) and in metrics.json (eval_loss_history).")
     flag("checkpoints_total_limit", type=int, help="Keep at most N checkpoints.")
     flag("resume_from_checkpoint", type=str,
          help="'latest', a checkpoint-<step> name in --output_dir, or a path.")

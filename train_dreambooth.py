@@ -133,6 +133,18 @@ def build_parser() -> UserErrorArgumentParser:
     flag("validation_inference_steps", type=int, help="Denoising steps of sample images.")
     flag("validation_width", type=int, help="Width of sample images (default: --resolution).")
     flag("validation_height", type=int, help="Height of sample images (default: --resolution).")
+    # Validation loss
+    flag("validation_split", type=float, metavar="F",
+        help="Hold out this share of the instance images (drawn by --seed; at least one, and at least one left "
+             "to train on) and report the denoising loss on them at fixed timesteps and noise: it shows "
+             "over-fitting before the samples do.")
+    flag("validation_loss_data_dir", type=str, metavar="DIR",
+        help="Held-out images for the validation loss instead of --validation_split (an optional <image>.txt "
+             "is the caption, else --instance_prompt).")
+    flag("validation_loss_steps", type=int, metavar="N",
+        help="Evaluate the validation loss every N steps (and before the first and after the last); with "
+             "prior preservation also on a few class images (prior_validation_loss). Logged to the tracker and "
+             "written to <output_dir>/validation_loss.jsonl.")
     # Export
     flag("skip_export_check", action="store_true",
         help="Do not reload the written LoRA files into a fresh base model to check that they reproduce the "

@@ -50,6 +50,9 @@ class TrainEvent:
         wall_time: seconds since `train()` started, on the last event.
         metrics: on the last event of a run that evaluates, the evaluation metrics.
         summary: on the last event of a run that writes one, its summary (e.g. `metrics.json`).
+        validation_loss: the held-out loss evaluated at this step, if any (the LLM trainer's
+            `--eval_steps`, DreamBooth's `--validation_loss_steps`).
+        prior_validation_loss: DreamBooth with prior preservation: the same loss on class images.
     """
 
     step: int
@@ -70,6 +73,8 @@ class TrainEvent:
     wall_time: Optional[float] = None
     metrics: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
+    validation_loss: Optional[float] = None
+    prior_validation_loss: Optional[float] = None
 
 
 def training_steps(

@@ -41,6 +41,10 @@ def run_cli_training(config: TrainConfig) -> TrainEvent:
                 bar.update(event.step - bar.n)
             if event.message and not event.done:
                 write(event.message, file=sys.stderr)
+            if event.validation_loss is not None:
+                prior = (f" (prior {event.prior_validation_loss:.5f})" if event.prior_validation_loss is not None
+                         else "")
+                write(f"validation loss {event.validation_loss:.5f}{prior} at step {event.step}", file=sys.stderr)
             for sample in event.samples:
                 if not event.done:
                     write(f"sample: {sample}", file=sys.stderr)
@@ -53,6 +57,9 @@ def run_cli_training(config: TrainConfig) -> TrainEvent:
             f"{'stopped' if last.stopped else 'finished'} at step {last.step}: LoRA saved to {out.get('diffusers')} (diffusers) and {out.get('kohya')} "
             f"(kohya/A1111), model card {out.get('model_card')}; "
             + (f"{out['verified']}; " if out.get("verified") else "")
+            + (f"best validation loss {out['best_validation_loss']['validation_loss']:.5f} at step "
+               f"{out['best_validation_loss']['step']} (all in {out['validation_loss']}); "
+               if out.get("best_validation_loss") else "")
             + f"wall time {last.wall_time:.1f} s, "
             f"peak memory {format_bytes(last.peak_memory_bytes or 0)}",
             flush=True,

@@ -123,6 +123,12 @@ class TrainConfig:
     validation_inference_steps: int = 25
     validation_width: Optional[int] = None
     validation_height: Optional[int] = None
+    # Validation loss: the denoising loss on held-out images at fixed timesteps and fixed noise
+    # (validation_loss.py), so the same weights always score the same. The held-out images are a
+    # share of the instance images (drawn by --seed) or a folder of their own, never both.
+    validation_split: Optional[float] = None
+    validation_loss_data_dir: Optional[str] = None
+    validation_loss_steps: int = 100
     # Export
     skip_export_check: bool = False
 
@@ -222,6 +228,7 @@ class TrainConfig:
              f"--num_validation_images must be 0 or more, got {self.num_validation_images}")
         need(self.validation_inference_steps >= 1,
              f"--validation_inference_steps must be at least 1, got {self.validation_inference_steps}")
+        self._validate_validation_loss(need)
         need(self.snr_gamma is None or self.snr_gamma > 0, f"--snr_gamma must be positive, got {self.snr_gamma}")
         need(self.noise_offset >= 0, f"--noise_offset must be 0 or more, got {self.noise_offset}")
         need(self.max_grad_norm >= 0, f"--max_grad_norm must be 0 (off) or more, got {self.max_grad_norm}")
@@ -277,6 +284,29 @@ class TrainConfig:
         if self.validation_prompts and self.num_validation_images == 0:
             warnings.warn("--validation_prompt is ignored with --num_validation_images 0.")
         return self
+
+    @property
+    def uses_validation_loss(self) -> bool:
+        """Held-out images are given (`--validation_split` or `--validation_loss_data_dir`)."""
+        return self.validation_split is not None or bool(self.validation_loss_data_dir)
+
+    def _validate_validation_loss(self, need) -> None:
+        """`--validation_split` in (0, 1), `--validation_loss_steps` >= 1, a held-out folder that
+        exists and holds images, and not both sources of held-out images."""
+        from .data import list_image_files  # data.py imports this module
+
+        need(not (self.validation_split is not None and self.validation_loss_data_dir),
+             "--validation_split and --validation_loss_data_dir both give held-out images: use one of the two")
+        need(self.validation_split is None or 0 < self.validation_split < 1,
+             f"--validation_split must be between 0 and 1 (the share of instance images held out), "
+             f"got {self.validation_split}")
+        need(self.validation_loss_steps >= 1,
+             f"--validation_loss_steps must be at least 1, got {self.validation_loss_steps}")
+        folder = self.validation_loss_data_dir
+        if folder:
+            need(os.path.isdir(folder), f"--validation_loss_data_dir: folder {folder!r} does not exist")
+            need(bool(list_image_files(folder)),
+                 f"--validation_loss_data_dir: no PNG, JPEG or WebP image in folder {folder!r}")
 
     def _validate_buckets_and_cache(self, need) -> None:
         """Bucket range, latent caching (which needs the same pixels every step) and image sizes."""

@@ -52,7 +52,7 @@ from ..options import attach_grad_scaler, build_lr_scheduler, build_optimizer
 from .checkpoints import register_lora_checkpoint_hooks
 from .class_images import ensure_class_images
 from .config import TrainConfig
-from .data import ImageRecord, build_dataloader, check_instance_data, scan_class_images
+from .data import ImageRecord, build_dataloader, check_instance_data, scan_class_images, scan_instance_images
 from .export import (
     remove_stale_temporary_exports,
     save_diffusers_lora,
@@ -66,9 +66,13 @@ from .loss import denoising_loss
 from .models import DreamBoothModels, add_lora_adapters, load_models
 from .sdxl import check_flags_for_family, encode_prompts_sdxl, tokenize, unet_added_conditioning
 from .validation import VALIDATION_DIR, write_validation_images
+from .validation_loss import ValidationLossSet, split_holdout
+from .validation_loss_log import ValidationLossLog
 from .verify import verify_exports
 
 logger = logging.getLogger(__name__)
+# Class images (the first ones) the prior's validation loss is measured on, with prior preservation.
+PRIOR_VALIDATION_IMAGES = 4
 # Where the files of a run whose export check failed go, so none of them passes for a finished LoRA.
 EXPORT_CHECK_FAILED_DIR = "export-check-failed"
 
@@ -89,7 +93,10 @@ def train(config: TrainConfig, stop_event: Optional[threading.Event] = None) -> 
 
     Output files in `config.output_dir`: `pytorch_lora_weights.safetensors` (diffusers),
     `<output_name>.safetensors` (kohya/A1111), `README.md`, `checkpoint-<step>/` folders,
-    `validation/*.png` and tracker logs under `logs/`.
+    `validation/*.png` and tracker logs under `logs/`. With held-out images (`--validation_split`
+    or `--validation_loss_data_dir`), `validation_loss.jsonl` (one line per evaluation; events of
+    evaluated steps carry `validation_loss`) and the outputs "validation_loss" (its path) and
+    "best_validation_loss" (the record with the lowest loss).
 
     Raises `UserError` for problems the user can fix, `TrainingDiverged` (a `UserError`) when the
     loss or the weights stop being finite, and `UserError` when the export check finds that the
@@ -128,6 +135,9 @@ class _DreamBoothRun:
         self.dataset = None
         self.batch_sampler = None  # with --enable_bucket: one bucket per batch, reseeded each epoch
         self.prompt_cache: Optional[dict] = None  # prompt -> (hidden, pooled) with --cache_latents
+        self.holdout_records: list[ImageRecord] = []  # the validation loss's images
+        self.loss_sets: dict[str, ValidationLossSet] = {}  # "validation_loss" (and "prior_validation_loss")
+        self.loss_log: Optional[ValidationLossLog] = None
 
     # -- event helpers ---------------------------------------------------------------------------
     def _event(self, message: str = "", phase: str = "setup", **kw) -> TrainEvent:
@@ -139,6 +149,7 @@ class _DreamBoothRun:
         # Check the images before anything heavy: a bad folder fails in a fraction of a second.
         self.instance_records, warnings = check_instance_data(cfg)
         yield self._event(f"found {len(self.instance_records)} instance image(s)", warnings=warnings)
+        yield from self._hold_out()
         self.family = detect_family(cfg.pretrained_model_name_or_path, cfg.revision)
         check_flags_for_family(cfg, self.family)
         self._start_accelerator()
@@ -146,6 +157,7 @@ class _DreamBoothRun:
             yield from self._class_images()
         yield self._event(f"loading {cfg.pretrained_model_name_or_path}")
         self._load_models()
+        yield from self._build_validation_loss_sets()
         dataloader, updates_per_epoch = yield from self._data()
         dataloader, lr_scheduler = self._prepare(dataloader, self._lr_scheduler())
         yield from self._resume()
@@ -153,6 +165,30 @@ class _DreamBoothRun:
         yield from self._finish()
 
     # -- stages ----------------------------------------------------------------------------------
+    def _hold_out(self) -> Iterator[TrainEvent]:
+        """The validation loss's images: `--validation_split` takes a share of the instance images
+        out of training (drawn by `--seed`), `--validation_loss_data_dir` brings its own."""
+        cfg = self.config
+        if cfg.validation_split is not None:
+            n = len(self.instance_records)
+            if n < 2:
+                raise UserError(f"--validation_split needs at least 2 usable instance images to keep one for training, "
+                                f"found {n}: add images or give held-out ones with --validation_loss_data_dir")
+            self.instance_records, self.holdout_records = split_holdout(self.instance_records, cfg.validation_split,
+                                                                        seed=cfg.seed or 0)
+            yield self._event(f"holding out {len(self.holdout_records)} of {n} instance image(s) for the validation "
+                              f"loss, training on {len(self.instance_records)}")
+        elif cfg.validation_loss_data_dir:
+            records, warnings = scan_instance_images(folder=cfg.validation_loss_data_dir,
+                                                     flag="--validation_loss_data_dir")
+            uncaptioned = [r.path for r in records if not r.caption]
+            if uncaptioned and not cfg.instance_prompt:
+                raise UserError(f"--validation_loss_data_dir: {len(uncaptioned)} image(s) have no caption file "
+                                f"(<image>.txt), e.g. {os.path.basename(uncaptioned[0])!r}: add captions or give "
+                                "--instance_prompt")
+            self.holdout_records = records
+            yield self._event(f"found {len(records)} held-out image(s) for the validation loss", warnings=warnings)
+
     def _start_accelerator(self) -> None:
         """The output folder (cleared of what a killed run left half-written), the accelerator, seeds."""
         from accelerate.utils import ProjectConfiguration, set_seed
@@ -194,6 +230,31 @@ class _DreamBoothRun:
         # Checkpoints hold only the LoRA tensors (diffusers format), not the frozen model.
         register_lora_checkpoint_hooks(acc, self.models)
         self.optimizer = self._create_optimizer()
+
+    def _build_validation_loss_sets(self) -> Iterator[TrainEvent]:
+        """Encode the held-out images once (and, with prior preservation, the first class images),
+        with their fixed timesteps and noise; the main process evaluates them."""
+        cfg, models = self.config, self.models
+        if not self.holdout_records or not self.accelerator.is_main_process:
+            return
+        yield self._event(f"encoding {len(self.holdout_records)} held-out image(s) for the validation loss")
+        sets = {"validation_loss": ([r.path for r in self.holdout_records],
+                                    [r.caption or cfg.instance_prompt or "" for r in self.holdout_records])}
+        if cfg.with_prior_preservation and self.class_records:
+            prior = self.class_records[:PRIOR_VALIDATION_IMAGES]
+            sets["prior_validation_loss"] = ([r.path for r in prior], [r.caption or cfg.class_prompt for r in prior])
+        for key, (paths, captions) in sets.items():
+            self.loss_sets[key] = ValidationLossSet.from_images(paths, captions, models.vae, models.noise_scheduler,
+                                                                resolution=cfg.resolution)
+
+    def _evaluate_validation_loss(self) -> dict:
+        """Score the held-out sets with the current weights; the record goes to
+        `validation_loss.jsonl` and to the tracker beside the training loss."""
+        view = self.models.unwrapped(self.accelerator)
+        values = {key: vset.evaluate(view) for key, vset in self.loss_sets.items()}
+        record = self.loss_log.add(self.global_step, values["validation_loss"], values.get("prior_validation_loss"))
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.global_step)
+        return record
 
     def _create_optimizer(self):
         cfg, acc = self.config, self.accelerator
@@ -305,6 +366,11 @@ class _DreamBoothRun:
     def _train_loop(self, dataloader, lr_scheduler, updates_per_epoch: int) -> Iterator[TrainEvent]:
         cfg, acc = self.config, self.accelerator
         yield self._event(f"training {self.max_steps} steps ({self.max_steps - self.global_step} to go)", phase="train")
+        if self.loss_sets:  # the starting point: the base model's (or the resumed weights') loss
+            self.loss_log = ValidationLossLog(cfg.output_dir, start_step=self.global_step)
+            record = self._evaluate_validation_loss()
+            yield self._event(phase="eval", validation_loss=record["validation_loss"],
+                              prior_validation_loss=record.get("prior_validation_loss"))
         steps = training_steps(
             acc, models=self.models.trained, dataloader=dataloader, optimizer=self.optimizer,
             lr_scheduler=lr_scheduler, compute_loss=self._loss, start_step=self.global_step,
@@ -324,6 +390,10 @@ class _DreamBoothRun:
             if (cfg.validation_steps and self.global_step % cfg.validation_steps == 0 and not last
                     and not self.stop_event.is_set()):
                 event.samples = self._validate()
+            if self.loss_log is not None and (self.global_step % cfg.validation_loss_steps == 0 or last):
+                record = self._evaluate_validation_loss()
+                event.validation_loss = record["validation_loss"]
+                event.prior_validation_loss = record.get("prior_validation_loss")
             yield event
 
     def _set_epoch(self, epoch: int) -> None:
@@ -368,6 +438,14 @@ class _DreamBoothRun:
                               peak_memory_bytes=peak_memory_bytes(acc.device),
                               wall_time=time.perf_counter() - self.start_time)
             return
+        final_loss: dict = {}
+        if self.loss_log is not None:
+            if self.loss_log.last_step != self.global_step:  # a stopped run: score the weights it keeps
+                record = self._evaluate_validation_loss()
+                final_loss = {"validation_loss": record["validation_loss"],
+                              "prior_validation_loss": record.get("prior_validation_loss")}
+            outputs["validation_loss"] = self.loss_log.path
+            outputs["best_validation_loss"] = self.loss_log.best()
         if acc.is_main_process:
             if not stopped and cfg.validation_prompts and cfg.num_validation_images:
                 yield self._event("making validation images", phase="validation")
@@ -394,8 +472,12 @@ class _DreamBoothRun:
         message = ("stopped" if stopped else "finished") + f" at step {self.global_step}"
         if outputs.get("verified"):
             message += f"; {outputs['verified']}"
+        best = outputs.get("best_validation_loss")
+        if best:
+            message += f"; best validation loss {best['validation_loss']:.5f} at step {best['step']}"
         yield self._event(message, phase="done", done=True, outputs=outputs, samples=samples, stopped=stopped,
-                          peak_memory_bytes=peak_memory_bytes(acc.device), wall_time=wall, warnings=warnings)
+                          peak_memory_bytes=peak_memory_bytes(acc.device), wall_time=wall, warnings=warnings,
+                          **final_loss)
 
     def _check_exports(self, outputs: dict) -> list[str]:
         """Reload both files into a fresh base model and compare with the trained one; the result goes

@@ -29,10 +29,15 @@ def finetune(config: FinetuneConfig) -> dict:
                 bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}")
             elif event.message and not event.done and event.phase == "setup" and is_main:
                 print(event.message, flush=True)
+            if event.validation_loss is not None and is_main:
+                (bar.write if bar is not None else print)(f"eval_loss {event.validation_loss:.5f} at step {event.step}")
     finally:
         if bar is not None:
             bar.close()
     if is_main:
+        if "best_eval_loss_step" in last.summary:
+            print(f"best eval_loss {last.summary['best_eval_loss']:.5f} at step {last.summary['best_eval_loss_step']}",
+                  flush=True)
         print(json.dumps(_json_safe(last.metrics), indent=None), flush=True)
     return last.summary
 

@@ -47,6 +47,7 @@ class FinetuneConfig:
     max_eval_samples: Optional[int] = None
     checkpointing_steps: Optional[int] = None
     checkpoints_total_limit: Optional[int] = None
+    eval_steps: Optional[int] = None  # the held-out loss every N steps (and at the start and the end)
     resume_from_checkpoint: Optional[str] = None  # "latest", a checkpoint name or a path
     cpu: bool = False
     gguf_file: Optional[str] = None  # a GGUF checkpoint inside model_name_or_path (dequantized to fp32)
@@ -62,6 +63,8 @@ class FinetuneConfig:
         check_number_fields(self)
         check_seed(self.seed)
         check_output_dir(self.output_dir)
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise UserError(f"--eval_steps must be at least 1, got {self.eval_steps}")
         if (self.train_file is None) != (self.validation_file is None):
             raise UserError("--train_file and --validation_file must be given together")
         if self.validation_mismatched_file and spec.name != "glue:mnli":

@@ -33,6 +33,33 @@ def evaluate_glue(model, dataloader, accelerator, spec: TaskSpec) -> dict:
 
 
 @torch.no_grad()
+def heldout_loss(model, dataloader, accelerator, spec: TaskSpec) -> float:
+    """The mean loss per example over a prepared dataloader with labels (GLUE: the head's cross
+    entropy, or squared error for regression; causal LM: each example's mean token cross entropy),
+    gathered across processes. Deterministic: eval mode, no sampling."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for batch in dataloader:
+        with accelerator.autocast():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        labels = batch["labels"]
+        if spec.family == "glue" and spec.is_regression:
+            per_example = (logits.squeeze(-1) - labels.float()) ** 2
+        elif spec.family == "glue":
+            per_example = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        else:  # next-token prediction, ignoring the padded and prompt positions (-100)
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            token = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
+                                                      ignore_index=-100, reduction="none")
+            counted = (shift_labels != -100).sum(dim=1).clamp(min=1)
+            per_example = token.sum(dim=1) / counted
+        losses.append(accelerator.gather_for_metrics(per_example).cpu())
+    model.train(was_training)
+    return float(torch.cat(losses).double().mean())
+
+
+@torch.no_grad()
 def generate_answers(model, dataloader, accelerator, tokenizer, max_new_tokens: int) -> list[dict]:
     """Greedy completions of left-padded prompt batches: [{"index", "completion"}] over all processes."""
     unwrapped = accelerator.unwrap_model(model)

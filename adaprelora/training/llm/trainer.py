@@ -8,7 +8,7 @@ metric, and the outputs in `output_dir`:
     adapter_config.json, adapter_model.safetensors   the PEFT adapter (GLUE: with the classifier head)
     metrics.json        final eval metrics (names as the `evaluate` GLUE metric reports them; GSM8K:
                         `accuracy`), train loss, steps, wall time, peak memory
-    loss_log.jsonl      one line per optimizer step: step, loss, lr, epoch
+    loss_log.jsonl      one line per optimizer step: step, loss, lr, epoch (and eval_loss with --eval_steps)
     checkpoint-<step>/  optimizer, scheduler, RNG and trainable weights (`--checkpointing_steps`)
     eval_predictions.jsonl  GSM8K only: each generated answer and its extracted number
 
@@ -40,7 +40,7 @@ from ..loop import TrainEvent, make_accelerator, peak_memory_bytes, release_acce
 from ..options import attach_grad_scaler, build_lr_scheduler, build_optimizer
 from .config import FinetuneConfig
 from .data import CausalLMCollator, load_task_splits, tokenize_glue, tokenize_gsm8k_eval, tokenize_gsm8k_train
-from .eval import evaluate_glue, evaluate_gsm8k
+from .eval import evaluate_glue, evaluate_gsm8k, heldout_loss
 from .model import build_lora_model, load_tokenizer, load_trainable_weights, save_trainable_weights
 from .tasks import EVAL_SUFFIXES, TaskSpec
 
@@ -97,6 +97,9 @@ class _FinetuneRun:
         self.model = None
         self.optimizer = None
         self.loss_log_path = os.path.join(config.output_dir, LOSS_LOG_NAME)
+        self.loss_data = None  # with --eval_steps: the evaluation split with labels, for the held-out loss
+        self.loss_loader = None
+        self.eval_history: list[dict] = []  # {"step", "eval_loss"} per evaluation
 
     def _event(self, message: str = "", phase: str = "setup", **kw) -> TrainEvent:
         return TrainEvent(step=self.global_step, max_steps=self.max_steps, message=message, phase=phase, **kw)
@@ -148,6 +151,10 @@ class _FinetuneRun:
                 self.train_data = tokenize_gsm8k_train(splits[spec.train_split], tokenizer, cfg.max_seq_length)
                 self.eval_data = {s: tokenize_gsm8k_eval(splits[s], tokenizer, cfg.max_seq_length)
                                   for s in spec.eval_splits if s in splits}
+            if cfg.eval_steps:  # the first evaluation split, with its answers as labels
+                split = next(s for s in spec.eval_splits if s in splits)
+                self.loss_data = (self.eval_data[split] if spec.family == "glue"
+                                  else tokenize_gsm8k_train(splits[split], tokenizer, cfg.max_seq_length))
 
     def _build_model(self) -> tuple[int, int]:
         """The model with its LoRA adapter, and the optimizer (created on the model that runs:
@@ -178,6 +185,9 @@ class _FinetuneRun:
                                   generator=torch.Generator().manual_seed(cfg.seed))
         eval_loaders = {s: DataLoader(d.with_format(None), batch_size=eval_batch, collate_fn=eval_collate)
                         for s, d in self.eval_data.items()}
+        if self.loss_data is not None:
+            self.loss_loader = DataLoader(self.loss_data.with_format(None), batch_size=eval_batch,
+                                          collate_fn=train_collate)
         steps_per_epoch = math.ceil(math.ceil(len(train_loader) / acc.num_processes) / cfg.gradient_accumulation_steps)
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
         return train_loader, eval_loaders, steps_per_epoch
@@ -194,6 +204,8 @@ class _FinetuneRun:
         self.model, self.optimizer, train_loader, scheduler = acc.prepare(self.model, self.optimizer, train_loader,
                                                                           scheduler)
         eval_loaders = {s: acc.prepare(loader) for s, loader in eval_loaders.items()}
+        if self.loss_loader is not None:
+            self.loss_loader = acc.prepare(self.loss_loader)
         if acc.mixed_precision == "fp16":
             attach_grad_scaler(self.optimizer, acc.scaler)
         # Checkpoints hold only the trained tensors, not the frozen base model.
@@ -208,6 +220,8 @@ class _FinetuneRun:
             load_checkpoint(self.accelerator, path)
         if self.accelerator.is_main_process:  # drop the log lines of steps a resumed run redoes
             kept = _read_loss_log(self.loss_log_path, up_to_step=self.global_step) if resume else []
+            self.eval_history = [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in kept
+                                 if "eval_loss" in r and r["step"] < self.global_step]
             with open(self.loss_log_path, "w") as fh:
                 fh.writelines(json.dumps(row) + "\n" for row in kept)
 
@@ -223,16 +237,28 @@ class _FinetuneRun:
             updates_per_epoch=steps_per_epoch, stop_event=self.stop_event, clip_parameters=model.parameters(),
             max_grad_norm=cfg.max_grad_norm, reduce_loss=True,
         )
+        if self.loss_loader is not None:  # the starting point: the base model's (or the resumed) loss
+            yield self._event(phase="eval", validation_loss=self._evaluate_loss())
         for event in steps:
             self.global_step = event.step
+            row = {"step": self.global_step, "loss": event.loss, "lr": event.lr,
+                   "epoch": round(self.global_step / steps_per_epoch, 4)}
+            if self.loss_loader is not None and (self.global_step % cfg.eval_steps == 0
+                                                 or self.global_step >= self.max_steps or self.stop_event.is_set()):
+                row["eval_loss"] = event.validation_loss = self._evaluate_loss()
             if acc.is_main_process:
                 with open(self.loss_log_path, "a") as fh:
-                    fh.write(json.dumps({"step": self.global_step, "loss": event.loss, "lr": event.lr,
-                                         "epoch": round(self.global_step / steps_per_epoch, 4)}) + "\n")
+                    fh.write(json.dumps(row) + "\n")
             if cfg.checkpointing_steps and self.global_step % cfg.checkpointing_steps == 0:
                 event.checkpoint = save_checkpoint(acc, cfg.output_dir, self.global_step, cfg.checkpoints_total_limit)
             yield event
         return time.perf_counter() - train_start
+
+    def _evaluate_loss(self) -> float:
+        """The held-out loss of the current weights (every process takes part); kept in `eval_history`."""
+        value = heldout_loss(self.model, self.loss_loader, self.accelerator, self.spec)
+        self.eval_history.append({"step": self.global_step, "eval_loss": value})
+        return value
 
     def _evaluate(self, eval_loaders: dict) -> tuple[dict, dict]:
         """(each split's metrics, suffixed as `EVAL_SUFFIXES` says; each split's example count)."""
@@ -266,6 +292,7 @@ class _FinetuneRun:
             "optimizer_args": cfg.optimizer_args,
             **results,
             **eval_counts,
+            **self._eval_loss_summary(),
             "train_loss": sum(row["loss"] for row in log) / len(log) if log else None,
             "last_train_loss": log[-1]["loss"] if log else None,
             "global_step": self.global_step,
@@ -291,6 +318,14 @@ class _FinetuneRun:
                            done=True, stopped=stopped, outputs=outputs, metrics=results, summary=summary,
                            peak_memory_bytes=summary["peak_memory_bytes"],
                            wall_time=time.perf_counter() - self.start_time)
+
+    def _eval_loss_summary(self) -> dict:
+        """With `--eval_steps`: the last held-out loss, the step of the lowest and every evaluation."""
+        if not self.eval_history:
+            return {}
+        best = min(self.eval_history, key=lambda r: (r["eval_loss"], r["step"]))
+        return {"eval_loss": self.eval_history[-1]["eval_loss"], "best_eval_loss": best["eval_loss"],
+                "best_eval_loss_step": best["step"], "eval_loss_history": list(self.eval_history)}
 
     def close(self) -> None:
         """Free the accelerator's singleton state, so another run can start in this process."""
