@@ -73,6 +73,7 @@ def _vset(models, **kw):
                                          resolution=RES, **kw)
 
 
+@pytest.mark.slow
 def test_same_weights_same_value_whatever_the_global_rng():
     models = _sd_models()
     vset = _vset(models)
@@ -147,6 +148,7 @@ def _reference_loss(models, vset, images, prediction_type):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.slow
 def test_value_equals_float64_reference(prediction_type):
     models = _sd_models(prediction_type)
     vset = _vset(models)
