@@ -56,6 +56,7 @@ def _example_pictures():
     return [Image.open(p).convert("RGB") for p in example_images()]
 
 
+@pytest.mark.slow
 def test_train_the_example_then_generate_the_subject_only_with_the_lora(app):
     client = app["client"]
     files = example_images()
