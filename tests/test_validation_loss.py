@@ -24,6 +24,7 @@ from adaprelora.training.dreambooth.validation_loss import (  # noqa: E402
 from adaprelora.training.errors import UserError  # noqa: E402
 
 RES = 32
+SIZE = (40, 36)  # (width, height): resized to cover 32 x 32 and cropped, so the crop is not (0, 0)
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +35,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-SIZE = (40, 36)  # (width, height): resized to cover 32 x 32 and cropped, so the crop is not (0, 0)
 
 
 def _disc_images(count: int, seed: int) -> list:
