@@ -416,15 +416,15 @@ def test_bare_parameter_lists_with_pairs_and_param_groups():
 @pytest.mark.parametrize("variant", ["adamw", "sgd"])
 def test_pair_split_over_param_groups_steps_B_with_its_groups_lr(variant):
     """kohya's LoRA+ puts every B (lora_up) in a group of its own with lr * ratio: B's factor
-    update uses B's group lr, every other hyperparameter comes from A's group; a pair whose
-    factors share one group is bucketed apart from it even at equal shapes."""
+    update uses B's group lr (its weight decay step included), the groups' common settings the
+    rest; a pair whose factors share one group is bucketed apart from it even at equal shapes."""
     rng = np.random.default_rng(4)
     m, n, r, s = 9, 7, 3, 1.3
     A0, B0 = rng.standard_normal((r, n)), rng.standard_normal((m, r))
     A, B = nn.Parameter(torch.tensor(A0)), nn.Parameter(torch.tensor(B0))
     A2, B2 = nn.Parameter(torch.tensor(A0)), nn.Parameter(torch.tensor(B0))  # same pair, one group
     lr, ratio, wd = (0.02, 4.0, 0.05) if variant == "adamw" else (0.01, 3.0, 0.02)
-    opt = AdaPreLoRA([{"params": [A, A2, B2]}, {"params": [B], "lr": lr * ratio, "weight_decay": 0.7, "damping": 5.0}],
+    opt = AdaPreLoRA([{"params": [A, A2, B2]}, {"params": [B], "lr": lr * ratio}],
                      lr=lr, variant=variant, weight_decay=wd, pairs=[(A, B, s), (A2, B2, s)])
     state, Ar, Br, same, Asr, Bsr = {}, A0, B0, {}, A0, B0
     for step in range(4):
