@@ -109,7 +109,7 @@ def make_optimizer(name, model, lr=1e-4):
     return create_optimizer("adaprelora" if name == "adaprelora-tangent" else name, model, lr=lr, **kwargs)
 
 
-def bench_set(set_name, shapes, r, names, tokens, text_tokens, repeats):
+def bench_set(set_name, shapes, r, names, tokens, text_tokens, repeats, train_step=True):
     """step() alone and the whole train step of every optimizer, each on its own copy of the
     model, timed in interleaved rounds (`interleaved_medians`)."""
     inputs = make_inputs(shapes, tokens, text_tokens)
@@ -145,7 +145,7 @@ def bench_set(set_name, shapes, r, names, tokens, text_tokens, repeats):
     step_t = interleaved_medians(step_fns, max(repeats, 5))
     for opt, _ in opts.values():  # the train step starts from fresh gradients
         opt.zero_grad()
-    train_t = interleaved_medians(train_fns, repeats)
+    train_t = interleaved_medians(train_fns, repeats) if train_step else {name: float("nan") for name in train_fns}
     rows = []
     for name, (opt, model) in opts.items():
         pairs = sum(1 for n, _ in model.named_parameters() if "lora_A" in n)
@@ -173,6 +173,7 @@ def main(argv=None):
     ap.add_argument("--llama_tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--no_train_step", action="store_true", help="time step() alone (the train step is the slow part)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "optimizer_step.json"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -191,7 +192,7 @@ def main(argv=None):
     print(f"# optimizer_step on {machine}")
     rows = []
     for set_name, shapes, r, tokens in configs:
-        rows += bench_set(set_name, shapes, r, names, tokens, args.text_tokens, repeats)
+        rows += bench_set(set_name, shapes, r, names, tokens, args.text_tokens, repeats, not args.no_train_step)
     print()
     print(f"{'set':6s} {'r':>3s} {'optimizer':20s} {'step ms':>9s} {'x AdamW':>8s} {'train ms':>9s} {'x AdamW':>8s} "
           f"{'state MiB':>10s} {'extra floats':>13s}")
