@@ -130,7 +130,9 @@ BAD_FLAGS = {  # through the CLI; the other checks of validate() in process belo
 
 @pytest.mark.parametrize("case", list(BAD_FLAGS))
 @pytest.mark.slow
-def test_bad_validation_loss_flags_are_one_clear_line(case, launch, tiny_sd, instance_dir, write_images, tmp_path):
+def test_bad_validation_loss_flags_are_one_clear_line(case, tiny_sd, instance_dir, write_images, tmp_path):
+    """Run as `python train_dreambooth.py` (one device): `accelerate launch` turns every non-zero exit
+    of the script into 1, and the script's own code is what a caller of the script sees."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     write_images(tmp_path / "single", [(32, 32)])
@@ -139,7 +141,9 @@ def test_bad_validation_loss_flags_are_one_clear_line(case, launch, tiny_sd, ins
     base = ["--pretrained_model_name_or_path", tiny_sd, "--instance_data_dir", instance_dir,
             "--instance_prompt", "a photo of sks toy", "--output_dir", str(tmp_path / "out"),
             "--resolution", "32", "--max_train_steps", "1"]
-    proc = launch(base + args, expect_ok=False)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"), *base, *args], env=env, cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=480)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -305,3 +309,42 @@ def test_heldout_loss_matches_a_float64_reference_per_example(task, tiny_llama):
                 batch["labels"] = batch["labels"].double()
             per_example.append(float(reference(**batch).loss))
     assert value == pytest.approx(sum(per_example) / len(per_example), rel=1e-5, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The app's loss chart
+
+
+def test_the_loss_chart_draws_the_validation_loss_as_its_own_curve():
+    from adaprelora.app.jobs import loss_frame
+
+    frame = loss_frame([(1, 1.0), (2, 0.5)], [(0, 0.9), (2, 0.7)])
+    validation = frame[frame["curve"] == "validation"]
+    assert validation[["step", "loss"]].values.tolist() == [[0, 0.9], [2, 0.7]]
+    assert frame[frame["curve"] == "loss"]["loss"].tolist() == [1.0, 0.5]
+    assert frame[frame["curve"] == "smoothed"]["loss"].tolist() == pytest.approx([1.0, 0.95])
+    assert set(loss_frame([(1, 1.0)])["curve"]) == {"loss", "smoothed"}, "no held-out images: no third curve"
+
+
+@pytest.mark.slow
+def test_an_app_run_with_held_out_images_charts_them_and_names_the_best_step(tiny_sd, instance_dir, tmp_path):
+    from adaprelora.app.jobs import TrainingJob, TrainingRun
+    from adaprelora.app.store import LoraStore
+    from adaprelora.training.dreambooth import TrainConfig
+
+    store = LoraStore(str(tmp_path / "loras"))
+    info = store.create("held-out", {})
+    config = TrainConfig(pretrained_model_name_or_path=tiny_sd, instance_data_dir=instance_dir,
+                         instance_prompt="a photo of sks toy", output_dir=info.path, resolution=32,
+                         train_batch_size=1, max_train_steps=2, seed=0, report_to="none", optimizer="adamw",
+                         learning_rate=1e-2, validation_split=0.34, validation_loss_steps=1, skip_export_check=True)
+    updates = list(TrainingRun(store, info, config, TrainingJob(name=info.name)).updates(lambda *a, **k: None))
+    final = updates[-1]
+    records = _records(Path(info.path))
+    frame = final["loss_plot"]
+    validation = frame[frame["curve"] == "validation"]
+    assert validation[["step", "loss"]].values.tolist() == [[r["step"], r["validation_loss"]] for r in records]
+    best = min(records, key=lambda r: r["validation_loss"])
+    summary = final["summary"]
+    assert (summary["best_validation_step"], summary["best_validation_loss"]) == (best["step"],
+                                                                                   best["validation_loss"])

@@ -70,8 +70,9 @@ def format_eta(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m" if hours else (f"{minutes}m {secs:02d}s" if minutes else f"{secs}s")
 
 
-def loss_frame(history: list[tuple[int, float]]):
-    """The loss curve as a long table: the raw loss and its running mean (EMA 0.9).
+def loss_frame(history: list[tuple[int, float]], validation: Optional[list[tuple[int, float]]] = None):
+    """The loss curve as a long table: the raw loss and its running mean (EMA 0.9), and the
+    held-out loss (`validation`: (step, value) of each evaluation) as a third curve when given.
 
     Without any point yet the plot is left alone: a first empty table would fix the plot's column
     types and series before there is data, and the lines would then never be drawn."""
@@ -84,6 +85,7 @@ def loss_frame(history: list[tuple[int, float]]):
         ema = loss if ema is None else 0.9 * ema + 0.1 * loss
         rows.append({"step": step, "loss": loss, "curve": "loss"})
         rows.append({"step": step, "loss": ema, "curve": "smoothed"})
+    rows.extend({"step": step, "loss": value, "curve": "validation"} for step, value in validation or [])
     return pd.DataFrame(rows, columns=["step", "loss", "curve"])
 
 
@@ -110,6 +112,7 @@ class TrainingRun:
     def __init__(self, store: LoraStore, info: LoraInfo, config, job: TrainingJob):
         self.store, self.info, self.config, self.job = store, info, config, job
         self.history: list[tuple[int, float]] = []
+        self.validation_history: list[tuple[int, float]] = []  # (step, held-out loss) per evaluation
         self.samples: list[tuple[str, str]] = []
         self.last = None
         self.status = FAILED
@@ -162,13 +165,15 @@ class TrainingRun:
         step, max_steps = event.step, event.max_steps or self.config.max_train_steps
         if event.loss is not None and math.isfinite(event.loss) and (not self.history or self.history[-1][0] != step):
             self.history.append((step, float(event.loss)))
+        if event.validation_loss is not None and math.isfinite(event.validation_loss):
+            self.validation_history.append((step, float(event.validation_loss)))
         new_samples = self._take_samples(event)
         for warning in event.warnings:
             gr.Warning(str(warning))
         text = progress_text(self.info.name, event, max_steps)
         if max_steps:
             progress((step, max_steps), desc=text.replace("**", ""), unit="steps")
-        update = {"status": text, "loss_plot": loss_frame(self.history)}
+        update = {"status": text, "loss_plot": loss_frame(self.history, self.validation_history)}
         if new_samples:
             update["samples"] = self.samples[-MAX_SAMPLES_SHOWN:]
         return update
@@ -197,13 +202,20 @@ class TrainingRun:
         verified = (self.last.outputs.get("verified") if self.last is not None else None) or ""
         if verified:
             summary["verified"] = verified
+        best = self.last.outputs.get("best_validation_loss") if self.last is not None else None
+        if best:
+            summary["best_validation_step"] = best["step"]
+            summary["best_validation_loss"] = best["validation_loss"]
+        if self.last is not None and self.last.validation_loss is not None:  # a stopped run's last evaluation
+            self.validation_history.append((self.last.step, float(self.last.validation_loss)))
         for warning in (self.last.warnings if self.last is not None and self.last.done else []):
             gr.Warning(str(warning))
         verb = "stopped" if self.status == STOPPED else "finished"
         return {"status": f"Training of **{self.info.name}** {verb} at step {steps}"
                           + (f" ({verified})" if verified else "")
                           + ". Download the files below, or use it in the Generate tab.",
-                "loss_plot": loss_frame(self.history), "samples": self.samples[-MAX_SAMPLES_SHOWN:],
+                "loss_plot": loss_frame(self.history, self.validation_history),
+                "samples": self.samples[-MAX_SAMPLES_SHOWN:],
                 "diffusers": file_update(diffusers_file), "kohya": file_update(kohya_file),
                 "summary": summary, "job": self.job}
 
