@@ -179,6 +179,8 @@ def verify_exports(cfg, files: dict[str, str], unet, text_encoders, tokenizers, 
         try:
             pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
                                    adapter_name=f"check_{kind}")
+            for model in (pipe.unet, *fresh_encoders):  # new LoRA layers (and their dropout) start in train mode
+                model.eval()
             loaded = _outputs(pipe.unet, fresh_encoders, inputs, family.sdxl)
             diff = max(float((loaded[k] - trained[k]).abs().max()) for k in compared)
             report.files.append(FileCheck(kind, ok=diff <= tolerance, max_diff=diff, tolerance=tolerance))
