@@ -11,16 +11,14 @@ The logic lives in adaprelora/training/llm/.
 """
 from __future__ import annotations
 
-import argparse
-
-from adaprelora.training.errors import run_cli
+from adaprelora.training.errors import UserErrorArgumentParser, run_cli
 from adaprelora.training.llm import LR_SCHEDULERS, TASK_NAMES, FinetuneConfig, finetune
 from adaprelora.training.options import ConfigFlags, parse_optimizer_args
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> UserErrorArgumentParser:
     """The command line, each default read from `FinetuneConfig`'s field."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = UserErrorArgumentParser(description=__doc__.splitlines()[0])
     flag = ConfigFlags(p, FinetuneConfig).add
     flag("task", type=str, required=True, help=f"One of: {', '.join(TASK_NAMES)}.")
     flag("model_name_or_path", type=str, required=True, help="Hub id or local folder of the base model.")
