@@ -20,6 +20,7 @@ from adaprelora.training.dreambooth.config import (
     REPORT_TO,
     TrainConfig,
 )
+from adaprelora.training.ema import EMA_WARMUPS
 from adaprelora.training.errors import UserErrorArgumentParser, run_cli
 from adaprelora.training.options import LR_SCHEDULERS, ConfigFlags, parse_optimizer_args
 
@@ -149,6 +150,22 @@ def build_parser() -> UserErrorArgumentParser:
     flag("skip_export_check", action="store_true",
         help="Do not reload the written LoRA files into a fresh base model to check that they reproduce the "
              "trained model (the check runs by default at the end of every run).")
+    # EMA of the LoRA weights
+    flag("use_ema", action="store_true",
+        help="Keep an exponential moving average (fp32) of the trained LoRA tensors: validation images, the "
+             "validation loss and both exported files come from it (docs/dreambooth.md, \"EMA of the LoRA weights\").")
+    flag("ema_decay", type=float, metavar="D",
+        help="The EMA's decay once warmed up, between 0 and 1 (with --use_ema).")
+    flag("ema_warmup", type=str, choices=EMA_WARMUPS,
+        help="ratio: the decay of update t is min(--ema_decay, (1+t)/(10+t)) (OneTrainer's and diffusers' "
+             "default); none: --ema_decay from the start (with --use_ema).")
+    flag("ema_update_after_step", type=int, metavar="N",
+        help="The EMA copies the weights for the first N steps and averages from then on (with --use_ema).")
+    flag("ema_cpu", action="store_true",
+        help="Keep the EMA in CPU memory instead of the accelerator's (a copy per step; with --use_ema).")
+    flag("ema_save_raw", action="store_true",
+        help="Also write the last step's weights without EMA: pytorch_lora_weights_raw.safetensors and "
+             "<output_name>_raw.safetensors (with --use_ema).")
     return parser
 
 

@@ -2,8 +2,9 @@
 
 A checkpoint is `accelerator.save_state` (optimizer, scheduler, RNG) whose model weights are
 replaced by the trained tensors alone: `register_checkpoint_hooks` takes each trainer's own
-save/load functions for those. Folders are written under a temporary name and renamed when
-complete, so every `checkpoint-*` folder loads; temporaries a killed run left are removed at start.
+save/load functions for those; `save_checkpoint` adds what else a trainer keeps (the EMA of the
+weights). Folders are written under a temporary name and renamed when complete, so every
+`checkpoint-*` folder loads; temporaries a killed run left are removed at start.
 
 The output folder itself is checked before a run loads anything (`check_output_dir`); files that
 must not pass for a finished result are moved aside (`set_aside`); resuming with another LoRA rank
@@ -129,14 +130,23 @@ def remove_stale_temporary_checkpoints(output_dir: str) -> None:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int]) -> Optional[str]:
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int],
+                    save_extra: Optional[Callable[[str], None]] = None) -> Optional[str]:
     """Write `checkpoint-<step>/` (main process; None elsewhere), first rotating old ones out so
-    that at most `total_limit` remain. Every process calls it: it waits for the others around."""
+    that at most `total_limit` remain. `save_extra(folder)` adds a trainer's own state (e.g. the
+    EMA of the weights) to the folder before it gets its final name. Every process calls it: it
+    waits for the others around."""
     path = None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         rotate_checkpoints(output_dir, total_limit, about_to_save=True)
-        path = save_checkpoint_atomically(accelerator.save_state, output_dir, step)
+
+        def save(folder: str) -> None:
+            accelerator.save_state(folder)
+            if save_extra is not None:
+                save_extra(folder)
+
+        path = save_checkpoint_atomically(save, output_dir, step)
     accelerator.wait_for_everyone()
     return path
 

@@ -131,6 +131,13 @@ class TrainConfig:
     validation_loss_steps: int = 100
     # Export
     skip_export_check: bool = False
+    # EMA of the LoRA weights (training/ema.py): samples, validation loss and the files come from it
+    use_ema: bool = False
+    ema_decay: float = 0.999
+    ema_warmup: str = "ratio"
+    ema_update_after_step: int = 0
+    ema_cpu: bool = False
+    ema_save_raw: bool = False
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "TrainConfig":
@@ -277,6 +284,7 @@ class TrainConfig:
                 warnings.warn("You need not use --class_prompt without --with_prior_preservation.")
 
         self._validate_buckets_and_cache(need)
+        self._validate_ema(need)
 
         if self.instance_captions:
             unknown = set(self.instance_captions) - set(self.instance_images or [])
@@ -337,6 +345,24 @@ class TrainConfig:
             need(self.center_crop,
                  f"{flag} encodes every image once, so it needs --center_crop (without it every step takes a "
                  "new random crop)")
+
+    def _validate_ema(self, need) -> None:
+        """`--ema_decay` in (0, 1), a known `--ema_warmup`, `--ema_update_after_step` >= 0; the other
+        EMA flags without `--use_ema` only warn (they change nothing)."""
+        from ..ema import EMA_WARMUPS
+
+        need(0 < self.ema_decay < 1,
+             f"--ema_decay must be between 0 and 1 (exclusive; e.g. 0.999), got {self.ema_decay}")
+        need(self.ema_warmup in EMA_WARMUPS,
+             f"--ema_warmup {self.ema_warmup!r} is not one of: {', '.join(EMA_WARMUPS)}")
+        need(self.ema_update_after_step >= 0,
+             f"--ema_update_after_step must be 0 or more, got {self.ema_update_after_step}")
+        if not self.use_ema:
+            given = [f"--{name}" for name, default in (("ema_decay", 0.999), ("ema_warmup", "ratio"),
+                                                       ("ema_update_after_step", 0), ("ema_cpu", False),
+                                                       ("ema_save_raw", False)) if getattr(self, name) != default]
+            if given:
+                warnings.warn(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without --use_ema.")
 
 
 __all__ = ["TrainConfig", "MIXED_PRECISION", "REPORT_TO", "INTERPOLATION_MODES", "PRIOR_GENERATION_PRECISION",

@@ -30,6 +30,8 @@ preservation), `checkpoints` (LoRA-only checkpoints), `validation` and `export`.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
@@ -46,6 +48,7 @@ from ..checkpoints import (
     save_checkpoint,
     set_aside,
 )
+from ..ema import EMA_STATE_FILE, ParameterEMA, load_ema, save_ema
 from ..errors import UserError
 from ..loop import TrainEvent, make_accelerator, peak_memory_bytes, release_accelerator, training_steps
 from ..options import attach_grad_scaler, build_lr_scheduler, build_optimizer
@@ -75,6 +78,9 @@ logger = logging.getLogger(__name__)
 PRIOR_VALIDATION_IMAGES = 4
 # Where the files of a run whose export check failed go, so none of them passes for a finished LoRA.
 EXPORT_CHECK_FAILED_DIR = "export-check-failed"
+# --use_ema --ema_save_raw: the diffusers file of the weights without EMA (diffusers' loader, given the
+# folder, still picks pytorch_lora_weights.safetensors).
+RAW_DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights_raw.safetensors"
 
 
 def train(config: TrainConfig, stop_event: Optional[threading.Event] = None) -> Iterator[TrainEvent]:
@@ -93,7 +99,11 @@ def train(config: TrainConfig, stop_event: Optional[threading.Event] = None) -> 
 
     Output files in `config.output_dir`: `pytorch_lora_weights.safetensors` (diffusers),
     `<output_name>.safetensors` (kohya/A1111), `README.md`, `checkpoint-<step>/` folders,
-    `validation/*.png` and tracker logs under `logs/`. With held-out images (`--validation_split`
+    `validation/*.png` and tracker logs under `logs/`. With `--use_ema` the samples, the validation
+    loss and both files hold the EMA of the weights ("ema" in `outputs`: its decay and update count),
+    every checkpoint its state (`ema_state.safetensors`), and with `--ema_save_raw` the last step's
+    own weights go to `pytorch_lora_weights_raw.safetensors` and `<output_name>_raw.safetensors`
+    (outputs "diffusers_raw", "kohya_raw"). With held-out images (`--validation_split`
     or `--validation_loss_data_dir`), `validation_loss.jsonl` (one line per evaluation; events of
     evaluated steps carry `validation_loss`) and the outputs "validation_loss" (its path) and
     "best_validation_loss" (the record with the lowest loss).
@@ -138,6 +148,7 @@ class _DreamBoothRun:
         self.holdout_records: list[ImageRecord] = []  # the validation loss's images
         self.loss_sets: dict[str, ValidationLossSet] = {}  # "validation_loss" (and "prior_validation_loss")
         self.loss_log: Optional[ValidationLossLog] = None
+        self.ema: Optional[ParameterEMA] = None  # --use_ema: the average of the trained tensors
 
     # -- event helpers ---------------------------------------------------------------------------
     def _event(self, message: str = "", phase: str = "setup", **kw) -> TrainEvent:
@@ -160,6 +171,7 @@ class _DreamBoothRun:
         yield from self._build_validation_loss_sets()
         dataloader, updates_per_epoch = yield from self._data()
         dataloader, lr_scheduler = self._prepare(dataloader, self._lr_scheduler())
+        self._start_ema()
         yield from self._resume()
         yield from self._train_loop(dataloader, lr_scheduler, updates_per_epoch)
         yield from self._finish()
@@ -251,7 +263,8 @@ class _DreamBoothRun:
         """Score the held-out sets with the current weights; the record goes to
         `validation_loss.jsonl` and to the tracker beside the training loss."""
         view = self.models.unwrapped(self.accelerator)
-        values = {key: vset.evaluate(view) for key, vset in self.loss_sets.items()}
+        with self._ema_weights():
+            values = {key: vset.evaluate(view) for key, vset in self.loss_sets.items()}
         record = self.loss_log.add(self.global_step, values["validation_loss"], values.get("prior_validation_loss"))
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.global_step)
         return record
@@ -310,6 +323,55 @@ class _DreamBoothRun:
             load_checkpoint(self.accelerator, path)
             self.global_step = self.last_checkpoint_step = step
             yield self._event(f"resumed from {path} at step {step}")
+            yield from self._resume_ema(path)
+
+    # -- EMA of the weights (--use_ema) ----------------------------------------------------------
+    def _start_ema(self) -> None:
+        """The fp32 average of every trained tensor (what has `requires_grad` in the trained
+        models), from their values now; on the device, or the CPU with `--ema_cpu`."""
+        cfg = self.config
+        if not cfg.use_ema:
+            return
+        named = [(f"{prefix}.{name}", p)
+                 for prefix, model in self.models.unwrapped(self.accelerator).named_trained().items()
+                 for name, p in model.named_parameters() if p.requires_grad]
+        self.ema = ParameterEMA([p for _, p in named], cfg.ema_decay, warmup=cfg.ema_warmup,
+                                update_after_step=cfg.ema_update_after_step,
+                                device="cpu" if cfg.ema_cpu else None, names=[n for n, _ in named])
+
+    def _ema_weights(self):
+        """With `--use_ema`, the EMA weights in the models for the time of the `with` block (the
+        raw ones restored exactly afterwards); without, nothing changes."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+
+    def _resume_ema(self, path: str) -> Iterator[TrainEvent]:
+        """The EMA state of the checkpoint at `path` (a checkpoint without one starts the EMA from
+        its weights, with a warning)."""
+        name = os.path.basename(os.path.normpath(path))
+        if self.ema is None:
+            if os.path.isfile(os.path.join(path, EMA_STATE_FILE)):
+                yield self._event(warnings=[f"{name} holds an EMA of the weights but --use_ema is not set: "
+                                            "training goes on without it"])
+            return
+        try:
+            found = load_ema(self.ema, path)
+        except ValueError as err:
+            raise UserError(f"--resume_from_checkpoint: {path}: {err}; resume with the LoRA settings it was "
+                            "saved with") from None
+        if found:
+            yield self._event(f"resumed the EMA of the weights ({self.ema.num_updates} updates)")
+        else:
+            self.ema.reset()
+            yield self._event(warnings=[f"{name} holds no EMA of the weights (saved without --use_ema): the EMA "
+                                        "starts from its weights"])
+
+    def _ema_metadata(self, weights: str) -> dict:
+        """The files' header entry saying which weights they hold ("ema" or "raw"); {} without EMA."""
+        if self.ema is None:
+            return {}
+        return {"adaprelora_ema": {"weights": weights, "decay": self.ema.decay, "warmup": self.ema.warmup,
+                                   "update_after_step": self.ema.update_after_step,
+                                   "updates": self.ema.num_updates, "last_decay": self.ema.last_decay}}
 
     def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(hidden states, SDXL's pooled embedding or None) of `prompts`; from the prompt cache when
@@ -380,6 +442,8 @@ class _DreamBoothRun:
         )
         for event in steps:
             self.global_step = event.step
+            if self.ema is not None:  # before the checkpoint, which holds it
+                self.ema.update()
             acc.log({"loss": event.loss, "lr": event.lr}, step=self.global_step)
             if not math.isfinite(event.loss):
                 logger.warning("step %d: the loss is %s", self.global_step, event.loss)
@@ -404,7 +468,9 @@ class _DreamBoothRun:
 
     def _save_checkpoint(self) -> Optional[str]:
         cfg = self.config
-        path = save_checkpoint(self.accelerator, cfg.output_dir, self.global_step, cfg.checkpoints_total_limit)
+        save_extra = (lambda folder: save_ema(self.ema, folder)) if self.ema is not None else None
+        path = save_checkpoint(self.accelerator, cfg.output_dir, self.global_step, cfg.checkpoints_total_limit,
+                               save_extra=save_extra)
         self.last_checkpoint_step = self.global_step
         return path
 
@@ -417,7 +483,8 @@ class _DreamBoothRun:
         vae_device = next(vae.parameters()).device
         vae.to(acc.device)  # back from the CPU after --cache_latents, for the time it takes
         try:
-            paths = write_validation_images(cfg, acc, self.models.unwrapped(acc), step=self.global_step)
+            with self._ema_weights():
+                paths = write_validation_images(cfg, acc, self.models.unwrapped(acc), step=self.global_step)
         finally:
             vae.to(vae_device)
         self.samples = paths  # the latest samples go into the model card
@@ -451,22 +518,33 @@ class _DreamBoothRun:
                 yield self._event("making validation images", phase="validation")
                 samples = self._validate()
             view = self.models.unwrapped(acc)
-            meta = training_metadata(cfg, {"ss_steps": str(self.global_step)}, base=view.family,
-                                     instance_records=self.instance_records, class_records=self.class_records,
-                                     started_at=self.started_at)
-            outputs["diffusers"] = save_diffusers_lora(cfg.output_dir, view.unet, view.trained_text_encoders, meta)
-            kohya_path = os.path.join(cfg.output_dir, f"{cfg.effective_output_name}.safetensors")
-            outputs["kohya"] = save_kohya_lora(kohya_path, view.unet, view.trained_text_encoders, meta)
-            outputs["model_card"] = write_model_card(cfg.output_dir, cfg, outputs, self.samples, self.global_step,
-                                                     family=view.family)
-            if not cfg.skip_export_check:
-                yield self._event("checking the written files against the trained model", phase="verify")
-                warnings = self._check_exports(outputs)
-                if not outputs.get("export_check", {}).get("ok", True):
-                    folder = set_aside(cfg.output_dir, [outputs[k] for k in ("diffusers", "kohya", "model_card")],
-                                       EXPORT_CHECK_FAILED_DIR)
-                    raise UserError(f"{outputs['verified']}: the written files do not reproduce the trained model; "
-                                    f"they were moved to {folder} for inspection (checkpoints are kept)")
+            meta = training_metadata(cfg, {"ss_steps": str(self.global_step), **self._ema_metadata("ema")},
+                                     base=view.family, instance_records=self.instance_records,
+                                     class_records=self.class_records, started_at=self.started_at)
+            with self._ema_weights():  # the files, and the check of them, hold the EMA weights with --use_ema
+                outputs["diffusers"] = save_diffusers_lora(cfg.output_dir, view.unet, view.trained_text_encoders,
+                                                           meta)
+                kohya_path = os.path.join(cfg.output_dir, f"{cfg.effective_output_name}.safetensors")
+                outputs["kohya"] = save_kohya_lora(kohya_path, view.unet, view.trained_text_encoders, meta)
+                outputs["model_card"] = write_model_card(cfg.output_dir, cfg, outputs, self.samples,
+                                                         self.global_step, family=view.family)
+                if not cfg.skip_export_check:
+                    yield self._event("checking the written files against the trained model", phase="verify")
+                    warnings = self._check_exports(outputs)
+                    if not outputs.get("export_check", {}).get("ok", True):
+                        folder = set_aside(cfg.output_dir, [outputs[k] for k in ("diffusers", "kohya", "model_card")],
+                                           EXPORT_CHECK_FAILED_DIR)
+                        raise UserError(f"{outputs['verified']}: the written files do not reproduce the trained "
+                                        f"model; they were moved to {folder} for inspection (checkpoints are kept)")
+            if self.ema is not None:
+                outputs["ema"] = {"decay": self.ema.decay, "updates": self.ema.num_updates,
+                                  "last_decay": self.ema.last_decay}
+                message = (f"the files hold the EMA of the weights ({self.ema.num_updates} updates, decay "
+                           f"{self.ema.last_decay or 0:.4f} at the last)")
+                if cfg.ema_save_raw:
+                    outputs.update(self._save_raw_weights(view, meta))
+                    message += f"; without EMA: {outputs['diffusers_raw']} and {outputs['kohya_raw']}"
+                yield self._event(message, phase="verify")
         acc.wait_for_everyone()
         wall = time.perf_counter() - self.start_time
         message = ("stopped" if stopped else "finished") + f" at step {self.global_step}"
@@ -478,6 +556,16 @@ class _DreamBoothRun:
         yield self._event(message, phase="done", done=True, outputs=outputs, samples=samples, stopped=stopped,
                           peak_memory_bytes=peak_memory_bytes(acc.device), wall_time=wall, warnings=warnings,
                           **final_loss)
+
+    def _save_raw_weights(self, view, meta: dict) -> dict:
+        """`--ema_save_raw`: the last step's own weights beside the EMA files, in both formats."""
+        cfg = self.config
+        meta = {**meta, **{k: json.dumps(v) for k, v in self._ema_metadata("raw").items()}}
+        raw = {"diffusers_raw": save_diffusers_lora(cfg.output_dir, view.unet, view.trained_text_encoders, meta,
+                                                    weight_name=RAW_DIFFUSERS_WEIGHT_NAME)}
+        raw["kohya_raw"] = save_kohya_lora(os.path.join(cfg.output_dir, f"{cfg.effective_output_name}_raw.safetensors"),
+                                           view.unet, view.trained_text_encoders, meta)
+        return raw
 
     def _check_exports(self, outputs: dict) -> list[str]:
         """Reload both files into a fresh base model and compare with the trained one; the result goes
@@ -502,7 +590,7 @@ class _DreamBoothRun:
         this process (the app runs several, possibly with another mixed precision)."""
         if self.accelerator is None:
             return
-        self.models = self.optimizer = self.prompt_cache = self.dataset = self.batch_sampler = None
+        self.models = self.optimizer = self.prompt_cache = self.dataset = self.batch_sampler = self.ema = None
         release_accelerator(self.accelerator)
         self.accelerator = None
 
