@@ -44,7 +44,11 @@ def cholesky(M: torch.Tensor, *, sync: bool = True) -> torch.Tensor:
     return torch.where((info != 0)[..., None, None], _jittered_cholesky(M), L)
 
 
-def adafactor_accumulators(R, C, row, col, step, decay_rate: float = -0.8, eps_factored: float = 1e-30):
+ENERGY_EMAS = ("squared", "root")
+
+
+def adafactor_accumulators(R, C, row, col, step, decay_rate: float = -0.8, eps_factored: float = 1e-30,
+                           energy_ema: str = "squared"):
     r"""Adafactor's factored second moment (spec 3.2).
 
     .. math::
@@ -52,15 +56,37 @@ def adafactor_accumulators(R, C, row, col, step, decay_rate: float = -0.8, eps_f
         \quad C \leftarrow \beta_{2,t} C + (1-\beta_{2,t})(\mathrm{col}/m + \epsilon)
 
     Args: R (k, m), C (k, n), row (k, m), col (k, n) gradient energies, step (k,) the new step t >= 1.
-    Returns: (R, C, p, q) with p = sqrt(R / mean(R)), q = sqrt(C), so p_i q_j = sqrt(V_hat_ij).
+    Returns: (R, C, p, q) with p = sqrt(R / mean(R)), q = sqrt(C), so p_i q_j = sqrt(V_hat_ij), V_hat =
+    Adafactor's R C^T / sum(R) in its row/column-sum form (the means here differ by n and m, which cancel).
+
+    `energy_ema="root"` averages after the square root instead (an ablation): R and C hold EMAs of
+    sqrt(row / n + eps) and sqrt(col / m + eps), p = R / sqrt(mean(R^2)), q = C; at t = 1 both agree.
     """
     m, n = R.shape[-1], C.shape[-1]
     beta2 = (1.0 - step.to(R.dtype) ** decay_rate)[:, None]
-    R = beta2 * R + (1 - beta2) * (row / n + eps_factored)
-    C = beta2 * C + (1 - beta2) * (col / m + eps_factored)
+    row, col = row / n + eps_factored, col / m + eps_factored
+    if energy_ema == "root":
+        R = beta2 * R + (1 - beta2) * torch.sqrt(row)
+        C = beta2 * C + (1 - beta2) * torch.sqrt(col)
+        return R, C, R / torch.sqrt((R * R).mean(-1, keepdim=True)), C
+    if energy_ema != "squared":
+        raise ValueError(f"energy_ema must be one of {ENERGY_EMAS}, got {energy_ema!r}")
+    R = beta2 * R + (1 - beta2) * row
+    C = beta2 * C + (1 - beta2) * col
     p = torch.sqrt(R / R.mean(-1, keepdim=True))
     q = torch.sqrt(C)
     return R, C, p, q
+
+
+def relative_step_scale(A, B, inv_s, eps: float = 1e-3):
+    """Adafactor's relative step size for the weight the rule moves: max(eps, RMS(s B A)) per pair,
+    (k,), from the r x r Grams (||B A||^2 = <B^T B, A A^T>) without forming B A. The LoRA delta
+    starts at zero, so the step starts at lr * eps and grows with the adapter, as Adafactor's does
+    for a zero-initialised tensor. inv_s (k, 1, 1) is 1/s."""
+    m, n = B.shape[-2], A.shape[-1]
+    sq = ((B.mT @ B) * (A @ A.mT)).sum((-2, -1)).clamp_min(0)
+    rms = torch.sqrt(sq / (m * n)) / inv_s.reshape(-1).abs()
+    return torch.clamp(rms, min=eps)
 
 
 def cholesky_inverse(M: torch.Tensor) -> torch.Tensor:
@@ -311,7 +337,7 @@ def gradient_ema_(ema_A, ema_B, gA, gB, step, beta: float) -> None:
 
 
 def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_decay, momentum=0.0,
-                 sgd_scale=None, rebalance_sgd=False, lr_B=None):
+                 sgd_scale=None, rebalance_sgd=False, lr_B=None, lr_scale=None):
     """Move stacked factors A, B along directions dA, dB in place, with the bucket's `state`.
 
     "adamw": AdamW on each factor (moments "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B").
@@ -319,9 +345,15 @@ def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_d
     ("momentum_buffer_A/B") when `momentum`, then, with `rebalance_sgd`, B c, A / c (`rebalance`;
     momentum buffers and gradient EMAs "grad_ema_A/B" follow the new coordinates).
     `step` (k,) is the new step count; `sgd_scale` (k, 1, 1), ones when None; `lr_B` is B's
-    learning rate when it differs from A's (B in its own param group), else None.
+    learning rate when it differs from A's (B in its own param group), else None. `lr_scale`
+    (k, 1, 1), "sgd" only: per-pair factors on both learning rates, weight decay included (the
+    relative step size, `relative_step_scale`).
     """
     lr_B = lr if lr_B is None else lr_B
+    if lr_scale is not None:
+        if variant != "sgd":
+            raise ValueError("lr_scale applies to variant='sgd' only")
+        lr, lr_B = lr * lr_scale, lr_B * lr_scale
     if variant == "adamw":
         b1, b2 = betas
         adamw_(A, dA, state["exp_avg_A"], state["exp_avg_sq_A"], step, lr=lr, beta1=b1, beta2=b2, eps=eps,

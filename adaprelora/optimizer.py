@@ -6,6 +6,7 @@ from typing import Iterable, Optional, Tuple, Union
 from torch import nn
 
 from .base import LoRAPairOptimizer
+from .functional import ENERGY_EMAS
 from .kernels import resolve_backend, triton_energy_functions
 from .step import adaprelora_step
 
@@ -43,7 +44,15 @@ class AdaPreLoRA(LoRAPairOptimizer):
         momentum (float): heavy-ball momentum of the sgd variant, on the solved step (default: 0)
         momentum_before_solve (bool): sgd variant only: feed the solve a bias-corrected EMA (beta =
             betas[0]) of the factor gradients instead of the gradients, Adafactor-with-momentum
-            style; an ablation of where momentum goes, not the default (default: False)
+            style; an ablation of where momentum goes, not the default (default: False). With it
+            the sgd step keeps the Adafactor row/column scaling of the solve ("two-sided diagonal
+            whitening on momentum"); `clip_threshold` and `relative_step` complete Adafactor's step.
+        relative_step (bool): sgd variant only: Adafactor's relative step size, lr scaled per pair
+            by max(relative_step_eps, RMS(s B A)) (the adapter's weight before the step; it starts
+            at zero, so early steps are lr * relative_step_eps) (default: False)
+        relative_step_eps (float): Adafactor's eps2, the floor of that scale (default: 1e-3)
+        energy_ema (str): "squared" (Adafactor's: EMA of the row/column energies, then the square
+            root) or "root" (EMA of their square roots; an ablation) (default: "squared")
         decay_rate (float): Adafactor's beta2_t = 1 - t ** decay_rate (default: -0.8)
         eps_factored (float): Adafactor's epsilon on the energies (default: 1e-30)
         clip_threshold (float, optional): update clipping on RMS(Delta); None disables (default: 1.0)
@@ -66,7 +75,8 @@ class AdaPreLoRA(LoRAPairOptimizer):
                  weight_decay: float = 0.0, momentum: float = 0.0, decay_rate: float = -0.8,
                  eps_factored: float = 1e-30, clip_threshold: Optional[float] = 1.0, damping: float = 0.1,
                  nonfinite: str = "skip", backend: str = "auto", pairs=None, momentum_before_solve: bool = False,
-                 pairs_from: Optional[str] = None, lora_scale=None):
+                 pairs_from: Optional[str] = None, lora_scale=None, relative_step: bool = False,
+                 relative_step_eps: float = 1e-3, energy_ema: str = "squared"):
         has_model = isinstance(params, nn.Module)
         if stats is None:
             stats = "exact" if has_model and pairs is None else "tangent"
@@ -88,6 +98,13 @@ class AdaPreLoRA(LoRAPairOptimizer):
             raise ValueError("momentum applies to variant='sgd' only (the adamw variant has betas)")
         if momentum_before_solve and (variant != "sgd" or momentum):
             raise ValueError("momentum_before_solve needs variant='sgd' and momentum=0 (its EMA uses betas[0])")
+        if relative_step and variant != "sgd":
+            raise ValueError("relative_step needs variant='sgd' (it scales the W-space step size; the adamw "
+                             "variant's Adam moments normalise the step's scale anyway)")
+        if not relative_step_eps > 0:
+            raise ValueError(f"Invalid relative_step_eps: {relative_step_eps} (must be positive, e.g. 1e-3)")
+        if energy_ema not in ENERGY_EMAS:
+            raise ValueError(f"energy_ema must be one of {', '.join(map(repr, ENERGY_EMAS))}, got {energy_ema!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
                         decay_rate=decay_rate, eps_factored=eps_factored, clip_threshold=clip_threshold,
                         damping=damping)
@@ -96,6 +113,9 @@ class AdaPreLoRA(LoRAPairOptimizer):
         self._scale_given = pairs is not None or lora_scale is not None
         self.stats = stats
         self.momentum_before_solve = bool(momentum_before_solve)
+        self.relative_step = bool(relative_step)
+        self.relative_step_eps = float(relative_step_eps)
+        self.energy_ema = energy_ema
         self.backend = resolve_backend(backend, self.pairs[0].A.device)
         self._collector = None
         if stats == "exact":
@@ -179,4 +199,5 @@ class AdaPreLoRA(LoRAPairOptimizer):
             variant=self.variant, betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
             momentum=g["momentum"], momentum_before_solve=self.momentum_before_solve, decay_rate=g["decay_rate"],
             eps_factored=g["eps_factored"], clip_threshold=g["clip_threshold"], damping=g["damping"],
-            stats="tangent" if self.stats == "exact" else self.stats, backend=self.backend)
+            stats="tangent" if self.stats == "exact" else self.stats, relative_step=self.relative_step,
+            relative_step_eps=self.relative_step_eps, energy_ema=self.energy_ema, backend=self.backend)

@@ -169,6 +169,7 @@ def adaprelora_step(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], gradA:
                     weight_decay: float = 0.0, momentum: float = 0.0, momentum_before_solve: bool = False,
                     decay_rate: float = -0.8, eps_factored: float = 1e-30, clip_threshold: Optional[float] = 1.0,
                     damping: float = 0.1, rebalance: bool = True, stats: str = "tangent",
+                    relative_step: bool = False, relative_step_eps: float = 1e-3, energy_ema: str = "squared",
                     backend: str = "torch") -> torch.Tensor:
     """One AdaPreLoRA step (spec 3.1 to 3.5) for a bucket of k pairs of equal (m, n, r, dtype).
 
@@ -183,6 +184,10 @@ def adaprelora_step(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], gradA:
             param group, kohya's LoRA+), else None.
         momentum_before_solve: feed the solve the bias-corrected EMA of the gradients (state
             "grad_ema_A/B"; sgd variant; torch path).
+        relative_step: sgd variant: scale lr per pair by max(relative_step_eps, RMS(s B A)),
+            Adafactor's relative step size (`functional.relative_step_scale`; torch path).
+        energy_ema: "squared" (Adafactor's EMA of the energies, then the square root) or "root"
+            (EMA of their square roots; torch path). See `functional.adafactor_accumulators`.
         backend: "torch" or "triton" (CUDA tensors, or the CPU interpreter); `_choose_impl`
             falls back to torch for a bucket the kernels do not take.
     Returns:
@@ -192,18 +197,21 @@ def adaprelora_step(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], gradA:
     hyper = dict(lr_B=lr_B, variant=variant, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
                  decay_rate=decay_rate, eps_factored=eps_factored, clip_threshold=clip_threshold, damping=damping,
                  rebalance=rebalance)
-    impl = _choose_impl(backend, A, B, gradA, gradB, fusable=not momentum_before_solve)
+    fusable = not (momentum_before_solve or relative_step) and energy_ema == "squared"
+    impl = _choose_impl(backend, A, B, gradA, gradB, fusable=fusable)
     if impl is not None:
         row, col = _complete_energies(row, col, len(A), lambda: _stack_pairs(A, B, gradA, gradB), scale, stats,
                                       damping)
         return impl(A, B, gradA, gradB, row, col, state, scale, lr, **hyper)
     return _torch_adaprelora_step(A, B, gradA, gradB, row, col, state, scale, lr, stats=stats,
-                                  momentum_before_solve=momentum_before_solve, **hyper)
+                                  momentum_before_solve=momentum_before_solve, relative_step=relative_step,
+                                  relative_step_eps=relative_step_eps, energy_ema=energy_ema, **hyper)
 
 
 def _torch_adaprelora_step(A, B, gradA, gradB, row, col, state, scale, lr, *, lr_B, variant, betas, eps,
                            weight_decay, momentum, momentum_before_solve, decay_rate, eps_factored, clip_threshold,
-                           damping, rebalance, stats) -> torch.Tensor:
+                           damping, rebalance, stats, relative_step=False, relative_step_eps=1e-3,
+                           energy_ema="squared") -> torch.Tensor:
     cdt = torch.promote_types(A[0].dtype, torch.float32)
     inv_s = 1.0 / scale.to(device=A[0].device, dtype=cdt).reshape(-1, 1, 1)
 
@@ -215,12 +223,16 @@ def _torch_adaprelora_step(A, B, gradA, gradB, row, col, state, scale, lr, *, lr
         if momentum_before_solve:
             F.gradient_ema_(state["grad_ema_A"], state["grad_ema_B"], x.gradA, x.gradB, step, betas[0])
         R, C, p, q = F.adafactor_accumulators(state["adafactor_row"], state["adafactor_col"], rows.to(cdt),
-                                              cols.to(cdt), torch.clamp(step, min=1), decay_rate, eps_factored)
+                                              cols.to(cdt), torch.clamp(step, min=1), decay_rate, eps_factored,
+                                              energy_ema)
         state["adafactor_row"].copy_(R)
         state["adafactor_col"].copy_(C)
+        # the weight before this step (Adafactor's RMS(X_{t-1})), read before the factors move
+        rel = F.relative_step_scale(x.A, x.B, inv_s, relative_step_eps)[:, None, None] if relative_step else None
         dA, dB = F.balanced_step_(x.XA, x.XB, p, q, inv_s, damping, clip_threshold)
         F.factor_step_(x.A, x.B, dA, dB, state, step, variant=variant, lr=lr, lr_B=lr_B, betas=betas, eps=eps,
-                       weight_decay=weight_decay, momentum=momentum, sgd_scale=inv_s, rebalance_sgd=rebalance)
+                       weight_decay=weight_decay, momentum=momentum, sgd_scale=inv_s, rebalance_sgd=rebalance,
+                       lr_scale=rel)
 
     return _bucket_step(A, B, gradA, gradB, state, update, energies)
 
