@@ -271,3 +271,23 @@ def test_accelerate_launch_writes_the_ema_weights(launch, dreambooth_args, tiny_
     assert all(torch.equal(v, raw[k]) for k, v in load_file(str(out / "pytorch_lora_weights_raw.safetensors")).items())
     kohya, kohya_raw = (load_file(str(out / name)) for name in ("toy-lora.safetensors", "toy-lora_raw.safetensors"))
     assert kohya.keys() == kohya_raw.keys() and any(not torch.equal(kohya[k], kohya_raw[k]) for k in kohya)
+
+
+@pytest.mark.slow
+def test_sdxl_with_both_text_encoders_exports_the_ema(tiny_sdxl, instance_dir, tmp_path):
+    """SDXL, its two text encoders trained too: every trained tensor is averaged, and the files (checked
+    by reloading them into a fresh pipeline) hold the average."""
+    from adaprelora.training.dreambooth import train
+
+    out = tmp_path / "xl"
+    last = list(train(_config(tiny_sdxl, instance_dir, out, max_train_steps=2, checkpointing_steps=2, use_ema=True,
+                              ema_decay=0.5, train_text_encoder=True, optimizer="adamw", learning_rate=1e-2)))[-1]
+    assert "verified: diffusers file ok, kohya file ok" in last.outputs["verified"]
+    state = load_file(str(out / "checkpoint-2" / EMA_STATE_FILE))
+    assert {k.split(".")[0] for k in state} == {"unet", "text_encoder", "text_encoder_2"}
+    ema = _ema_state(out / "checkpoint-2")
+    exported = load_file(last.outputs["diffusers"])
+    raw = load_file(str(out / "checkpoint-2" / "pytorch_lora_weights.safetensors"))
+    unet_keys = [k for k in exported if k.startswith("unet.")]
+    assert unet_keys and all(torch.equal(exported[k], ema[k]) for k in unet_keys)
+    assert any(not torch.equal(exported[k], raw[k]) for k in exported if k.startswith("text_encoder_2."))
