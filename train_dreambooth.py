@@ -150,6 +150,17 @@ def build_parser() -> UserErrorArgumentParser:
     flag("skip_export_check", action="store_true",
         help="Do not reload the written LoRA files into a fresh base model to check that they reproduce the "
              "trained model (the check runs by default at the end of every run).")
+    # Masked loss (kohya's flags)
+    flag("masked_loss", action="store_true",
+        help="Weigh the denoising loss per pixel by a mask (white trains, black is ignored, grey in between) "
+             "from --conditioning_data_dir or, with --alpha_mask, the images' transparency; class images stay "
+             "unmasked (docs/dreambooth.md, \"Masked loss\").")
+    flag("conditioning_data_dir", type=str, metavar="DIR",
+        help="With --masked_loss: one mask image per instance image, with its file name (any image extension) "
+             "and its size; the red channel is read.")
+    flag("alpha_mask", action="store_true",
+        help="The instance images' alpha channel is the loss mask (transparent pixels are ignored); implies "
+             "--masked_loss. Images without transparency train whole.")
     # EMA of the LoRA weights
     flag("use_ema", action="store_true",
         help="Keep an exponential moving average (fp32) of the trained LoRA tensors: validation images, the "

@@ -58,6 +58,14 @@ def bucket_for(size: Size, buckets: Sequence[Size], *, resolution: int, step: in
     return min(buckets, key=lambda b: (abs(b[0] / b[1] - ratio), -b[0] * b[1]))
 
 
+def _cover_size(size: Size, bucket: Size) -> Size:
+    """The size an image of `size` is resized to before the crop: the smallest that covers `bucket`."""
+    width, height = size
+    bw, bh = bucket
+    scale = max(bw / width, bh / height)
+    return max(bw, round(width * scale)), max(bh, round(height * scale))
+
+
 def fit_to_bucket(img: Image.Image, bucket: Size, *, center_crop: bool = True, resample=Image.Resampling.LANCZOS,
                   rng: Optional[random.Random] = None, flip: bool = False) -> tuple[torch.Tensor, Size, Size]:
     """Resize `img` to cover `bucket` and crop the remainder; scale to [-1, 1].
@@ -67,8 +75,7 @@ def fit_to_bucket(img: Image.Image, bucket: Size, *, center_crop: bool = True, r
     """
     width, height = img.size
     bw, bh = bucket
-    scale = max(bw / width, bh / height)
-    new_w, new_h = max(bw, round(width * scale)), max(bh, round(height * scale))
+    new_w, new_h = _cover_size(img.size, bucket)
     if (new_w, new_h) != (width, height):
         img = img.resize((new_w, new_h), resample=resample)
     if center_crop:
@@ -81,6 +88,21 @@ def fit_to_bucket(img: Image.Image, bucket: Size, *, center_crop: bool = True, r
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array.transpose(2, 0, 1).copy()), (height, width), (top, left)
+
+
+def fit_mask_to_bucket(mask: Image.Image, bucket: Size, crop_top_left: tuple[int, int], *, flip: bool = False,
+                       resample=Image.Resampling.LANCZOS) -> torch.Tensor:
+    """A loss mask (mode "L", its image's size) through the resize, crop (`fit_to_bucket`'s returned
+    top-left) and flip its image went through: uint8 (1, H, W), so mask and pixels stay aligned."""
+    bw, bh = bucket
+    size = _cover_size(mask.size, bucket)
+    if size != mask.size:
+        mask = mask.resize(size, resample=resample)
+    top, left = crop_top_left
+    mask = mask.crop((left, top, left + bw, top + bh))
+    if flip:
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(mask, dtype=np.uint8).copy())[None]
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
@@ -128,4 +150,4 @@ def bucket_table(item_buckets: Sequence[Size], batch_size: int) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BucketBatchSampler", "bucket_for", "bucket_table", "fit_to_bucket", "make_buckets"]
+__all__ = ["BucketBatchSampler", "bucket_for", "bucket_table", "fit_mask_to_bucket", "fit_to_bucket", "make_buckets"]

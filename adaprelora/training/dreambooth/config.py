@@ -139,6 +139,19 @@ class TrainConfig:
     ema_cpu: bool = False
     ema_save_raw: bool = False
 
+    # Masked loss (kohya's flags, masks.py): the loss weighed per pixel by a mask image per instance
+    # image (same file stem in conditioning_data_dir) or by the image's own alpha channel
+    masked_loss: bool = False
+    conditioning_data_dir: Optional[str] = None
+    alpha_mask: bool = False
+    # EMA of the LoRA weights (training/ema.py): samples, validation loss and the files come from it
+    use_ema: bool = False
+    ema_decay: float = 0.999
+    ema_warmup: str = "ratio"
+    ema_update_after_step: int = 0
+    ema_cpu: bool = False
+    ema_save_raw: bool = False
+
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "TrainConfig":
         """Build a config from the parsed flags; an attribute with no field raises `TypeError`."""
@@ -284,6 +297,7 @@ class TrainConfig:
                 warnings.warn("You need not use --class_prompt without --with_prior_preservation.")
 
         self._validate_buckets_and_cache(need)
+        self._validate_masks(need)
         self._validate_ema(need)
 
         if self.instance_captions:
@@ -363,6 +377,25 @@ class TrainConfig:
                                                        ("ema_save_raw", False)) if getattr(self, name) != default]
             if given:
                 warnings.warn(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without --use_ema.")
+
+    def _validate_masks(self, need) -> None:
+        """Where the loss masks come from: `--masked_loss` needs `--conditioning_data_dir` (a folder
+        holding images) or `--alpha_mask`; the folder without `--masked_loss`, or with `--alpha_mask`
+        too, is refused rather than silently ignored. The masks themselves are checked per image
+        (`masks.find_loss_masks`) before anything is loaded."""
+        from .data import list_image_files  # data.py imports this module
+
+        folder = self.conditioning_data_dir
+        need(not self.masked_loss or bool(folder) or self.alpha_mask,
+             "--masked_loss needs --conditioning_data_dir (a folder with one mask image per instance image, same "
+             "file name: white trains, black is ignored) or --alpha_mask (the images' transparency is the mask)")
+        if not folder:
+            return
+        need(self.masked_loss, f"--conditioning_data_dir {folder!r} holds loss masks, which only --masked_loss uses: "
+                               "add --masked_loss")
+        need(not self.alpha_mask, "--alpha_mask and --conditioning_data_dir both give the loss masks: use one of the two")
+        need(os.path.isdir(folder), f"--conditioning_data_dir: folder {folder!r} does not exist")
+        need(bool(list_image_files(folder)), f"--conditioning_data_dir: no PNG, JPEG or WebP mask image in folder {folder!r}")
 
 
 __all__ = ["TrainConfig", "MIXED_PRECISION", "REPORT_TO", "INTERPOLATION_MODES", "PRIOR_GENERATION_PRECISION",

@@ -266,6 +266,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         bucket_no_upscale: bool = False,
         caption_dropout_rate: float = 0.0,
         class_caption_dropout_rate: float = 0.0,
+        masks=None,
     ):
         if not instance_records:
             raise ValueError("no instance images")
@@ -282,6 +283,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.class_caption_dropout_rate = class_caption_dropout_rate
         self.epoch = 0
         self.latents: Optional[dict] = None
+        self.masks = masks  # masks.LossMasks (--masked_loss / --alpha_mask): each view carries its loss mask
         if buckets:
             from .buckets import bucket_for
 
@@ -317,13 +319,18 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return list(seen)
 
     def load_view(self, record: ImageRecord, bucket: tuple[int, int], rng=None) -> tuple[torch.Tensor, tuple, tuple]:
-        """(pixels, original (h, w), crop top-left (top, left)) of `record` fitted to `bucket`."""
+        """(pixels, original (h, w), crop top-left (top, left)) of `record` fitted to `bucket`; with loss
+        masks a 4th item, its mask (uint8 (1, H, W)) under the same resize, crop and flip."""
         flip = self.random_flip and (rng or random).random() < 0.5
-        return fit_to_bucket(load_rgb(record.path), bucket, center_crop=self.center_crop,
-                             resample=_RESAMPLING[self.interpolation], rng=rng, flip=flip)
+        resample = _RESAMPLING[self.interpolation]
+        view = fit_to_bucket(load_rgb(record.path), bucket, center_crop=self.center_crop, resample=resample,
+                             rng=rng, flip=flip)
+        if self.masks is None:
+            return view
+        return view + (self.masks.view(record, bucket, view[2], flip=flip, resample=resample),)
 
     def set_latents(self, latents: dict) -> None:
-        """Serve cached latents: {(record, bucket): (latent parameters, original size, crop top-left)}."""
+        """Serve cached latents: {(record, bucket): (latent parameters, original size, crop top-left[, mask])}."""
         self.latents = latents
 
     def _view(self, record: ImageRecord, bucket, rng) -> tuple[torch.Tensor, tuple, tuple]:
@@ -344,14 +351,15 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         record = self.instance_records[index % len(self.instance_records)]
         bucket = self.instance_buckets[index % len(self.instance_records)]
         kind = "latents" if self.latents is not None else "pixel_values"
-        values, original, crop = self._view(record, bucket, rng)
+        values, original, crop, *mask = self._view(record, bucket, rng)
         example = {f"instance_{kind}": values, "instance_original_size": original, "instance_crop_top_left": crop,
                    "instance_prompt": ("" if self._dropped(self.caption_dropout_rate, index, "instance")
-                                       else self.prompt_for(record))}
+                                       else self.prompt_for(record)), **({"instance_mask": mask[0]} if mask else {})}
         if self.class_records:
             class_record = self.class_records[index % len(self.class_records)]
-            values, original, crop = self._view(class_record, bucket, rng)
-            example.update({f"class_{kind}": values}, class_original_size=original, class_crop_top_left=crop,
+            values, original, crop, *mask = self._view(class_record, bucket, rng)
+            example.update({f"class_{kind}": values, **({"class_mask": mask[0]} if mask else {})},
+                           class_original_size=original, class_crop_top_left=crop,
                            class_prompt=("" if self._dropped(self.class_caption_dropout_rate, index, "class")
                                          else class_record.caption or self.class_prompt or ""))
         return example
@@ -362,17 +370,20 @@ def collate_fn(examples: list[dict], with_prior_preservation: bool = False) -> d
     "prompts": [str] * B, "original_sizes" and "crop_top_lefts": [(int, int)] * B}.
 
     With prior preservation the class examples follow the instance ones (batch of 2B), so the loss
-    can split the prediction in two halves.
+    can split the prediction in two halves. With loss masks, "masks": uint8 (B, 1, H, W) at pixel size.
     """
     kinds = ["instance"] + (["class"] if with_prior_preservation else [])
     cached = "instance_latents" in examples[0]
     values = [e[f"{k}_{'latents' if cached else 'pixel_values'}"] for k in kinds for e in examples]
-    return {
+    batch = {
         "latent_params" if cached else "pixel_values": torch.stack(values).contiguous().float(),
         "prompts": [e[f"{k}_prompt"] for k in kinds for e in examples],
         "original_sizes": [tuple(e[f"{k}_original_size"]) for k in kinds for e in examples],
         "crop_top_lefts": [tuple(e[f"{k}_crop_top_left"]) for k in kinds for e in examples],
     }
+    if "instance_mask" in examples[0]:
+        batch["masks"] = torch.stack([e[f"{k}_mask"] for k in kinds for e in examples])
+    return batch
 
 
 __all__ = [
@@ -381,7 +392,8 @@ __all__ = [
 ]
 
 
-def build_dataloader(cfg: TrainConfig, instance_records, class_records) -> tuple[DreamBoothDataset, object, str]:
+def build_dataloader(cfg: TrainConfig, instance_records, class_records,
+                     masks=None) -> tuple[DreamBoothDataset, object, str]:
     """The dataset and DataLoader of a run, and the bucket table to print ("" without buckets).
 
     Square crops: a shuffling DataLoader; buckets: `BucketBatchSampler`, batches of one bucket
@@ -400,7 +412,7 @@ def build_dataloader(cfg: TrainConfig, instance_records, class_records) -> tuple
         interpolation=cfg.image_interpolation_mode, class_records=class_records, class_prompt=cfg.class_prompt,
         seed=cfg.seed, random_flip=cfg.random_flip, buckets=buckets, bucket_reso_steps=cfg.bucket_reso_steps,
         bucket_no_upscale=cfg.bucket_no_upscale, caption_dropout_rate=cfg.caption_dropout_rate,
-        class_caption_dropout_rate=cfg.class_caption_dropout_rate,
+        class_caption_dropout_rate=cfg.class_caption_dropout_rate, masks=masks,
     )
     collate = functools.partial(collate_fn, with_prior_preservation=cfg.with_prior_preservation)
     seed = cfg.seed if cfg.seed is not None else 0

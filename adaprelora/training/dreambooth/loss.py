@@ -13,6 +13,7 @@ import torch
 
 from ..errors import UserError
 from .config import TrainConfig
+from .masks import masked_mse
 
 
 def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -27,11 +28,11 @@ def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tenso
 
 
 def denoising_loss(cfg: TrainConfig, noise_scheduler, unet, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                   added_cond_kwargs: Optional[dict] = None) -> torch.Tensor:
+                   added_cond_kwargs: Optional[dict] = None, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MSE between the UNet's prediction and its target (noise, or velocity for v-prediction), with
-    min-SNR weighting (`--snr_gamma`) and the prior-preservation half weighted by `--prior_loss_weight`."""
-    import torch.nn.functional as F
-
+    min-SNR weighting (`--snr_gamma`) and the prior-preservation half weighted by `--prior_loss_weight`.
+    `masks` (uint8 (B, 1, H, W) at pixel size, `--masked_loss` / `--alpha_mask`) weigh each element by
+    its latent cell's mask before the per-image mean (`masks.masked_mse`)."""
     device = latents.device
     noise = torch.randn_like(latents)
     if cfg.noise_offset:
@@ -48,8 +49,7 @@ def denoising_loss(cfg: TrainConfig, noise_scheduler, unet, latents: torch.Tenso
     prediction_type = noise_scheduler.config.prediction_type
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
 
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-    per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
+    per_sample = masked_mse(model_pred, target, masks)
     if cfg.snr_gamma is not None:
         # Min-SNR weighting (Hang et al. 2023, https://arxiv.org/abs/2303.09556).
         from diffusers.training_utils import compute_snr

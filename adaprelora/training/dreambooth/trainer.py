@@ -66,6 +66,7 @@ from .export import (
 from .family import ModelFamily, detect_family
 from .latent_cache import LATENT_CACHE_DIR, cache_latents, sample_latents
 from .loss import denoising_loss
+from .masks import find_loss_masks
 from .models import DreamBoothModels, add_lora_adapters, load_models
 from .sdxl import check_flags_for_family, encode_prompts_sdxl, tokenize, unet_added_conditioning
 from .validation import VALIDATION_DIR, write_validation_images
@@ -144,6 +145,7 @@ class _DreamBoothRun:
         self.optimizer = None
         self.dataset = None
         self.batch_sampler = None  # with --enable_bucket: one bucket per batch, reseeded each epoch
+        self.loss_masks = None  # masks.LossMasks with --masked_loss / --alpha_mask
         self.prompt_cache: Optional[dict] = None  # prompt -> (hidden, pooled) with --cache_latents
         self.holdout_records: list[ImageRecord] = []  # the validation loss's images
         self.loss_sets: dict[str, ValidationLossSet] = {}  # "validation_loss" (and "prior_validation_loss")
@@ -159,7 +161,8 @@ class _DreamBoothRun:
         cfg = self.config
         # Check the images before anything heavy: a bad folder fails in a fraction of a second.
         self.instance_records, warnings = check_instance_data(cfg)
-        yield self._event(f"found {len(self.instance_records)} instance image(s)", warnings=warnings)
+        self.loss_masks, mask_warnings = find_loss_masks(cfg, self.instance_records)
+        yield self._event(f"found {len(self.instance_records)} instance image(s)", warnings=warnings + mask_warnings)
         yield from self._hold_out()
         self.family = detect_family(cfg.pretrained_model_name_or_path, cfg.revision)
         check_flags_for_family(cfg, self.family)
@@ -281,7 +284,8 @@ class _DreamBoothRun:
         """The dataset and data loader (and with `--cache_latents` the cache); sets `max_steps`.
         Returns (dataloader, optimizer steps per epoch)."""
         cfg = self.config
-        self.dataset, dataloader, table = build_dataloader(cfg, self.instance_records, self.class_records)
+        self.dataset, dataloader, table = build_dataloader(cfg, self.instance_records, self.class_records,
+                                                           masks=self.loss_masks)
         self.batch_sampler = dataloader.batch_sampler if cfg.enable_bucket else None
         if table:
             yield self._event(table)
@@ -423,7 +427,8 @@ class _DreamBoothRun:
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
             target_size = (latents.shape[-2] * factor, latents.shape[-1] * factor)
             added = unet_added_conditioning(pooled, batch, target_size, dtype=dtype)
-        return denoising_loss(self.config, models.noise_scheduler, models.unet, latents, hidden.to(dtype), added)
+        return denoising_loss(self.config, models.noise_scheduler, models.unet, latents, hidden.to(dtype), added,
+                              masks=batch.get("masks"))
 
     def _train_loop(self, dataloader, lr_scheduler, updates_per_epoch: int) -> Iterator[TrainEvent]:
         cfg, acc = self.config, self.accelerator
