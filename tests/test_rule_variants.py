@@ -152,6 +152,23 @@ def test_the_sgd_step_has_adafactors_scale_and_relative_step():
     assert 0 < clipped < 6, "the comparison should see clipped and unclipped steps"
 
 
+def test_only_the_product_p_q_matters():
+    """Adafactor's V = R C^T / sum(R) fixes p_i q_j only; any split (p c, q / c) gives the same step,
+    so the normalisation of p and q cannot change the rule's scale."""
+    g = torch.Generator().manual_seed(5)
+    k, m, n, r = 2, 7, 5, 3
+    XA = torch.randn(k, 2 * r, n, generator=g, dtype=torch.float64)
+    XB = torch.randn(k, 2, m, r, generator=g, dtype=torch.float64)
+    p, q = torch.rand(k, m, generator=g, dtype=torch.float64) + 0.1, torch.rand(k, n, generator=g, dtype=torch.float64) + 0.1
+    inv_s = torch.full((k, 1, 1), 0.5, dtype=torch.float64)
+    dA, dB = F.balanced_step_(XA.clone(), XB.clone(), p, q, inv_s)
+    dA2, dB2 = F.balanced_step_(XA.clone(), XB.clone(), p * 37.0, q / 37.0, inv_s)
+    torch.testing.assert_close(dA2, dA, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dB2, dB, rtol=1e-10, atol=1e-12)
+    dA3, _ = F.balanced_step_(XA.clone(), XB.clone(), p * 37.0, q, inv_s)
+    assert not torch.allclose(dA3, dA, rtol=1e-3), "a change of the product must change the step"
+
+
 def _twins(seed=0, **kw):
     """Two identical single-layer pairs (float32) and their optimizers."""
     torch.manual_seed(seed)
