@@ -96,6 +96,14 @@ def build_parser() -> UserErrorArgumentParser:
     flag("lora_alpha", type=float, help="LoRA alpha (scale alpha/rank); default: --rank.")
     flag("lora_dropout", type=float, help="Dropout on the LoRA input.")
     flag("train_text_encoder", action="store_true", help="Also train LoRA on the text encoder.")
+    # LyCORIS (LoHa, LoKr)
+    flag("network_module", type=str, metavar="MODULE",
+        help="networks.lora (default: LoRA/LoCon with AdaPreLoRA or any optimizer) or lycoris (also written "
+             "lycoris.kohya): a LyCORIS network from the lycoris-lora package, chosen by --network_args algo=.")
+    flag("network_args", type=str, nargs="*", metavar="KEY=VALUE",
+        help="LyCORIS arguments as kohya writes them, e.g. algo=loha (or lokr) conv_dim=4 conv_alpha=1 factor=8 "
+             "preset=attn-mlp dropout=0.1; --rank and --lora_alpha are its linear dim and alpha. LoHa/LoKr have "
+             "no LoRA pairs: use --optimizer adamw (or prodigy...), not adaprelora.")
     # Optimisation
     flag("optimizer", type=str, choices=OPTIMIZERS, metavar="NAME",
         help=f"Optimizer: {', '.join(OPTIMIZERS)}.")

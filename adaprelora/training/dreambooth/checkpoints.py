@@ -3,7 +3,8 @@
 `accelerate.save_state` would write the whole UNet and text encoder (gigabytes) into every
 `checkpoint-<step>/`. The hooks here replace those weights by the diffusers LoRA file, and load it
 back into the "default" adapters on resume; optimizer, scheduler and RNG states are still saved by
-accelerate as usual.
+accelerate as usual. A LyCORIS run (LoHa / LoKr) saves its network's tensors instead, under the
+names of its output file (`lycoris_weights.safetensors`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ import torch
 
 from ..checkpoints import register_checkpoint_hooks
 from .export import DIFFUSERS_WEIGHT_NAME, save_diffusers_lora, text_encoder_keys_for
+from .lycoris_network import LYCORIS_ATTR, load_lycoris_state_dict, lycoris_state_dict
 from .models import TEXT_ENCODER_NAMES, DreamBoothModels, as_list
+
+# A LyCORIS run's checkpoint file: its network's tensors, named as in the output file.
+LYCORIS_WEIGHT_NAME = "lycoris_weights.safetensors"
 
 
 def register_lora_checkpoint_hooks(accelerator, models: DreamBoothModels) -> None:
@@ -31,10 +36,21 @@ def register_lora_checkpoint_hooks(accelerator, models: DreamBoothModels) -> Non
 
     def save_weights(prepared, output_dir):
         unet, encoders = split(prepared)
+        if hasattr(unet, LYCORIS_ATTR):
+            from safetensors.torch import save_file
+
+            tensors = {k: v.to("cpu").contiguous() for k, v in lycoris_state_dict([unet, *as_list(encoders)]).items()}
+            save_file(tensors, os.path.join(output_dir, LYCORIS_WEIGHT_NAME))
+            return
         save_diffusers_lora(output_dir, unet, encoders)
 
     def load_weights(prepared, input_dir):
         unet, encoders = split(prepared)
+        if hasattr(unet, LYCORIS_ATTR):
+            from safetensors.torch import load_file
+
+            load_lycoris_state_dict([unet, *as_list(encoders)], load_file(os.path.join(input_dir, LYCORIS_WEIGHT_NAME)))
+            return
         load_lora_checkpoint(input_dir, unet, encoders)
         if models.weight_dtype != torch.float32:
             from diffusers.training_utils import cast_training_params
@@ -70,4 +86,4 @@ def load_lora_checkpoint(input_dir: str, unet, text_encoders=None) -> None:
             raise ValueError(f"checkpoint has {name} LoRA tensors the model does not: {unexpected[:3]}")
 
 
-__all__ = ["load_lora_checkpoint", "register_lora_checkpoint_hooks"]
+__all__ = ["LYCORIS_WEIGHT_NAME", "load_lora_checkpoint", "register_lora_checkpoint_hooks"]

@@ -54,8 +54,11 @@ def run_cli_training(config: TrainConfig) -> TrainEvent:
     if is_main and last is not None and last.done:
         out = last.outputs
         print(
-            f"{'stopped' if last.stopped else 'finished'} at step {last.step}: LoRA saved to {out.get('diffusers')} (diffusers) and {out.get('kohya')} "
-            f"(kohya/A1111), model card {out.get('model_card')}; "
+            f"{'stopped' if last.stopped else 'finished'} at step {last.step}: LoRA saved to "
+            + " and ".join(f"{out[kind]} ({label})" for kind, label in (("diffusers", "diffusers"), ("kohya", "kohya/A1111"))
+                           if out.get(kind))
+            + f", model card {out.get('model_card')}; "
+            + (f"{out['note']}; " if out.get("note") else "")
             + (f"{out['verified']}; " if out.get("verified") else "")
             + (f"best validation loss {out['best_validation_loss']['validation_loss']:.5f} at step "
                f"{out['best_validation_loss']['step']} (all in {out['validation_loss']}); "

@@ -92,6 +92,10 @@ class TrainConfig:
     lora_alpha: Optional[float] = None
     lora_dropout: float = 0.0
     train_text_encoder: bool = False
+    # LyCORIS (lycoris_network.py): --network_module lycoris (or kohya's lycoris.kohya) with
+    # --network_args algo=loha|lokr ... as kohya users write them; networks.lora is our PEFT LoRA
+    network_module: str = "networks.lora"
+    network_args: Optional[Union[list, dict]] = None
     # Optimisation
     optimizer: str = "adaprelora"
     optimizer_args: dict = field(default_factory=dict)
@@ -297,6 +301,7 @@ class TrainConfig:
                 warnings.warn("You need not use --class_prompt without --with_prior_preservation.")
 
         self._validate_buckets_and_cache(need)
+        self._validate_lycoris(need)
         self._validate_masks(need)
         self._validate_ema(need)
 
@@ -396,6 +401,13 @@ class TrainConfig:
         need(not self.alpha_mask, "--alpha_mask and --conditioning_data_dir both give the loss masks: use one of the two")
         need(os.path.isdir(folder), f"--conditioning_data_dir: folder {folder!r} does not exist")
         need(bool(list_image_files(folder)), f"--conditioning_data_dir: no PNG, JPEG or WebP mask image in folder {folder!r}")
+
+
+    def _validate_lycoris(self, need) -> None:
+        """`--network_module` / `--network_args` (LoHa, LoKr): see lycoris_network.check_network_config."""
+        from .lycoris_network import check_network_config
+
+        check_network_config(self)
 
 
 __all__ = ["TrainConfig", "MIXED_PRECISION", "REPORT_TO", "INTERPOLATION_MODES", "PRIOR_GENERATION_PRECISION",

@@ -66,6 +66,7 @@ from .export import (
 from .family import ModelFamily, detect_family
 from .latent_cache import LATENT_CACHE_DIR, cache_latents, sample_latents
 from .loss import denoising_loss
+from .lycoris_network import create_lycoris_network, save_lycoris_outputs, uses_lycoris, verify_lycoris_file
 from .masks import find_loss_masks
 from .models import DreamBoothModels, add_lora_adapters, load_models
 from .sdxl import check_flags_for_family, encode_prompts_sdxl, tokenize, unet_added_conditioning
@@ -241,7 +242,10 @@ class _DreamBoothRun:
         """The pipeline parts with their LoRA adapters, the checkpoint hooks and the optimizer."""
         cfg, acc = self.config, self.accelerator
         self.models = load_models(cfg, acc, self.family)
-        add_lora_adapters(cfg, self.models)
+        if uses_lycoris(cfg):  # LoHa / LoKr from lycoris-lora, registered under the models it wraps
+            create_lycoris_network(cfg, self.models.unet, self.models.trained_text_encoders)
+        else:
+            add_lora_adapters(cfg, self.models)
         # Checkpoints hold only the LoRA tensors (diffusers format), not the frozen model.
         register_lora_checkpoint_hooks(acc, self.models)
         self.optimizer = self._create_optimizer()
@@ -527,17 +531,20 @@ class _DreamBoothRun:
                                      base=view.family, instance_records=self.instance_records,
                                      class_records=self.class_records, started_at=self.started_at)
             with self._ema_weights():  # the files, and the check of them, hold the EMA weights with --use_ema
-                outputs["diffusers"] = save_diffusers_lora(cfg.output_dir, view.unet, view.trained_text_encoders,
-                                                           meta)
-                kohya_path = os.path.join(cfg.output_dir, f"{cfg.effective_output_name}.safetensors")
-                outputs["kohya"] = save_kohya_lora(kohya_path, view.unet, view.trained_text_encoders, meta)
+                if uses_lycoris(cfg):  # one file in LyCORIS's format: diffusers has no LoHa/LoKr format
+                    outputs.update(save_lycoris_outputs(cfg, view, meta))
+                else:
+                    outputs["diffusers"] = save_diffusers_lora(cfg.output_dir, view.unet, view.trained_text_encoders,
+                                                               meta)
+                    kohya_path = os.path.join(cfg.output_dir, f"{cfg.effective_output_name}.safetensors")
+                    outputs["kohya"] = save_kohya_lora(kohya_path, view.unet, view.trained_text_encoders, meta)
                 outputs["model_card"] = write_model_card(cfg.output_dir, cfg, outputs, self.samples,
                                                          self.global_step, family=view.family)
                 if not cfg.skip_export_check:
                     yield self._event("checking the written files against the trained model", phase="verify")
                     warnings = self._check_exports(outputs)
                     if not outputs.get("export_check", {}).get("ok", True):
-                        folder = set_aside(cfg.output_dir, [outputs[k] for k in ("diffusers", "kohya", "model_card")],
+                        folder = set_aside(cfg.output_dir, [outputs[k] for k in ("diffusers", "kohya", "model_card") if k in outputs],
                                            EXPORT_CHECK_FAILED_DIR)
                         raise UserError(f"{outputs['verified']}: the written files do not reproduce the trained "
                                         f"model; they were moved to {folder} for inspection (checkpoints are kept)")
@@ -555,6 +562,8 @@ class _DreamBoothRun:
         message = ("stopped" if stopped else "finished") + f" at step {self.global_step}"
         if outputs.get("verified"):
             message += f"; {outputs['verified']}"
+        if outputs.get("note"):  # e.g. a LyCORIS run: why there is no diffusers-format file
+            message += f"; {outputs['note']}"
         best = outputs.get("best_validation_loss")
         if best:
             message += f"; best validation loss {best['validation_loss']:.5f} at step {best['step']}"
@@ -576,11 +585,14 @@ class _DreamBoothRun:
         """Reload both files into a fresh base model and compare with the trained one; the result goes
         into `outputs` ("verified": one line, "export_check": the details). Returns the warnings."""
         cfg = self.config
-        files = {kind: outputs[kind] for kind in ("diffusers", "kohya")}
+        files = {kind: outputs[kind] for kind in ("diffusers", "kohya") if kind in outputs}
         view = self.models.unwrapped(self.accelerator)
         try:
-            report = verify_exports(cfg, files, view.unet, view.text_encoders, view.tokenizers, dtype=view.weight_dtype,
-                                    text_encoder_trained=cfg.train_text_encoder)
+            if uses_lycoris(cfg):  # reloaded with lycoris.create_lycoris_from_weights
+                report = verify_lycoris_file(cfg, files["kohya"], view, text_encoder_trained=cfg.train_text_encoder)
+            else:
+                report = verify_exports(cfg, files, view.unet, view.text_encoders, view.tokenizers,
+                                        dtype=view.weight_dtype, text_encoder_trained=cfg.train_text_encoder)
         except Exception as err:  # e.g. the base model cannot be loaded a second time
             reason = f"{type(err).__name__}: {err}".splitlines()[0]
             logger.warning("EXPORT CHECK: could not load the base model again to check the files: %s", reason)
