@@ -250,6 +250,17 @@ def test_samples_loss_and_files_use_the_ema_and_a_resume_is_exact(tiny_sd, insta
     assert all(torch.equal(again[k], exported[k]) for k in exported)
     assert all(torch.equal(v, ema_state[k]) for k, v in _ema_state(resumed / "checkpoint-4").items())
 
+    # A checkpoint saved without --use_ema resumes with a warning, the EMA starting from its weights.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copytree(straight / "checkpoint-4", plain / "checkpoint-4")
+    (plain / "checkpoint-4" / EMA_STATE_FILE).unlink()
+    events = list(train(_config(tiny_sd, instance_dir, plain, resume_from_checkpoint="latest", max_train_steps=4,
+                                use_ema=True, skip_export_check=True)))
+    assert any("checkpoint-4 holds no EMA of the weights" in w for e in events for w in e.warnings)
+    assert events[-1].outputs["ema"]["updates"] == 0
+    assert all(torch.equal(v, raw[-1][k]) for k, v in load_file(events[-1].outputs["diffusers"]).items())
+
 
 @pytest.mark.slow
 def test_accelerate_launch_writes_the_ema_weights(launch, dreambooth_args, tiny_sd, instance_dir, tmp_path):
