@@ -364,3 +364,41 @@ def test_mask_warnings_and_pairing(tmp_path, write_images):
                         [ImageRecord(p) for p in images])
     assert find_loss_masks(TrainConfig(), [ImageRecord(p) for p in images]) == (None, [])
     os.remove(folder / "img0.jpg")
+
+
+@pytest.mark.slow
+def test_alpha_mask_run_brings_each_images_alpha_to_the_loss(tiny_sd, tmp_path, monkeypatch):
+    """`train()` with `alpha_mask`: RGBA PNGs whose left half is transparent reach the loss with masks
+    black on the left and white on the right (the in-process twin of the command above, with alpha)."""
+    from adaprelora.training.dreambooth import train, trainer
+
+    seen = []
+    real = trainer.denoising_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("masks"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "denoising_loss", spy)
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        rgba = rng.integers(0, 255, (48, 48, 4), dtype=np.uint8)
+        rgba[..., 3] = 255
+        rgba[:, :24, 3] = 0
+        Image.fromarray(rgba, mode="RGBA").save(folder / f"cut{i}.png")
+    config = TrainConfig(pretrained_model_name_or_path=tiny_sd, instance_data_dir=str(folder), instance_prompt=PROMPT,
+                         output_dir=str(tmp_path / "out"), resolution=32, train_batch_size=2, max_train_steps=2,
+                         seed=0, mixed_precision="no", report_to="none", alpha_mask=True, center_crop=True,
+                         optimizer="adamw", learning_rate=1e-3, skip_export_check=True, num_validation_images=0)
+    events = list(train(config))
+    assert events[-1].done and os.path.isfile(events[-1].outputs["diffusers"])
+    # 48 x 48 -> 32 x 32 covers the square exactly (no crop): the alpha resized as PIL does it.
+    alpha = Image.fromarray(np.where(np.arange(48) < 24, 0, 255).astype(np.uint8)[None].repeat(48, 0), mode="L")
+    expected = torch.from_numpy(np.asarray(alpha.resize((32, 32), Image.Resampling.LANCZOS)).copy())
+    assert len(seen) == 2
+    for masks in seen:
+        assert masks is not None and masks.shape == (2, 1, 32, 32) and masks.dtype == torch.uint8
+        assert all(torch.equal(mask[0], expected) for mask in masks)
+        assert torch.all(masks[..., :12] == 0) and torch.all(masks[..., 20:] == 255)
