@@ -363,6 +363,9 @@ def test_mask_warnings_and_pairing(tmp_path, write_images):
         find_loss_masks(TrainConfig(masked_loss=True, conditioning_data_dir=str(folder)),
                         [ImageRecord(p) for p in images])
     assert find_loss_masks(TrainConfig(), [ImageRecord(p) for p in images]) == (None, [])
+    with pytest.raises(UserError, match="holds the training images themselves"):
+        find_loss_masks(TrainConfig(masked_loss=True, conditioning_data_dir=str(tmp_path / "images")),
+                        [ImageRecord(p) for p in images])
     os.remove(folder / "img0.jpg")
 
 

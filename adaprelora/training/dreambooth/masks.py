@@ -159,6 +159,9 @@ def _file_masks(folder: str, records: Sequence[ImageRecord]) -> tuple[LossMasks,
         if not found:
             missing.append(record.path)
             continue
+        if any(os.path.abspath(path) == os.path.abspath(record.path) for path in found):
+            raise UserError(f"{flag}: folder {folder!r} holds the training images themselves: put the masks in a "
+                            "folder of their own, one per image with its file name")
         if len(found) > 1:
             raise UserError(f"{flag}: {len(found)} mask files for image {os.path.basename(record.path)!r} "
                             f"({_names(found)}) in folder {folder!r}: keep one")
