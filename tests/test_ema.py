@@ -302,3 +302,25 @@ def test_sdxl_with_both_text_encoders_exports_the_ema(tiny_sdxl, instance_dir, t
     unet_keys = [k for k in exported if k.startswith("unet.")]
     assert unet_keys and all(torch.equal(exported[k], ema[k]) for k in unet_keys)
     assert any(not torch.equal(exported[k], raw[k]) for k in exported if k.startswith("text_encoder_2."))
+
+
+@pytest.mark.slow
+def test_lycoris_loha_exports_the_ema_and_the_raw_weights(tiny_sd, instance_dir, tmp_path):
+    """LoHa (LyCORIS's modules under the UNet): its tensors are averaged, its one file holds the average
+    (checked by the export check's reload), `_raw` the last step's tensors as the checkpoint has them."""
+    pytest.importorskip("lycoris")
+    from adaprelora.training.dreambooth import train
+
+    out = tmp_path / "loha"
+    last = list(train(_config(tiny_sd, instance_dir, out, max_train_steps=2, checkpointing_steps=2, use_ema=True,
+                              ema_decay=0.5, ema_save_raw=True, network_module="lycoris", network_args=["algo=loha"],
+                              optimizer="adamw", learning_rate=1e-2)))[-1]
+    assert "kohya file ok" in last.outputs["verified"] and "diffusers_raw" not in last.outputs
+    exported, raw = load_file(last.outputs["kohya"]), load_file(last.outputs["kohya_raw"])
+    prefix = "unet.lycoris_network."
+    ema = {k[len(prefix):]: v for k, v in load_file(str(out / "checkpoint-2" / EMA_STATE_FILE)).items()}
+    assert ema and all(torch.equal(exported[k], v) for k, v in ema.items())
+    assert any(not torch.equal(exported[k], raw[k]) for k in ema)
+    checkpoint = load_file(str(out / "checkpoint-2" / "lycoris_weights.safetensors"))
+    assert raw.keys() == checkpoint.keys() == exported.keys()
+    assert all(torch.equal(raw[k], checkpoint[k]) for k in raw)

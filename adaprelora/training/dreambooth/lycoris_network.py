@@ -170,9 +170,6 @@ def check_network_config(cfg) -> None:
     if getattr(cfg, "conv_rank", None):
         raise UserError(f"--conv_rank is for --network_module networks.lora; with algo={algo} give the convolutions' "
                         "rank as --network_args conv_dim=N (and conv_alpha=A)")
-    if getattr(cfg, "ema_save_raw", False):
-        raise UserError(f"--ema_save_raw is not available with algo={algo} yet: the LyCORIS file holds the EMA weights; "
-                        "drop --ema_save_raw")
     optimizer = canonical_name(cfg.optimizer)
     if optimizer in PAIR_OPTIMIZERS:
         raise UserError(f"--optimizer {optimizer} updates LoRA pairs (B, A) and algo={algo} has none; choose an "

@@ -554,8 +554,9 @@ class _DreamBoothRun:
                 message = (f"the files hold the EMA of the weights ({self.ema.num_updates} updates, decay "
                            f"{self.ema.last_decay or 0:.4f} at the last)")
                 if cfg.ema_save_raw:
-                    outputs.update(self._save_raw_weights(view, meta))
-                    message += f"; without EMA: {outputs['diffusers_raw']} and {outputs['kohya_raw']}"
+                    raw = self._save_raw_weights(view, meta)
+                    outputs.update(raw)
+                    message += f"; without EMA: {' and '.join(raw.values())}"
                 yield self._event(message, phase="verify")
         acc.wait_for_everyone()
         wall = time.perf_counter() - self.start_time
@@ -572,14 +573,19 @@ class _DreamBoothRun:
                           **final_loss)
 
     def _save_raw_weights(self, view, meta: dict) -> dict:
-        """`--ema_save_raw`: the last step's own weights beside the EMA files, in both formats."""
+        """`--ema_save_raw`: the last step's own weights beside the EMA files, in the same formats
+        (`<output_name>_raw.safetensors`, and `pytorch_lora_weights_raw.safetensors` unless LyCORIS)."""
         cfg = self.config
         meta = {**meta, **{k: json.dumps(v) for k, v in self._ema_metadata("raw").items()}}
-        raw = {"diffusers_raw": save_diffusers_lora(cfg.output_dir, view.unet, view.trained_text_encoders, meta,
-                                                    weight_name=RAW_DIFFUSERS_WEIGHT_NAME)}
-        raw["kohya_raw"] = save_kohya_lora(os.path.join(cfg.output_dir, f"{cfg.effective_output_name}_raw.safetensors"),
-                                           view.unet, view.trained_text_encoders, meta)
-        return raw
+        kohya_path = os.path.join(cfg.output_dir, f"{cfg.effective_output_name}_raw.safetensors")
+        if uses_lycoris(cfg):
+            from .lycoris_network import network_metadata, save_lycoris_file
+
+            return {"kohya_raw": save_lycoris_file(kohya_path, [view.unet, *view.trained_text_encoders],
+                                                   {**meta, **network_metadata(cfg)})}
+        return {"diffusers_raw": save_diffusers_lora(cfg.output_dir, view.unet, view.trained_text_encoders, meta,
+                                                     weight_name=RAW_DIFFUSERS_WEIGHT_NAME),
+                "kohya_raw": save_kohya_lora(kohya_path, view.unet, view.trained_text_encoders, meta)}
 
     def _check_exports(self, outputs: dict) -> list[str]:
         """Reload both files into a fresh base model and compare with the trained one; the result goes
