@@ -370,9 +370,10 @@ def test_mask_warnings_and_pairing(tmp_path, write_images):
 
 
 @pytest.mark.slow
-def test_alpha_mask_run_brings_each_images_alpha_to_the_loss(tiny_sd, tmp_path, monkeypatch):
-    """`train()` with `alpha_mask`: RGBA PNGs whose left half is transparent reach the loss with masks
-    black on the left and white on the right (the in-process twin of the command above, with alpha)."""
+@pytest.mark.parametrize("model", ["tiny_sd", "tiny_sdxl"])
+def test_alpha_mask_run_brings_each_images_alpha_to_the_loss(model, request, tmp_path, monkeypatch):
+    """`train()` with `alpha_mask`, SD and SDXL: RGBA PNGs whose left half is transparent reach the loss
+    with masks black on the left and white on the right (the in-process twin of the command above)."""
     from adaprelora.training.dreambooth import train, trainer
 
     seen = []
@@ -391,7 +392,7 @@ def test_alpha_mask_run_brings_each_images_alpha_to_the_loss(tiny_sd, tmp_path, 
         rgba[..., 3] = 255
         rgba[:, :24, 3] = 0
         Image.fromarray(rgba, mode="RGBA").save(folder / f"cut{i}.png")
-    config = TrainConfig(pretrained_model_name_or_path=tiny_sd, instance_data_dir=str(folder), instance_prompt=PROMPT,
+    config = TrainConfig(pretrained_model_name_or_path=request.getfixturevalue(model), instance_data_dir=str(folder), instance_prompt=PROMPT,
                          output_dir=str(tmp_path / "out"), resolution=32, train_batch_size=2, max_train_steps=2,
                          seed=0, mixed_precision="no", report_to="none", alpha_mask=True, center_crop=True,
                          optimizer="adamw", learning_rate=1e-3, skip_export_check=True, num_validation_images=0)
