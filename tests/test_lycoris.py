@@ -108,6 +108,56 @@ def test_lokr_network_trains_saves_and_reloads(tiny_sd, tmp_path):
         load_lycoris_state_dict([other_unet, other_te], {**state, "lora_unet_nowhere.lokr_w1": torch.zeros(1)})
 
 
+def test_lokr_sdxl_two_text_encoders(tiny_sdxl, tmp_path):
+    """SDXL: LyCORIS's `lora_te1_` / `lora_te2_` networks on the two text encoders, each model holding
+    its own modules, and the file reloaded into fresh models reproduces hidden states and prediction."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from adaprelora.training.dreambooth.lycoris_network import (
+        LYCORIS_ATTR,
+        create_lycoris_network,
+        reload_lycoris_file,
+        save_lycoris_file,
+    )
+
+    def load():
+        return (UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet"),
+                CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),
+                CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2"))
+
+    def forward(unet, first, second):
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 1000, (1, 77), generator=generator)
+        with torch.no_grad():
+            out = second(ids, output_hidden_states=True)
+            hidden = torch.cat([first(ids, output_hidden_states=True).hidden_states[-2], out.hidden_states[-2]], -1)
+            cond = {"text_embeds": out.text_embeds, "time_ids": torch.tensor([[32, 32, 0, 0, 32, 32]])}
+            latents = torch.randn(1, 4, 8, 8, generator=generator)
+            return hidden, unet(latents, torch.tensor([500]), hidden, added_cond_kwargs=cond).sample
+
+    torch.manual_seed(0)
+    models = load()
+    network = create_lycoris_network(_config(network_args=["algo=lokr", "factor=4"]), models[0], models[1:])
+    counts = [len(getattr(m, LYCORIS_ATTR)) for m in models]
+    assert counts[1] == counts[2] > 0 and sum(counts) == len(network.loras)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trained = forward(*models)
+    path = str(tmp_path / "sdxl_lokr.safetensors")
+    save_lycoris_file(path, models)
+    prefixes = {k.split("_text_model_")[0] for k in load_file(path) if k.startswith("lora_te")}
+    assert prefixes == {"lora_te1", "lora_te2"}
+    fresh = load()
+    base = forward(*fresh)
+    reload_lycoris_file(path, fresh[0], fresh[1:])
+    reloaded = forward(*fresh)
+    for got, want, before in zip(reloaded, trained, base):
+        assert (want - before).abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5)
+
+
 def test_network_args_parsing():
     from adaprelora.training.dreambooth.lycoris_network import network_kwargs, parse_network_args
 

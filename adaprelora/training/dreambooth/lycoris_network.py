@@ -245,8 +245,9 @@ def create_lycoris_network(cfg, unet: torch.nn.Module, text_encoders=()) -> torc
                             f"build the network: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         finally:
             PRESET.pop(f"adaprelora-{preset}", None)
-        if not network.loras:
-            raise UserError(f"{_LYCO_FLAG} preset={preset}: the preset wraps no module of this model")
+        if not network.unet_loras:  # e.g. attn-only: kohya's CrossAttention class, not in diffusers' UNet
+            raise UserError(f"{_LYCO_FLAG} preset={preset}: the preset wraps no module of this UNet; use full, "
+                            "full-lin, attn-mlp or unet-transformer-only")
         groups = [(unet, network.unet_loras)] + [
             (encoder, [lora for lora in network.text_encoder_loras if _owner(lora, encoders) is encoder])
             for encoder in encoders]
