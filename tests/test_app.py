@@ -96,7 +96,8 @@ def test_api_has_the_named_endpoints_with_their_parameter_names(app, tiny_sd):
     start = TrainForm.from_profile(profile_for(tiny_sd).train)
     defaults = {p["parameter_name"]: p["parameter_default"] for p in api["/train"]["parameters"]}
     for name in ("max_train_steps", "learning_rate", "rank", "optimizer", "resolution", "train_text_encoder",
-                 "validation_steps", "seed", "num_samples"):
+                 "validation_steps", "seed", "num_samples", "lora_layers", "conv_rank", "lora_alpha", "use_dora",
+                 "use_ema", "validation_split"):
         assert defaults[name] == getattr(start, name), (name, defaults[name], getattr(start, name))
     generate = [p["parameter_name"] for p in api["/generate"]["parameters"]]
     assert generate[:4] == ["prompt", "lora", "num_inference_steps", "seed"], generate
@@ -223,6 +224,11 @@ def test_one_training_at_a_time_and_stop_keeps_the_lora(app, images, trained):
         (dict(captions={"headers": ["image", "caption"],
                         "data": [["photo0.png", "sks dog"], ["no-such.png", "a caption for nothing"]]}),
          "The caption table names `no-such.png`, which is not among the uploaded images"),
+        (dict(lora_layers="everything"), "everything is not in the list of choices"),
+        (dict(conv_rank=4), "Conv rank \\(LoCon\\) adapts the ResNet convolutions on top of kohya's default layers"),
+        (dict(conv_rank=-1, lora_layers="attn-ff"), "Conv rank \\(LoCon\\) must be between 0 and 512"),
+        (dict(lora_alpha=-2), "LoRA alpha must be between 0 and 4096"),
+        (dict(validation_split=0.9), "Held-out share must be between 0 and 0.5"),
     ],
 )
 def test_bad_training_input_is_refused_with_a_clear_message(app, images, kwargs, message):
@@ -258,6 +264,36 @@ def test_bad_generation_input_is_refused_with_a_clear_message(app, kwargs, messa
     _refused(lambda: app["client"].predict(**args, api_name="/generate"), message, app["client"])
     after = set(os.listdir(os.path.join(app["root"], "generated"))) if os.path.isdir(os.path.join(app["root"], "generated")) else set()
     assert after == before, "a refused request writes no image"
+
+
+def test_more_settings_reach_the_run_the_files_and_the_lora_table(app, tmp_path, write_images):
+    """Layers, LoCon, alpha, DoRA and EMA from "More settings" (keyword parameters of /train) train a
+    LoRA whose files pass the export check and whose table row names them; an upload with
+    transparency trains with its alpha as the loss mask."""
+    import numpy as np
+    from PIL import Image
+
+    paths = write_images(tmp_path, [(40, 48)] * 2, prefix="cut")
+    rgb = np.asarray(Image.open(paths[0]).convert("RGB"))
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[:, : rgb.shape[1] // 2, 3] = 0  # the left half transparent
+    Image.fromarray(rgba, "RGBA").save(paths[0])
+    client = app["client"]
+    summary = client.predict([handle_file(p) for p in paths], "a photo of sks cut", 2, 1e-3, 4, "adaprelora", 32,
+                             lora_name="more settings", num_samples=0, lora_layers="attn-ff", conv_rank=2,
+                             lora_alpha=1, use_dora=True, use_ema=True, api_name="/train")[5]
+    assert summary["status"] == "done" and summary["steps"] == 2, summary
+    info = LoraStore(app["root"]).get("more-settings")
+    config = info.meta["train_config"]
+    assert (config["lora_layers"], config["conv_rank"], config["lora_alpha"], config["use_dora"],
+            config["use_ema"], config["alpha_mask"]) == ("attn-ff", 2, 1, True, True, True), config
+    verified = summary.get("verified", "")
+    assert verified.startswith("verified:") and "diffusers file ok" in verified and "kohya file ok" in verified, summary
+    from adaprelora.app.handlers import LORA_TABLE_HEADERS, table_row
+
+    row = dict(zip(LORA_TABLE_HEADERS, table_row(info)))
+    assert row["layers"] == "attn-ff, alpha 1, conv 2, DoRA, EMA", row
+    assert "more-settings" not in client.predict("more-settings", api_name="/delete_lora")
 
 
 def test_a_16_bit_grayscale_png_trains_on_its_scaled_pixels(app, tmp_path):

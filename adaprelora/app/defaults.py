@@ -70,6 +70,14 @@ class TrainProfile:
     validation_steps: int = 100
     seed: int = 0
     num_samples: int = 2
+    # "More settings": which layers (kohya's presets), LoCon, alpha (0: the rank), DoRA, EMA, and the
+    # share of the images held out for the validation loss (0: none).
+    lora_layers: str = "attn"
+    conv_rank: int = 0
+    lora_alpha: float = 0.0
+    use_dora: bool = False
+    use_ema: bool = False
+    validation_split: float = 0.0
     # Run settings the page does not show.
     train_batch_size: int = 1
     num_class_images: Optional[int] = None  # None: TrainConfig's default

@@ -185,6 +185,12 @@ _FLAG_LABELS = {
     "--rank": "LoRA rank",
     "--optimizer": "Optimizer",
     "--seed": "Seed",
+    "--lora_layers": "Layers",
+    "--conv_rank": "Conv rank (LoCon)",
+    "--lora_alpha": "LoRA alpha",
+    "--use_dora": "DoRA",
+    "--use_ema": "EMA of the weights",
+    "--validation_split": "Held-out share",
 }
 
 
@@ -213,6 +219,12 @@ class TrainForm:
     validation_steps: Optional[float] = None
     seed: Optional[float] = None
     num_samples: Optional[float] = None
+    lora_layers: Optional[str] = "attn"
+    conv_rank: Optional[float] = 0
+    lora_alpha: Optional[float] = 0
+    use_dora: Optional[bool] = False
+    use_ema: Optional[bool] = False
+    validation_split: Optional[float] = 0
 
     @classmethod
     def names(cls) -> list[str]:
@@ -232,6 +244,7 @@ class TrainForm:
         uploads are staged into the LoRA folder (`jobs.stage_images`, which also sets the output
         folder). A field sent empty (None) is an error: a cleared number never becomes a default."""
         from adaprelora.training.dreambooth import TrainConfig
+        from adaprelora.training.dreambooth.masks import has_alpha
         from adaprelora.training.errors import UserError
 
         paths = check_uploaded_images(self.images)
@@ -253,6 +266,8 @@ class TrainForm:
         if not isinstance(self.train_text_encoder, bool):
             raise gr.Error(f"\"Train the text encoder too\" must be true or false, got {self.train_text_encoder!r}.")
         class_prompt = text(self.class_prompt)
+        layers = self._layers()
+        split = real(self.validation_split, "Held-out share", 0, 0.5, "0 turns the validation loss off.")
         config = TrainConfig(
             pretrained_model_name_or_path=base_model,
             instance_prompt=prompt,
@@ -268,6 +283,10 @@ class TrainForm:
             max_train_steps=steps,
             learning_rate=lr,
             rank=rank,
+            **layers,
+            # PNGs with transparency: what is transparent is not learned (kohya's --alpha_mask).
+            alpha_mask=any(has_alpha(p) for p in paths),
+            validation_split=split or None,
             optimizer=optimizer,
             train_text_encoder=self.train_text_encoder,
             validation_prompt=(text(self.validation_prompt) or prompt) if n_samples else None,
@@ -287,6 +306,21 @@ class TrainForm:
         except UserError as err:
             raise gr.Error(page_wording(str(err)) + ".") from None
         return config
+
+    def _layers(self) -> dict:
+        """The "More settings" choices of which layers and how: `TrainConfig` fields, checked."""
+        from adaprelora.training.dreambooth.config import LORA_LAYERS
+
+        layers = text(self.lora_layers)
+        if layers not in LORA_LAYERS:
+            raise gr.Error(f"Layers must be one of {', '.join(LORA_LAYERS)}, got {self.lora_layers!r}.")
+        conv_rank = whole(self.conv_rank, "Conv rank (LoCon)", 0, 512, "0 adapts no convolution.")
+        alpha = real(self.lora_alpha, "LoRA alpha", 0, 4096, "0 means the same as the rank.")
+        for name, label in (("use_dora", "DoRA"), ("use_ema", "EMA of the weights")):
+            if not isinstance(getattr(self, name), bool):
+                raise gr.Error(f"\"{label}\" must be true or false, got {getattr(self, name)!r}.")
+        return dict(lora_layers=layers, conv_rank=conv_rank or None, lora_alpha=alpha or None,
+                    use_dora=self.use_dora, use_ema=self.use_ema)
 
     def run_name(self) -> str:
         """What the LoRA is named after: the LoRA name, else the instance prompt."""

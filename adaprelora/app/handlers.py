@@ -24,8 +24,8 @@ from .jobs import MAX_SAMPLES_SHOWN, TrainingJob, TrainingRun, discard, file_upd
 from .store import INTERRUPTED, LoraInfo, LoraStore, StoreError, format_size
 
 NO_LORA = "(none)"
-LORA_TABLE_HEADERS = ["name", "status", "steps", "optimizer", "rank", "learning rate", "resolution", "prompt",
-                      "created", "size"]
+LORA_TABLE_HEADERS = ["name", "status", "steps", "optimizer", "rank", "layers", "learning rate", "resolution",
+                      "prompt", "created", "size"]
 
 
 class AppHandlers:
@@ -244,9 +244,21 @@ def table_row(info: LoraInfo) -> list:
     m = info.meta
     steps = m.get("steps_done")
     steps = f"{steps}/{m.get('max_train_steps')}" if steps is not None else str(m.get("max_train_steps", ""))
-    return [info.name, info.status_label, steps, m.get("optimizer", ""), m.get("rank", ""),
+    return [info.name, info.status_label, steps, m.get("optimizer", ""), m.get("rank", ""), layers_label(m),
             f"{m.get('learning_rate', '')}", m.get("resolution", ""), m.get("instance_prompt", ""),
             str(m.get("created", "")).replace("T", " "), format_size(info.size_bytes())]
+
+
+def layers_label(meta: dict) -> str:
+    """The table's "layers" cell: the preset, then what changes the network (alpha, LoCon, DoRA, EMA),
+    e.g. "attn-ff, alpha 1, conv 4, DoRA, EMA"."""
+    parts = [meta.get("lora_layers") or "attn"]
+    if meta.get("lora_alpha") not in (None, meta.get("rank")):
+        parts.append(f"alpha {meta['lora_alpha']:g}")
+    if meta.get("conv_rank"):
+        parts.append(f"conv {meta['conv_rank']}")
+    parts += [name for key, name in (("use_dora", "DoRA"), ("use_ema", "EMA")) if meta.get(key)]
+    return ", ".join(parts)
 
 
 def _config_record(config) -> dict:
@@ -265,6 +277,12 @@ def _run_meta(config, base: BaseModel) -> dict:
         "max_train_steps": config.max_train_steps,
         "learning_rate": config.learning_rate,
         "rank": config.rank,
+        "lora_layers": config.lora_layers,
+        "lora_alpha": config.effective_lora_alpha,
+        "conv_rank": config.conv_rank,
+        "use_dora": config.use_dora,
+        "use_ema": config.use_ema,
+        "alpha_mask": config.alpha_mask,
         "optimizer": config.optimizer,
         "resolution": config.resolution,
         "train_text_encoder": config.train_text_encoder,

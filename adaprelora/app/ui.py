@@ -31,6 +31,8 @@ from typing import Callable, Optional
 
 import gradio as gr
 
+from adaprelora.training.dreambooth.config import LORA_LAYERS
+
 from .defaults import DEFAULT_BASE_MODEL, PRESET_FIELDS, ModelProfile
 from .form import TrainForm, form_endpoint
 from .generate import BaseModel
@@ -187,6 +189,23 @@ def train_tab(profile: ModelProfile, optimizers: list[str]) -> TrainTab:
                                                           elem_id="validation-steps")
                         f["num_samples"] = gr.Number(start.num_samples, label="Sample images each time")
                         f["seed"] = gr.Number(start.seed, label="Seed")
+                    with gr.Row():
+                        f["lora_layers"] = gr.Dropdown(list(LORA_LAYERS), value=start.lora_layers,
+                                                       label="Layers (attn-ff: kohya's default set)",
+                                                       elem_id="train-lora-layers")
+                        f["conv_rank"] = gr.Number(start.conv_rank, label="Conv rank (LoCon; 0: off)",
+                                                   elem_id="train-conv-rank")
+                        f["lora_alpha"] = gr.Number(start.lora_alpha, label="LoRA alpha (0: the rank)",
+                                                    elem_id="train-lora-alpha")
+                    with gr.Row():
+                        f["use_dora"] = gr.Checkbox(start.use_dora, label="DoRA", elem_id="train-use-dora")
+                        f["use_ema"] = gr.Checkbox(start.use_ema, label="EMA of the weights (files and samples)",
+                                                   elem_id="train-use-ema")
+                        f["validation_split"] = gr.Number(start.validation_split,
+                                                          label="Held out for the validation loss (share; 0: off)",
+                                                          elem_id="train-validation-split")
+                    gr.Markdown("PNGs with transparency train with their alpha as a mask: transparent parts are "
+                                "not learned.")
             with gr.Column(scale=1):
                 with gr.Row():
                     train_button = gr.Button("Train", variant="primary", elem_id="train-button")
