@@ -39,8 +39,9 @@ def build_parser() -> UserErrorArgumentParser:
     flag("pretrained_vae_model_name_or_path", type=str,
         help="A VAE to use instead of the model's own (e.g. an fp16-safe SDXL VAE): Hub id or folder.")
     # Data
-    flag("instance_data_dir", type=str, required=True,
-        help="Folder of PNG/JPEG/WebP training images; an optional <image>.txt next to an image is its caption.")
+    flag("instance_data_dir", type=str,
+        help="Folder of PNG/JPEG/WebP training images; an optional <image>.txt next to an image is its caption. "
+             "Required unless --dataset_config is given.")
     flag("instance_prompt", type=str,
         help="Prompt with the identifier of the instance, e.g. 'a photo of sks dog'. Required unless every "
              "image has a caption file.")
@@ -54,6 +55,16 @@ def build_parser() -> UserErrorArgumentParser:
              "built-in model.")
     flag("caption_dropout_rate", type=float,
         help="Share of steps an instance image is trained with the empty prompt (kohya's flag).")
+    # kohya dataset configs and caption shuffling
+    flag("dataset_config", type=str, metavar="FILE.toml",
+        help="kohya sd-scripts dataset config ([general], [[datasets]], [[datasets.subsets]] with image_dir, "
+             "class_tokens, num_repeats, is_reg, ...): several concepts and regularisation images in one run, "
+             "instead of --instance_data_dir/--instance_prompt and the class-image flags (docs/dreambooth.md).")
+    flag("shuffle_caption", action="store_true",
+        help="Shuffle the comma-separated tags of each caption every step (kohya's flag), seeded by --seed.")
+    flag("keep_tokens", type=int, metavar="N",
+        help="With --shuffle_caption: keep the first N tags in place.")
+    flag("caption_separator", type=str, metavar="SEP", help="The separator of caption tags (default ',').")
     flag("num_class_images", type=int,
         help="Class images wanted; missing ones are generated with the base model into --class_data_dir.")
     flag("sample_batch_size", type=int, help="Batch size when generating class images.")

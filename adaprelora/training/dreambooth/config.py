@@ -61,6 +61,13 @@ class TrainConfig:
     # and guidance then pushes every prompt away from the subject (README, "Caption dropout").
     caption_dropout_rate: float = 0.0
     class_caption_dropout_rate: float = 0.0
+    # kohya dataset configs and caption shuffling (dataset_config.py, captions.py): a TOML of image
+    # folders (subsets) with their repeats, captions and regularisation images replaces the
+    # instance/class flags; tag shuffling after the first keep_tokens tags, as kohya does it.
+    dataset_config: Optional[str] = None
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_separator: str = ","
     sample_batch_size: int = 4
     prior_generation_precision: Optional[str] = None
     class_inference_steps: int = 50
@@ -223,9 +230,10 @@ class TrainConfig:
         check_number_fields(self)
         check_seed(self.seed)
         check_output_dir(self.output_dir)
+        self._validate_dataset_config(need)
         need(
-            bool(self.instance_data_dir) or bool(self.instance_images),
-            "--instance_data_dir is required (a folder of PNG/JPEG/WebP images)",
+            bool(self.instance_data_dir) or bool(self.instance_images) or bool(self.dataset_config),
+            "--instance_data_dir is required (a folder of PNG/JPEG/WebP images), or --dataset_config",
         )
         if self.instance_data_dir and not self.instance_images and not os.path.isdir(self.instance_data_dir):
             what = "is a file, not a folder" if os.path.exists(self.instance_data_dir) else "does not exist"
@@ -286,7 +294,7 @@ class TrainConfig:
                  "--output_name pytorch_lora_weights would overwrite the diffusers file; choose another name")
             self.output_name = self.output_name.removesuffix(".safetensors")
 
-        if self.with_prior_preservation:
+        if self.with_prior_preservation and not self.dataset_config:
             need(bool(self.class_data_dir), "--with_prior_preservation needs --class_data_dir (a folder for class images)")
             need(bool(self.class_prompt), "--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog')")
             need(self.class_inference_steps >= 1,
@@ -335,6 +343,33 @@ class TrainConfig:
             need(bool(list_image_files(folder)),
                  f"--validation_loss_data_dir: no PNG, JPEG or WebP image in folder {folder!r}")
 
+    def _validate_dataset_config(self, need) -> None:
+        """`--keep_tokens` >= 0 and a separator; with `--dataset_config`: the file parsed and checked,
+        its dataset settings written into this config (the file wins, as in kohya), none of the
+        instance/class flags it replaces, and no flip or random crop with cached latents."""
+        need(self.keep_tokens >= 0, f"--keep_tokens must be 0 or more, got {self.keep_tokens}")
+        need(bool(self.caption_separator), "--caption_separator must not be empty")
+        if not self.dataset_config:
+            return
+        from .dataset_config import apply_dataset_settings, load_dataset_config
+
+        replaced = [f"--{name}" for name in ("instance_data_dir", "instance_images", "instance_prompt",
+                                             "class_data_dir", "class_prompt") if getattr(self, name)]
+        need(not replaced, f"--dataset_config and {' and '.join(replaced)} both give the training images or "
+                           "prompts: use one of the two (subsets with image_dir, class_tokens and is_reg replace them)")
+        dataset = load_dataset_config(self.dataset_config, self)
+        need(not self.with_prior_preservation or bool(dataset.reg_subsets),
+             f"--with_prior_preservation with --dataset_config {self.dataset_config} needs a subset with "
+             "is_reg = true (the regularisation images)")
+        apply_dataset_settings(self, dataset)
+        if self.uses_latent_cache:
+            flag = "--cache_latents_to_disk" if not self.cache_latents else "--cache_latents"
+            for subset in dataset.subsets:
+                for key in ("flip_aug", "random_crop"):
+                    need(not getattr(subset, key),
+                         f"--dataset_config {self.dataset_config}: {subset.where}.{key} is true, but {flag} encodes "
+                         f"every image once (the same pixels every step): set {key} = false or drop {flag}")
+
     def _validate_buckets_and_cache(self, need) -> None:
         """Bucket range, latent caching (which needs the same pixels every step) and image sizes."""
         for flag in ("validation_width", "validation_height"):
@@ -356,7 +391,7 @@ class TrainConfig:
         elif (self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps, self.bucket_no_upscale) != (
                 256, 1024, 64, False):
             warnings.warn("The bucket flags have no effect without --enable_bucket.")
-        if self.uses_latent_cache:
+        if self.uses_latent_cache and not self.dataset_config:  # a dataset config's subsets: checked there
             flag = "--cache_latents_to_disk" if not self.cache_latents else "--cache_latents"
             need(not self.random_flip,
                  f"{flag} encodes every image once, so it cannot be used with --random_flip (a new flip every "

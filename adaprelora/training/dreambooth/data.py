@@ -6,6 +6,11 @@
   are refused (`UnsupportedImage`), never trained on with guessed pixels.
 - A caption file next to an image (`photo.txt`, or `photo.png.txt`) replaces the instance prompt
   for that image; otherwise `--instance_prompt` is used.
+- With `--dataset_config` (kohya's TOML, `dataset_config`) the images come from its subsets: each
+  record carries its `Subset` (repeats, caption options, flip and crop), reg subsets are the class
+  images, and an image without a caption file is trained with its subset's `class_tokens`.
+- Captions go through `captions.process_caption` each step (tag shuffling, `--keep_tokens`...),
+  seeded like the crops.
 - Files that cannot be decoded are skipped with a warning that names each one; a folder with no
   usable image is a `UserError` naming the folder.
 - Resize (shorter side to `resolution`, or into an aspect-ratio bucket: `buckets`), crop (center or
@@ -23,9 +28,11 @@ from PIL import Image, ImageOps
 
 from ..errors import UserError, first_line
 from .buckets import fit_to_bucket
+from .captions import CaptionOptions, process_caption
 
 if TYPE_CHECKING:
     from .config import TrainConfig
+    from .dataset_config import Subset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_EXTENSION = ".txt"
@@ -42,10 +49,12 @@ _RESAMPLING = {
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One training image: its path and its own caption (None: use the run's prompt)."""
+    """One training image: its path, its own caption (None: use the run's prompt) and, from a dataset
+    config, its subset (whose settings then apply to it)."""
 
     path: str
     caption: Optional[str] = None
+    subset: Optional["Subset"] = None
 
 
 def is_image_file(path: str) -> bool:
@@ -109,13 +118,16 @@ def _cmyk_through_profile(img: Image.Image) -> Image.Image:
         return img
 
 
-def read_caption(image_path: str) -> Optional[str]:
-    """The caption in `<stem>.txt` or `<image file name>.txt` next to the image, if non-empty."""
+def read_caption(image_path: str, extension: str = CAPTION_EXTENSION, keep_lines: bool = False) -> Optional[str]:
+    """The caption in `<stem><extension>` or `<image file name><extension>` next to the image, if
+    non-empty. Whitespace is collapsed; with `keep_lines` each non-empty line stays a line (kohya's
+    multi-line captions, for wildcards)."""
     stem, _ = os.path.splitext(image_path)
-    for candidate in (stem + CAPTION_EXTENSION, image_path + CAPTION_EXTENSION):
+    for candidate in (stem + extension, image_path + extension):
         if os.path.isfile(candidate):
             with open(candidate, encoding="utf-8", errors="replace") as fh:
-                text = " ".join(fh.read().split())
+                lines = [" ".join(line.split()) for line in fh.read().splitlines()]
+            text = "\n".join(line for line in lines if line) if keep_lines else " ".join(" ".join(lines).split())
             if text:
                 return text
     return None
@@ -192,9 +204,39 @@ def scan_instance_images(
     return records, warnings
 
 
+def scan_dataset_config(config: TrainConfig) -> tuple[list[ImageRecord], list[ImageRecord], list[str]]:
+    """(instance records, regularisation records, warnings) of `--dataset_config`'s subsets, one
+    record per image (repeats are applied by the dataset), each with its subset and its caption (the
+    caption file, else the subset's `class_tokens`). `UserError` naming the file and the subset
+    when a subset has no usable image or an image has neither caption nor `class_tokens`."""
+    from .dataset_config import load_dataset_config
+
+    dataset = load_dataset_config(config.dataset_config, config)
+    instance, reg, warnings = [], [], []
+    for subset in dataset.subsets:
+        where = f"--dataset_config {dataset.path}: {subset.where}.image_dir"
+        good, bad = _check_readable(list_image_files(subset.image_dir))
+        warnings += bad
+        if not good:
+            raise UserError(f"{where}: no usable image in folder {subset.image_dir!r}: {bad[0].removeprefix('skipping ')}")
+        records = [ImageRecord(p, read_caption(p, subset.caption_extension, keep_lines=True) or subset.class_tokens,
+                               subset) for p in good]
+        uncaptioned = [r.path for r in records if not r.caption]
+        if uncaptioned:
+            raise UserError(f"--dataset_config {dataset.path}: {subset.where}.class_tokens is missing and "
+                            f"{len(uncaptioned)} image(s) in {subset.image_dir!r} have no caption file "
+                            f"(<image>{subset.caption_extension}), e.g. {os.path.basename(uncaptioned[0])!r}")
+        (reg if subset.is_reg else instance).extend(records)
+    return instance, reg, warnings
+
+
 def check_instance_data(config: TrainConfig) -> tuple[list[ImageRecord], list[str]]:
     """The usable instance images and warnings; `UserError` when none is usable or a prompt is
-    missing. Cheap (PIL only): the CLI and the app can call it before starting a run."""
+    missing. Cheap (PIL only): the CLI and the app can call it before starting a run. With
+    `--dataset_config`: the images of its training (not `is_reg`) subsets."""
+    if config.dataset_config:
+        instance, _, warnings = scan_dataset_config(config)
+        return instance, warnings
     records, warnings = scan_instance_images(
         folder=None if config.instance_images else config.instance_data_dir,
         files=config.instance_images,
@@ -209,6 +251,17 @@ def check_instance_data(config: TrainConfig) -> tuple[list[ImageRecord], list[st
                 f"file (<image>.txt), e.g. {os.path.basename(uncaptioned[0])!r}"
             )
     return records, warnings
+
+
+def check_reg_data(config: TrainConfig) -> tuple[list[ImageRecord], list[str]]:
+    """The images of `--dataset_config`'s `is_reg` subsets (prior preservation) and warnings."""
+    _, reg, warnings = scan_dataset_config(config)
+    return reg, warnings
+
+
+def expand_repeats(records: Sequence[ImageRecord]) -> list[ImageRecord]:
+    """Each record as many times as its subset's `num_repeats` (once without a subset)."""
+    return [r for r in records for _ in range(r.subset.num_repeats if r.subset else 1)]
 
 
 def scan_class_images(folder: str) -> tuple[list[ImageRecord], list[str]]:
@@ -247,7 +300,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     image goes to the same bucket so the two stack). Each example also carries the original size
     and crop top-left of its images (SDXL's time ids). After `set_latents` (see `latent_cache`)
     examples hold the cached VAE latents instead of pixels. `caption_dropout_rate` and
-    `class_caption_dropout_rate` give that share of items the empty prompt (seeded like the crops).
+    `class_caption_dropout_rate` give that share of items the empty prompt (seeded like the crops);
+    `caption_options` (tag shuffling...) apply to every caption, seeded the same way. A record with
+    a `subset` (dataset config) uses the subset's caption options, caption dropout, flip and crop
+    instead (pass the records already repeated: `expand_repeats`).
     """
 
     def __init__(
@@ -267,6 +323,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         caption_dropout_rate: float = 0.0,
         class_caption_dropout_rate: float = 0.0,
         masks=None,
+        caption_options: Optional[CaptionOptions] = None,
     ):
         if not instance_records:
             raise ValueError("no instance images")
@@ -281,17 +338,19 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.random_flip = random_flip
         self.caption_dropout_rate = caption_dropout_rate
         self.class_caption_dropout_rate = class_caption_dropout_rate
+        self.caption_options = caption_options or CaptionOptions()
         self.epoch = 0
         self.latents: Optional[dict] = None
         self.masks = masks  # masks.LossMasks (--masked_loss / --alpha_mask): each view carries its loss mask
         if buckets:
             from .buckets import bucket_for
 
-            self.instance_buckets = [
-                bucket_for(load_rgb(r.path).size, buckets, resolution=resolution, step=bucket_reso_steps,
-                           no_upscale=bucket_no_upscale)
-                for r in self.instance_records
-            ]
+            by_path: dict = {}  # repeated records: each image read once
+            for r in self.instance_records:
+                if r.path not in by_path:
+                    by_path[r.path] = bucket_for(load_rgb(r.path).size, buckets, resolution=resolution,
+                                                 step=bucket_reso_steps, no_upscale=bucket_no_upscale)
+            self.instance_buckets = [by_path[r.path] for r in self.instance_records]
         else:
             self.instance_buckets = [(resolution, resolution)] * len(self.instance_records)
 
@@ -300,6 +359,46 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def prompt_for(self, record: ImageRecord) -> str:
         return record.caption or self.instance_prompt or ""
+
+    def _caption_options(self, record: ImageRecord) -> CaptionOptions:
+        return record.subset.caption if record.subset else self.caption_options
+
+    def _prompt(self, record: ImageRecord, index: int, kind: str) -> str:
+        """The prompt of item `index`'s `kind` ("instance" or "class") image this epoch: empty when
+        its caption is dropped, else its caption (or the run's prompt) through the caption options."""
+        subset = record.subset
+        if subset is not None:
+            rate = subset.caption_dropout_rate
+            every = subset.caption_dropout_every_n_epochs
+            if every and (self.epoch + 1) % every == 0:  # kohya counts epochs from 1
+                return ""
+        else:
+            rate = self.caption_dropout_rate if kind == "instance" else self.class_caption_dropout_rate
+        if self._dropped(rate, index, kind):
+            return ""
+        caption = record.caption or (self.instance_prompt if kind == "instance" else self.class_prompt) or ""
+        options = self._caption_options(record)
+        if options == CaptionOptions():
+            return caption
+        seed = f"{self.seed}-{self.epoch}-{index}-{kind}-tags" if self.seed is not None else None
+        return process_caption(caption, options, random.Random(seed))
+
+    def cacheable_prompts(self) -> Optional[set[str]]:
+        """Every prompt the items can be trained with (for a prompt-embedding cache), or None when
+        captions change from step to step (shuffled tags, tag dropout, wildcards)."""
+        prompts: set[str] = set()
+        for kind, records in (("instance", self.instance_records), ("class", self.class_records)):
+            rate = self.caption_dropout_rate if kind == "instance" else self.class_caption_dropout_rate
+            for record in dict.fromkeys(records):
+                options = self._caption_options(record)
+                if options.varies:
+                    return None
+                caption = record.caption or (self.instance_prompt if kind == "instance" else self.class_prompt) or ""
+                prompts.add(process_caption(caption, options, random.Random(0)))
+                subset = record.subset
+                if (subset.caption_dropout_rate or subset.caption_dropout_every_n_epochs) if subset else rate:
+                    prompts.add("")
+        return prompts
 
     def __len__(self) -> int:
         return max(len(self.instance_records), len(self.class_records))
@@ -321,9 +420,11 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def load_view(self, record: ImageRecord, bucket: tuple[int, int], rng=None) -> tuple[torch.Tensor, tuple, tuple]:
         """(pixels, original (h, w), crop top-left (top, left)) of `record` fitted to `bucket`; with loss
         masks a 4th item, its mask (uint8 (1, H, W)) under the same resize, crop and flip."""
-        flip = self.random_flip and (rng or random).random() < 0.5
+        subset = record.subset
+        flip = (subset.flip_aug if subset else self.random_flip) and (rng or random).random() < 0.5
+        center_crop = not subset.random_crop if subset else self.center_crop
         resample = _RESAMPLING[self.interpolation]
-        view = fit_to_bucket(load_rgb(record.path), bucket, center_crop=self.center_crop, resample=resample,
+        view = fit_to_bucket(load_rgb(record.path), bucket, center_crop=center_crop, resample=resample,
                              rng=rng, flip=flip)
         if self.masks is None:
             return view
@@ -353,15 +454,13 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         kind = "latents" if self.latents is not None else "pixel_values"
         values, original, crop, *mask = self._view(record, bucket, rng)
         example = {f"instance_{kind}": values, "instance_original_size": original, "instance_crop_top_left": crop,
-                   "instance_prompt": ("" if self._dropped(self.caption_dropout_rate, index, "instance")
-                                       else self.prompt_for(record)), **({"instance_mask": mask[0]} if mask else {})}
+                   "instance_prompt": self._prompt(record, index, "instance"), **({"instance_mask": mask[0]} if mask else {})}
         if self.class_records:
             class_record = self.class_records[index % len(self.class_records)]
             values, original, crop, *mask = self._view(class_record, bucket, rng)
             example.update({f"class_{kind}": values, **({"class_mask": mask[0]} if mask else {})},
                            class_original_size=original, class_crop_top_left=crop,
-                           class_prompt=("" if self._dropped(self.class_caption_dropout_rate, index, "class")
-                                         else class_record.caption or self.class_prompt or ""))
+                           class_prompt=self._prompt(class_record, index, "class"))
         return example
 
 
@@ -389,6 +488,7 @@ def collate_fn(examples: list[dict], with_prior_preservation: bool = False) -> d
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageRecord", "DreamBoothDataset", "UnsupportedImage", "build_dataloader", "collate_fn", "is_image_file", "list_image_files",
     "load_rgb", "preprocess", "read_caption", "scan_class_images", "scan_instance_images",
+    "check_reg_data", "expand_repeats", "scan_dataset_config",
 ]
 
 
@@ -399,7 +499,9 @@ def build_dataloader(cfg: TrainConfig, instance_records, class_records,
     Square crops: a shuffling DataLoader; buckets: `BucketBatchSampler`, batches of one bucket
     each. Both loaders have their own seeded generator: starting an epoch then draws nothing from
     the global RNG (which checkpoints restore), so a resumed run draws the same noise as an
-    uninterrupted one.
+    uninterrupted one. Records from a dataset config are repeated by their subset's `num_repeats`,
+    and the regularisation items are cut to the number of training items (kohya's epoch: as many
+    of each; reg items beyond that are not used).
     """
     import functools
 
@@ -407,12 +509,17 @@ def build_dataloader(cfg: TrainConfig, instance_records, class_records,
 
     buckets = (make_buckets(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
                if cfg.enable_bucket else None)
+    instance_records = expand_repeats(instance_records)
+    if cfg.dataset_config:
+        class_records = expand_repeats(class_records)[:len(instance_records)]
     dataset = DreamBoothDataset(
         instance_records, cfg.instance_prompt, cfg.resolution, center_crop=cfg.center_crop,
         interpolation=cfg.image_interpolation_mode, class_records=class_records, class_prompt=cfg.class_prompt,
         seed=cfg.seed, random_flip=cfg.random_flip, buckets=buckets, bucket_reso_steps=cfg.bucket_reso_steps,
         bucket_no_upscale=cfg.bucket_no_upscale, caption_dropout_rate=cfg.caption_dropout_rate,
         class_caption_dropout_rate=cfg.class_caption_dropout_rate, masks=masks,
+        caption_options=CaptionOptions(shuffle_caption=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
+                                       caption_separator=cfg.caption_separator),
     )
     collate = functools.partial(collate_fn, with_prior_preservation=cfg.with_prior_preservation)
     seed = cfg.seed if cfg.seed is not None else 0

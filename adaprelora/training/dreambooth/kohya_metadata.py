@@ -75,7 +75,10 @@ def image_groups(records, prompt: Optional[str]) -> list[tuple[str, list[str]]]:
 def dataset_metadata(instance_records, instance_prompt: Optional[str], class_records=(),
                      class_prompt: Optional[str] = None) -> dict[str, str]:
     """`ss_num_train_images`, `ss_num_reg_images`, `ss_tag_frequency`, `ss_dataset_dirs` and
-    `ss_reg_dataset_dirs` for a DreamBooth run (every image seen once per epoch: repeats 1)."""
+    `ss_reg_dataset_dirs` for a DreamBooth run (every image seen once per epoch: repeats 1; with a
+    dataset config, per subset: `subset_metadata`)."""
+    if any(getattr(r, "subset", None) for r in instance_records):
+        return subset_metadata(list(instance_records) + list(class_records or []))
     instance = image_groups(instance_records, instance_prompt)
     reg = image_groups(class_records or [], class_prompt)
     dirs = lambda groups: {name: {"n_repeats": 1, "img_count": len(caps)} for name, caps in groups}  # noqa: E731
@@ -85,6 +88,34 @@ def dataset_metadata(instance_records, instance_prompt: Optional[str], class_rec
         "ss_tag_frequency": json.dumps(tag_frequency(instance + reg)),
         "ss_dataset_dirs": json.dumps(dirs(instance)),
         "ss_reg_dataset_dirs": json.dumps(dirs(reg)),
+    }
+
+
+def subset_metadata(records) -> dict[str, str]:
+    """The dataset keys of a run from a dataset config (records carrying their `subset`), as kohya
+    writes them: image counts with repeats, `ss_tag_frequency` per subset folder (each image's
+    caption once, or its `class_tokens`), `ss_dataset_dirs` / `ss_reg_dataset_dirs` {folder name:
+    {"n_repeats", "img_count"}} per subset (a folder name seen twice gets " (2)")."""
+    subsets: dict = {}
+    for record in records:
+        subsets.setdefault(record.subset, []).append(record)
+    dirs: dict[bool, dict] = {False: {}, True: {}}
+    counts = {False: 0, True: 0}
+    groups = []
+    for subset, members in subsets.items():
+        folder = os.path.basename(os.path.normpath(subset.image_dir))
+        groups.append((folder, [(r.caption or "").replace("\n", ", ") for r in members]))
+        name, i = folder, 2
+        while name in dirs[False] or name in dirs[True]:
+            name, i = f"{folder} ({i})", i + 1
+        dirs[subset.is_reg][name] = {"n_repeats": subset.num_repeats, "img_count": len(members)}
+        counts[subset.is_reg] += subset.num_repeats * len(members)
+    return {
+        "ss_num_train_images": str(counts[False]),
+        "ss_num_reg_images": str(counts[True]),
+        "ss_tag_frequency": json.dumps(tag_frequency(groups)),
+        "ss_dataset_dirs": json.dumps(dirs[False]),
+        "ss_reg_dataset_dirs": json.dumps(dirs[True]),
     }
 
 
@@ -128,4 +159,5 @@ def kohya_hashes(tensors: dict, metadata: dict[str, str]) -> tuple[str, str]:
 
 
 __all__ = ["base_model_metadata", "base_model_version", "dataset_metadata", "image_groups", "kohya_hashes",
-           "modelspec_architecture", "modelspec_implementation", "modelspec_metadata", "tag_frequency"]
+           "modelspec_architecture", "modelspec_implementation", "modelspec_metadata", "subset_metadata",
+           "tag_frequency"]

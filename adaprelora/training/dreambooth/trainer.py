@@ -55,7 +55,14 @@ from ..options import attach_grad_scaler, build_lr_scheduler, build_optimizer
 from .checkpoints import register_lora_checkpoint_hooks
 from .class_images import ensure_class_images
 from .config import TrainConfig
-from .data import ImageRecord, build_dataloader, check_instance_data, scan_class_images, scan_instance_images
+from .data import (
+    ImageRecord,
+    build_dataloader,
+    check_instance_data,
+    check_reg_data,
+    scan_class_images,
+    scan_instance_images,
+)
 from .export import (
     remove_stale_temporary_exports,
     save_diffusers_lora,
@@ -227,8 +234,13 @@ class _DreamBoothRun:
             torch.backends.cuda.matmul.allow_tf32 = True
 
     def _class_images(self) -> Iterator[TrainEvent]:
-        """Class images for prior preservation (generated with the base model when missing)."""
+        """Class images for prior preservation (generated with the base model when missing), or the
+        `is_reg` subsets of `--dataset_config`."""
         cfg = self.config
+        if cfg.dataset_config:
+            self.class_records, reg_warnings = check_reg_data(cfg)
+            yield self._event(f"found {len(self.class_records)} regularisation image(s)", warnings=reg_warnings)
+            return
         for message in ensure_class_images(cfg, self.accelerator, self.stop_event, self.family):
             yield self._event(message, phase="class_images")
         class_records, class_warnings = scan_class_images(cfg.class_data_dir)
@@ -400,12 +412,8 @@ class _DreamBoothRun:
         vae_id = f"{cfg.pretrained_vae_model_name_or_path or cfg.pretrained_model_name_or_path}:{vae.dtype}"
         for message in cache_latents(self.dataset, vae, acc.device, vae_id=vae_id, disk_dir=disk):
             yield self._event(message, phase="cache")
-        if not cfg.train_text_encoder:
-            prompts = {self.dataset.prompt_for(r) for r in self.instance_records}
-            if cfg.with_prior_preservation:
-                prompts |= {r.caption or cfg.class_prompt or "" for r in self.dataset.class_records}
-            if cfg.caption_dropout_rate or (cfg.with_prior_preservation and cfg.class_caption_dropout_rate):
-                prompts.add("")
+        prompts = self.dataset.cacheable_prompts()  # None: captions change every step (shuffled tags)
+        if not cfg.train_text_encoder and prompts is not None:
             with torch.no_grad():
                 cache = {prompt: self._encode_prompts([prompt]) for prompt in sorted(prompts)}
             self.prompt_cache = cache
