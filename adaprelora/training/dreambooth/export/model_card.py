@@ -78,7 +78,8 @@ def write_model_card(
         "",
         f"- text encoder trained: {config.train_text_encoder}",
         f"- prior preservation: {config.with_prior_preservation}"
-        + (f" (class prompt `{config.class_prompt}`, weight {config.prior_loss_weight}, "
+        + (f" ({'the is_reg subsets of --dataset_config' if config.dataset_config else 'class prompt `%s`' % config.class_prompt}"
+           f", weight {config.prior_loss_weight}, "
            f"class caption dropout {config.class_caption_dropout_rate:g})"
            if config.with_prior_preservation else ""),
         f"- learning rate {config.learning_rate:g}, scheduler {config.lr_scheduler}, batch size "
