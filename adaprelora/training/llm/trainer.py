@@ -20,6 +20,7 @@ and saves as usual, with `stopped=True`. `cli.finetune(config)` drives it for th
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -42,8 +43,10 @@ from .config import FinetuneConfig
 from .data import CausalLMCollator, load_task_splits, tokenize_glue, tokenize_gsm8k_eval, tokenize_gsm8k_train
 from .eval import evaluate_glue, evaluate_gsm8k, heldout_loss
 from .model import build_lora_model, load_tokenizer, load_trainable_weights, save_trainable_weights
+from .sources import check_model_source, offline_when_unreachable, resolve_model
 from .tasks import EVAL_SUFFIXES, TaskSpec
 
+logger = logging.getLogger(__name__)
 LOSS_LOG_NAME = "loss_log.jsonl"
 METRICS_NAME = "metrics.json"
 
@@ -71,6 +74,7 @@ def train(config: FinetuneConfig, stop_event: Optional[threading.Event] = None) 
     Raises `UserError` for problems the user can fix, before anything heavy is loaded when the
     settings alone tell. Closing the generator early releases the accelerator."""
     spec = config.validate()
+    check_model_source(config.model_name_or_path, config.gguf_file)  # offline and not cached: fail now
     run = _FinetuneRun(config, spec, stop_event or threading.Event())
     try:
         yield from run.events()
@@ -92,6 +96,7 @@ class _FinetuneRun:
         self.global_step = 0
         self.max_steps = 0
         self.tokenizer = None
+        self.model_path, self.gguf_file = config.model_name_or_path, config.gguf_file  # the built-in: its folder
         self.train_data = None
         self.eval_data: dict = {}
         self.model = None
@@ -142,7 +147,9 @@ class _FinetuneRun:
         cfg, spec = self.config, self.spec
         with self.accelerator.main_process_first():
             splits = load_task_splits(cfg, spec)
-            self.tokenizer = tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.gguf_file)
+            self.model_path, self.gguf_file = resolve_model(cfg.model_name_or_path, cfg.gguf_file, log=logger.info)
+            with offline_when_unreachable():
+                self.tokenizer = tokenizer = load_tokenizer(self.model_path, self.gguf_file)
             if spec.family == "glue":
                 self.train_data = tokenize_glue(splits[spec.train_split], tokenizer, spec, cfg.max_seq_length)
                 self.eval_data = {s: tokenize_glue(splits[s], tokenizer, spec, cfg.max_seq_length)
@@ -160,7 +167,8 @@ class _FinetuneRun:
         """The model with its LoRA adapter, and the optimizer (created on the model that runs:
         AdaPreLoRA hooks into it). Returns (trainable, total) parameter counts."""
         cfg = self.config
-        self.model = build_lora_model(cfg, self.spec, self.tokenizer)
+        with offline_when_unreachable():
+            self.model = build_lora_model(cfg, self.spec, self.tokenizer, self.model_path, self.gguf_file)
         n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in self.model.parameters())
         self.optimizer = build_optimizer(cfg.optimizer, self.model, cfg.learning_rate, cfg.optimizer_args)
