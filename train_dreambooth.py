@@ -15,6 +15,7 @@ from __future__ import annotations
 from adaprelora import available_optimizers
 from adaprelora.training.dreambooth.config import (
     INTERPOLATION_MODES,
+    LORA_LAYERS,
     MIXED_PRECISION,
     PRIOR_GENERATION_PRECISION,
     REPORT_TO,
@@ -107,6 +108,22 @@ def build_parser() -> UserErrorArgumentParser:
     flag("lora_alpha", type=float, help="LoRA alpha (scale alpha/rank); default: --rank.")
     flag("lora_dropout", type=float, help="Dropout on the LoRA input.")
     flag("train_text_encoder", action="store_true", help="Also train LoRA on the text encoder.")
+    # Which layers (docs/dreambooth.md, "Which layers..." and "DoRA")
+    flag("lora_layers", type=str, choices=LORA_LAYERS,
+        help="attn: the attention projections (UNet to_q/k/v/out, text encoder q/k/v/out_proj); attn-ff: "
+             "kohya's default LoRA (the UNet's transformer blocks whole: attention, feed-forward, proj_in/out; "
+             "the text encoders' attention and MLP); all-linear: attn-ff plus every other Linear of the UNet "
+             "(time embeddings, the ResNets' time_emb_proj).")
+    flag("conv_rank", type=int, metavar="N",
+        help="LoCon (kohya's conv_dim): also LoRA of rank N on the ResNet, downsampler and upsampler 3x3 "
+             "convolutions (their time_emb_proj and 1x1 shortcuts get --rank, as in kohya); needs "
+             "--lora_layers attn-ff or all-linear.")
+    flag("conv_alpha", type=float, metavar="A",
+        help="Alpha of the convolutions' LoRA (scale A/N; kohya's conv_alpha, default 1); needs --conv_rank.")
+    flag("use_dora", action="store_true",
+        help="DoRA (PEFT's use_dora): each adapted layer also learns a magnitude per output channel, trained "
+             "with plain AdamW beside AdaPreLoRA's pairs; written as lora_magnitude_vector (diffusers file) and "
+             "dora_scale (kohya/LyCORIS file).")
     # LyCORIS (LoHa, LoKr)
     flag("network_module", type=str, metavar="MODULE",
         help="networks.lora (default: LoRA/LoCon with AdaPreLoRA or any optimizer) or lycoris (also written "

@@ -23,6 +23,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 PRIOR_GENERATION_PRECISION = ("no", "fp32", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "none")
 INTERPOLATION_MODES = ("lanczos", "bicubic", "bilinear", "nearest", "box", "hamming")
+# Which layers carry LoRA (`--lora_layers`, see models.unet_lora_targets)
+LORA_LAYERS = ("attn", "attn-ff", "all-linear")
 
 
 def default_report_to() -> str:
@@ -99,6 +101,12 @@ class TrainConfig:
     lora_alpha: Optional[float] = None
     lora_dropout: float = 0.0
     train_text_encoder: bool = False
+    # Which layers (models.unet_lora_targets): kohya's presets, LoCon's 3x3 convolutions (kohya's
+    # conv_dim / conv_alpha; conv_alpha 1 when not given, as kohya) and PEFT's DoRA
+    lora_layers: str = "attn"
+    conv_rank: Optional[int] = None
+    conv_alpha: Optional[float] = None
+    use_dora: bool = False
     # LyCORIS (lycoris_network.py): --network_module lycoris (or kohya's lycoris.kohya) with
     # --network_args algo=loha|lokr ... as kohya users write them; networks.lora is our PEFT LoRA
     network_module: str = "networks.lora"
@@ -208,6 +216,13 @@ class TrainConfig:
         return float(self.rank if self.lora_alpha is None else self.lora_alpha)
 
     @property
+    def effective_conv_alpha(self) -> Optional[float]:
+        """`--conv_alpha`, or 1 with `--conv_rank` (kohya's default for conv_alpha); None without LoCon."""
+        if self.conv_rank is None:
+            return None
+        return float(1.0 if self.conv_alpha is None else self.conv_alpha)
+
+    @property
     def effective_output_name(self) -> str:
         """Stem of the kohya file: `--output_name`, else the output folder's name."""
         if self.output_name:
@@ -309,6 +324,7 @@ class TrainConfig:
                 warnings.warn("You need not use --class_prompt without --with_prior_preservation.")
 
         self._validate_buckets_and_cache(need)
+        self._validate_layers(need)
         self._validate_lycoris(need)
         self._validate_masks(need)
         self._validate_ema(need)
@@ -444,6 +460,19 @@ class TrainConfig:
 
         check_network_config(self)
 
+    def _validate_layers(self, need) -> None:
+        """A known `--lora_layers`; `--conv_rank` / `--conv_alpha` positive, conv_alpha only with
+        conv_rank, and conv_rank only with a preset LoCon extends (kohya's default LoRA: attn-ff)."""
+        need(self.lora_layers in LORA_LAYERS,
+             f"--lora_layers {self.lora_layers!r} is not one of: {', '.join(LORA_LAYERS)}")
+        need(self.conv_rank is None or self.conv_rank >= 1, f"--conv_rank must be at least 1, got {self.conv_rank}")
+        need(self.conv_alpha is None or self.conv_alpha > 0, f"--conv_alpha must be positive, got {self.conv_alpha}")
+        need(self.conv_alpha is None or self.conv_rank is not None,
+             "--conv_alpha needs --conv_rank (the rank of the LoRA on the ResNet convolutions)")
+        need(self.conv_rank is None or self.lora_layers != "attn",
+             "--conv_rank adapts the ResNet convolutions on top of kohya's default layers, which --lora_layers attn "
+             "does not include: add --lora_layers attn-ff (or all-linear)")
+
 
 __all__ = ["TrainConfig", "MIXED_PRECISION", "REPORT_TO", "INTERPOLATION_MODES", "PRIOR_GENERATION_PRECISION",
-           "default_report_to"]
+           "default_report_to", "LORA_LAYERS"]

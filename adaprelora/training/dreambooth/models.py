@@ -18,9 +18,17 @@ from ..errors import UserError, first_line
 from .config import TrainConfig
 from .family import ModelFamily, detect_family
 
-# Where LoRA goes: the attention projections of the UNet and of the CLIP text encoder(s).
+# Where LoRA goes with `--lora_layers attn` (the default): the attention projections of the UNet and
+# of the CLIP text encoder(s).
 UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# attn-ff and all-linear: kohya's text-encoder target, CLIPAttention and CLIPMLP whole.
+TEXT_ENCODER_FF_TARGET_MODULES = TEXT_ENCODER_TARGET_MODULES + ["fc1", "fc2"]
+# kohya's networks/lora.py: every Linear and 1x1 Conv2d inside these UNet classes (attn-ff)...
+KOHYA_UNET_CLASSES = ("Transformer2DModel",)
+# ...and, with conv_dim (`--conv_rank`), inside these too: their 3x3 convolutions at conv_dim /
+# conv_alpha, their Linear (time_emb_proj) and 1x1 convolutions (conv_shortcut) at the LoRA rank.
+KOHYA_UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 # The text encoders' names in a pipeline (and in diffusers' LoRA files), in order.
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
@@ -195,21 +203,90 @@ def load_models(cfg: TrainConfig, accelerator, family: ModelFamily) -> DreamBoot
                             train_text_encoder=cfg.train_text_encoder)
 
 
-def add_lora_adapters(cfg: TrainConfig, models: DreamBoothModels) -> None:
-    """Add the "default" LoRA adapter to the UNet (and the text encoder(s) with
-    `--train_text_encoder`); under mixed precision the LoRA tensors are cast to fp32."""
-    from diffusers.training_utils import cast_training_params
+def _is_linear_or_1x1(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Conv2d)
+                                                   and tuple(module.kernel_size) == (1, 1))
+
+
+def _is_conv(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def unet_lora_targets(unet: torch.nn.Module, lora_layers: str = "attn",
+                      conv: bool = False) -> tuple[list[str], list[str]]:
+    """The UNet modules `--lora_layers` (and `--conv_rank`, `conv=True`) adapt, as
+    (targets, the 3x3 convolutions among them).
+
+    attn: `UNET_TARGET_MODULES` (names matched at the end, as PEFT does). attn-ff: kohya's default,
+    every Linear and 1x1 Conv2d inside a Transformer2DModel (proj_in, the attention projections,
+    ff.net.0.proj, ff.net.2, proj_out). all-linear: attn-ff plus every other Linear of the UNet (the
+    ResNets' time_emb_proj, the time and SDXL's added-condition embeddings). With `conv`, kohya's
+    LoCon: inside ResnetBlock2D / Downsample2D / Upsample2D, the 3x3 convolutions (returned second,
+    for the conv rank) and the Linear and 1x1 ones. Full module names otherwise, in model order.
+    """
+    if lora_layers == "attn":
+        if conv:
+            raise ValueError("LoCon's convolutions extend attn-ff or all-linear, not attn")
+        return list(UNET_TARGET_MODULES), []
+    targets: dict[str, None] = {}
+    convs: list[str] = []
+    for name, module in unet.named_modules():
+        kind = type(module).__name__
+        if kind in KOHYA_UNET_CLASSES or (conv and kind in KOHYA_UNET_CONV_CLASSES):
+            for child_name, child in module.named_modules():
+                full = f"{name}.{child_name}" if child_name else name
+                if _is_linear_or_1x1(child):
+                    targets[full] = None
+                elif kind in KOHYA_UNET_CONV_CLASSES and _is_conv(child):
+                    targets[full] = None
+                    convs.append(full)
+        elif lora_layers == "all-linear" and isinstance(module, torch.nn.Linear):
+            targets[name] = None
+    order = {name: i for i, (name, _) in enumerate(unet.named_modules())}
+    return sorted(targets, key=order.__getitem__), convs
+
+
+def text_encoder_lora_targets(lora_layers: str = "attn") -> list[str]:
+    """The text-encoder modules `--lora_layers` adapts (PEFT names, matched at the end)."""
+    return list(TEXT_ENCODER_TARGET_MODULES if lora_layers == "attn" else TEXT_ENCODER_FF_TARGET_MODULES)
+
+
+def lora_configs(cfg: TrainConfig, unet: torch.nn.Module) -> tuple:
+    """(the UNet's LoraConfig, the text encoders' one) for `cfg`'s rank, alpha, layers, conv rank
+    and DoRA: the 3x3 convolutions get `--conv_rank` / conv alpha through PEFT's
+    rank_pattern / alpha_pattern (keyed by full module name, as diffusers writes them)."""
     from peft import LoraConfig
 
     common = dict(r=cfg.rank, lora_alpha=cfg.effective_lora_alpha, lora_dropout=cfg.lora_dropout,
-                  init_lora_weights="gaussian")
-    models.unet.add_adapter(LoraConfig(target_modules=list(UNET_TARGET_MODULES), **common))
+                  init_lora_weights="gaussian", use_dora=bool(cfg.use_dora))
+    targets, convs = unet_lora_targets(unet, cfg.lora_layers, cfg.conv_rank is not None)
+    if cfg.conv_rank is not None and not convs:
+        raise UserError("--conv_rank: the UNet has no 3x3 convolution in a ResnetBlock2D, Downsample2D or "
+                        "Upsample2D to adapt; leave --conv_rank out for this model")
+    patterns = {}
+    if convs:
+        patterns = dict(rank_pattern={n: cfg.conv_rank for n in convs},
+                        alpha_pattern={n: cfg.effective_conv_alpha for n in convs})
+    unet_config = LoraConfig(target_modules=targets, **patterns, **common)
+    return unet_config, LoraConfig(target_modules=text_encoder_lora_targets(cfg.lora_layers), **common)
+
+
+def add_lora_adapters(cfg: TrainConfig, models: DreamBoothModels) -> None:
+    """Add the "default" LoRA adapter to the UNet (and the text encoder(s) with
+    `--train_text_encoder`) on the layers `--lora_layers` / `--conv_rank` name (`lora_configs`);
+    under mixed precision the LoRA tensors (DoRA's magnitudes too) are cast to fp32."""
+    from diffusers.training_utils import cast_training_params
+
+    unet_config, encoder_config = lora_configs(cfg, models.unet)
+    models.unet.add_adapter(unet_config)
     for encoder in models.trained_text_encoders:
-        encoder.add_adapter(LoraConfig(target_modules=list(TEXT_ENCODER_TARGET_MODULES), **common))
+        encoder.add_adapter(dataclasses.replace(encoder_config))
     if models.weight_dtype != torch.float32:
         # Only the LoRA tensors are trained: keep them (and so the optimizer state) in fp32.
         cast_training_params(models.trained, dtype=torch.float32)
 
 
-__all__ = ["DreamBoothModels", "TEXT_ENCODER_NAMES", "TEXT_ENCODER_TARGET_MODULES", "UNET_TARGET_MODULES",
-           "add_lora_adapters", "as_list", "load_models", "weight_dtype"]
+__all__ = ["DreamBoothModels", "KOHYA_UNET_CLASSES", "KOHYA_UNET_CONV_CLASSES", "TEXT_ENCODER_FF_TARGET_MODULES",
+           "TEXT_ENCODER_NAMES", "TEXT_ENCODER_TARGET_MODULES", "UNET_TARGET_MODULES", "add_lora_adapters",
+           "as_list", "lora_configs", "load_models", "text_encoder_lora_targets", "unet_lora_targets",
+           "weight_dtype"]

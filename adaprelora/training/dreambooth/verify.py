@@ -5,6 +5,12 @@ and text encoder with diffusers' `load_lora_weights`, and the copy is run on a f
 latents, one timestep, the run's prompt): its outputs must match the trained model's. A file that
 does not reproduce the trained model is reported loudly (log warning, the run's warnings and its
 final line), never silently; the files stay on disk either way.
+
+A kohya file with DoRA is the exception to `load_lora_weights`: diffusers 0.42 drops its
+`dora_scale` tensors on loading (with a warning), although its own kohya conversion reads them.
+That file goes through the same steps `load_lora_weights` takes, with diffusers' conversion
+(SDXL block names, kohya keys, `dora_scale` as `lora_magnitude_vector`) and loaders, keeping the
+magnitudes (in PEFT's shape): `_load_kohya_with_dora`.
 """
 from __future__ import annotations
 
@@ -143,6 +149,38 @@ def _load_fresh(cfg, device, dtype, family: ModelFamily):
     return family.pipeline_class()(vae=None, unet=unet, scheduler=None, **encoders, **extra)
 
 
+def _has_dora_scale(path: str) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        return any(key.endswith(".dora_scale") for key in fh.keys())
+
+
+def _load_kohya_with_dora(pipe, path: str, adapter_name: str) -> None:
+    """`pipe.load_lora_weights(path)` for a kohya/LyCORIS file with `dora_scale`, which diffusers'
+    `lora_state_dict` would drop: its kohya conversion and loaders, the magnitudes kept."""
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+    from safetensors.torch import load_file
+
+    from .export.keys import dora_scale_to_magnitude
+
+    state_dict = _maybe_map_sgm_blocks_to_diffusers(load_file(path), pipe.unet.config)
+    state_dict, alphas = _convert_non_diffusers_lora_to_diffusers(state_dict)
+    # diffusers names a text-encoder MLP's magnitude `<module>.lora_magnitude_vector.down.weight`
+    # (its conversion replaces only the `.lora_linear_layer.` part); the loaders want `.weight`.
+    state_dict = {k.replace(".lora_magnitude_vector.down.weight", ".lora_magnitude_vector.weight"):
+                  dora_scale_to_magnitude(v) if "lora_magnitude_vector" in k else v for k, v in state_dict.items()}
+    pipe.load_lora_into_unet(state_dict, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter_name,
+                             _pipeline=pipe)
+    for name in TEXT_ENCODER_NAMES:
+        if getattr(pipe, name, None) is not None:
+            pipe.load_lora_into_text_encoder(state_dict, network_alphas=alphas, text_encoder=getattr(pipe, name),
+                                             prefix=name, adapter_name=adapter_name, _pipeline=pipe)
+
+
 def verify_exports(cfg, files: dict[str, str], unet, text_encoders, tokenizers, *, dtype: torch.dtype,
                    text_encoder_trained: bool) -> ExportCheck:
     """Load each of `files` ({"diffusers": path, "kohya": path}) into a fresh copy of
@@ -177,8 +215,11 @@ def verify_exports(cfg, files: dict[str, str], unet, text_encoders, tokenizers, 
     report = ExportCheck(lora_effect=max(float((base[k] - trained[k]).abs().max()) for k in compared))
     for kind, path in files.items():
         try:
-            pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
-                                   adapter_name=f"check_{kind}")
+            if kind == "kohya" and _has_dora_scale(path):
+                _load_kohya_with_dora(pipe, path, adapter_name=f"check_{kind}")
+            else:
+                pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
+                                       adapter_name=f"check_{kind}")
             for model in (pipe.unet, *fresh_encoders):  # new LoRA layers (and their dropout) start in train mode
                 model.eval()
             loaded = _outputs(pipe.unet, fresh_encoders, inputs, family.sdxl)

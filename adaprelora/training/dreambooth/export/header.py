@@ -45,6 +45,7 @@ def training_metadata(
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.effective_lora_alpha),
+        **network_metadata(config),
         "ss_network_dropout": str(config.lora_dropout),
         # kohya: the folder's (or file's) name for a local model, the Hub id otherwise
         "ss_sd_model_name": _model_name(config.pretrained_model_name_or_path),
@@ -89,6 +90,22 @@ def training_metadata(
     return meta
 
 
+def network_metadata(config) -> dict[str, str]:
+    """kohya's `ss_network_module` / `ss_network_args` for LoCon and DoRA, as kohya writes the
+    `--network_args` its users give: LoCon is networks.lora with `conv_dim` / `conv_alpha`; DoRA
+    is LyCORIS's (`lycoris.kohya`, `algo=lora` or `locon` with convolutions, `dora_wd=True`).
+    kohya keeps the values as the strings parsed from `key=value`. Empty for a plain LoRA."""
+    args: dict[str, str] = {}
+    if getattr(config, "use_dora", False):
+        args.update(algo="locon" if config.conv_rank is not None else "lora", dora_wd="True")
+    if getattr(config, "conv_rank", None) is not None:
+        args.update(conv_dim=str(config.conv_rank), conv_alpha=str(config.effective_conv_alpha))
+    if not args:
+        return {}
+    module = "lycoris.kohya" if "dora_wd" in args else "networks.lora"
+    return {"ss_network_module": module, "ss_network_args": json.dumps(args)}
+
+
 def _model_name(name_or_path) -> str:
     name = str(name_or_path)
     return os.path.basename(os.path.normpath(name)) if os.path.exists(name) else name
@@ -103,4 +120,4 @@ def _jsonable_config(config) -> dict:
     return data
 
 
-__all__ = ["training_metadata"]
+__all__ = ["network_metadata", "training_metadata"]

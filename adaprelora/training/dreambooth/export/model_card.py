@@ -8,6 +8,16 @@ from typing import Optional
 from ..family import ModelFamily, detect_family
 
 
+def _layers(config) -> str:
+    """", layers attn-ff, conv rank 4 (alpha 1), DoRA" (empty for the default attention LoRA)."""
+    parts = [] if getattr(config, "lora_layers", "attn") == "attn" else [f"layers {config.lora_layers}"]
+    if getattr(config, "conv_rank", None) is not None:
+        parts.append(f"conv rank {config.conv_rank} (alpha {config.effective_conv_alpha:g})")
+    if getattr(config, "use_dora", False):
+        parts.append("DoRA")
+    return "".join(f", {p}" for p in parts)
+
+
 def write_model_card(
     output_dir: str,
     config,
@@ -40,7 +50,8 @@ def write_model_card(
         "",
         f"# DreamBooth LoRA: {config.effective_output_name}",
         "",
-        f"LoRA adapter (rank {config.rank}, alpha {config.effective_lora_alpha:g}) for `{base}`, trained with "
+        f"LoRA adapter (rank {config.rank}, alpha {config.effective_lora_alpha:g}{_layers(config)}) for `{base}`, "
+        "trained with "
         f"DreamBooth and the `{config.optimizer}` optimizer for {steps if steps is not None else '?'} steps at "
         f"{config.resolution}px.",
         "",

@@ -23,7 +23,7 @@ import torch
 from ..family import detect_family
 from ..kohya_metadata import kohya_hashes, modelspec_architecture
 from ..models import TEXT_ENCODER_NAMES, as_list
-from .keys import diffusers_lora_layers, file_text_encoder_module, kohya_tensors, kohya_to_peft
+from .keys import diffusers_lora_layers, file_text_encoder_module, kohya_tensors, kohya_to_peft, module_alphas
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _ALWAYS_WRITTEN = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
@@ -48,6 +48,13 @@ def _lora_config_dict(model: torch.nn.Module) -> dict:
     return out
 
 
+def _text_encoder_file_key(key: str) -> str:
+    """A text-encoder tensor's name in the diffusers file; DoRA's magnitude with its `.weight`, which
+    the text encoders' adapter loading (transformers) needs to place it (PEFT's state dict has none)."""
+    key = file_text_encoder_module(key)
+    return f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key
+
+
 def save_diffusers_lora(output_dir: str, unet: torch.nn.Module, text_encoders=None,
                         metadata: Optional[dict[str, str]] = None, weight_name: str = DIFFUSERS_WEIGHT_NAME) -> str:
     """Write `unet`'s (and `text_encoders`': one model, a sequence in the pipeline's order, or None)
@@ -59,8 +66,7 @@ def save_diffusers_lora(output_dir: str, unet: torch.nn.Module, text_encoders=No
 
     kwargs = {"unet_lora_layers": diffusers_lora_layers(unet), "unet_lora_adapter_metadata": _lora_config_dict(unet)}
     for name, encoder in zip(TEXT_ENCODER_NAMES, as_list(text_encoders)):
-        kwargs[f"{name}_lora_layers"] = {file_text_encoder_module(k): v
-                                         for k, v in diffusers_lora_layers(encoder).items()}
+        kwargs[f"{name}_lora_layers"] = {_text_encoder_file_key(k): v for k, v in diffusers_lora_layers(encoder).items()}
         kwargs[f"{name}_lora_adapter_metadata"] = _lora_config_dict(encoder)
     pipeline_cls = detect_family(unet_config=unet.config).pipeline_class()
     os.makedirs(output_dir, exist_ok=True)
@@ -114,8 +120,9 @@ def save_kohya_lora(path: str, unet: torch.nn.Module, text_encoders=None, metada
 def load_kohya_lora(path: str, unet: torch.nn.Module, text_encoders=None) -> list[str]:
     """Load a kohya file into models that already carry a PEFT adapter "default" of the same rank.
 
-    Returns the names of the modules loaded. Used to check that the exported kohya file describes
-    the same model as the diffusers file.
+    Returns the names of the modules loaded (each module's own alpha, LoCon's and DoRA's
+    tensors included). Used to check that the exported kohya file describes the same model as
+    the diffusers file.
     """
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -126,8 +133,9 @@ def load_kohya_lora(path: str, unet: torch.nn.Module, text_encoders=None) -> lis
     loaded: list[str] = []
     for index, name in enumerate(names):
         model = models[index] if index < len(models) else None
-        alpha = float(model.peft_config["default"].lora_alpha) if model is not None else None
-        parts = kohya_to_peft(kohya_sd, unet, models[1:], target_alpha=alpha)
+        alphas = module_alphas(model) if model is not None else {}
+        # (the other models' modules are converted too and dropped: any alpha does for them)
+        parts = kohya_to_peft(kohya_sd, unet, models[1:], target_alpha=lambda module, a=alphas: a.get(module, 1.0))
         sd = parts[index] if index < len(parts) else {}
         if not sd:
             continue
