@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from adaprelora.training.dreambooth.captions import CaptionOptions, process_caption
 from adaprelora.training.dreambooth.config import TrainConfig
@@ -347,21 +348,37 @@ def test_two_concepts_and_a_reg_subset_train_through_accelerate_launch(folders, 
 
 
 @pytest.mark.slow
-def test_the_wildcard_example_of_sd_scripts_trains_as_written(folders, tmp_path, tiny_sd, one_torch_thread):
+def test_the_wildcard_example_of_sd_scripts_trains_as_written_and_resumes_exactly(folders, tmp_path, tiny_sd,
+                                                                                 one_torch_thread):
     """sd-scripts' `secondary_separator` / wildcard / `keep_tokens_separator` example (1024 px with
-    bucket_no_upscale, so the small images keep their size), two steps in-process."""
+    bucket_no_upscale, so the small images keep their size; flips, shuffled tags, tag dropout and
+    wildcards all drawn at random), two steps in-process, one per epoch; resumed from step 1 it ends
+    with the same weights, so the draws depend only on (seed, epoch, item)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
     from adaprelora.training.dreambooth import train
 
     path = example("secondary_separator.toml", folders)
-    cfg = TrainConfig(pretrained_model_name_or_path=tiny_sd, dataset_config=path, output_dir=str(tmp_path / "out"),
-                      report_to="none", seed=0, max_train_steps=2, mixed_precision="no")
-    events = list(train(cfg))
-    last = events[-1]
-    assert last.done and last.step == 2 and all(e.loss is None or e.loss == e.loss for e in events)
-    assert last.outputs["verified"].startswith("verified: ")
-    from safetensors import safe_open
 
+    def run(out, **kw):
+        cfg = TrainConfig(pretrained_model_name_or_path=tiny_sd, dataset_config=path, output_dir=str(out),
+                          report_to="none", seed=0, max_train_steps=2, mixed_precision="no", checkpointing_steps=1,
+                          **kw)
+        return list(train(cfg))[-1]
+
+    last = run(tmp_path / "a")
+    assert last.done and last.step == 2 and last.outputs["verified"].startswith("verified: ")
     with safe_open(last.outputs["kohya"], framework="pt") as fh:
         meta = fh.metadata()
     assert json.loads(meta["ss_dataset_dirs"]) == {"image_dir": {"n_repeats": 1, "img_count": 2}}
     assert meta["ss_resolution"] == "(1024, 1024)"
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-1", tmp_path / "b" / "checkpoint-1")
+    resumed = run(tmp_path / "b", resume_from_checkpoint="latest", skip_export_check=True)
+    a, b = load_file(last.outputs["kohya"]), load_file(resumed.outputs["kohya"])
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
