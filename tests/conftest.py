@@ -20,11 +20,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Must be set before triton is first imported: lets @triton.jit kernels run on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (the README's `-n 2`), each worker gets its share of the cores: intra-op threads
+# beyond that only spin against the other worker's. Set before torch is imported (children inherit it).
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+CORES_PER_WORKER = max(1, (os.cpu_count() or 1) // XDIST_WORKERS)
+if XDIST_WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(CORES_PER_WORKER))
+# The longest modules, started first so that the workers finish together (`--dist loadfile` hands
+# out whole modules in collection order); the rest keep theirs.
+LONGEST_FIRST = ("test_tiny_t2i_model.py", "test_app_tiny.py", "test_app.py", "test_train_dreambooth.py",
+                 "test_app_browser.py", "test_bad_input.py", "test_validation_loss_flags.py",
+                 "test_sdxl_buckets_cache.py", "test_crash_recovery.py")
+
 ROOT = Path(__file__).resolve().parents[1]
 # The instance images of `instance_dir`, (height, width): wide, tall and square, so that
 # aspect-ratio buckets tell them apart.
 INSTANCE_SHAPES = [(64, 128), (128, 64), (80, 80)]
 INSTANCE_PROMPT = "a photo of sks toy"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest modules first (see LONGEST_FIRST); order within a module is kept."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def pytest_runtest_setup(item):
@@ -51,8 +69,8 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def training_threads() -> int:
     """Torch threads for a test that trains while pytest only waits: both cores of the 2-core CI
-    machine, never more than there are."""
-    return min(2, os.cpu_count() or 1)
+    machine, never more than there are (one each under the README's two xdist workers)."""
+    return min(2, CORES_PER_WORKER)
 
 
 @pytest.fixture(scope="session")
