@@ -123,6 +123,24 @@ def test_kohya_keys_alphas_and_dora_scale_sd(tiny_sd, tmp_path):
             torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
+def test_checkpoint_with_locon_and_dora_resumes_exactly(tiny_sd, tmp_path):
+    """A LoRA-only checkpoint (the diffusers file) of conv, feed-forward, MLP and DoRA tensors loads
+    back into fresh adapters bit for bit, as `--resume_from_checkpoint` does."""
+    from adaprelora.training.dreambooth.checkpoints import load_lora_checkpoint
+    from adaprelora.training.dreambooth.export.keys import peft_state_dict
+    from adaprelora.training.dreambooth.export.writers import save_diffusers_lora
+
+    cfg = _config(tiny_sd, lora_layers="attn-ff", conv_rank=2, conv_alpha=3.0, use_dora=True)
+    unet, encoders = _adapted(tiny_sd, cfg)
+    fresh_unet, fresh_encoders = _adapted(tiny_sd, cfg, seed=1)
+    save_diffusers_lora(str(tmp_path), unet, encoders)
+    load_lora_checkpoint(str(tmp_path), fresh_unet, fresh_encoders)
+    for trained, fresh in ((unet, fresh_unet), *zip(encoders, fresh_encoders)):
+        want, got = peft_state_dict(trained), peft_state_dict(fresh)
+        assert want.keys() == got.keys() and any("lora_magnitude_vector" in k for k in want)
+        assert all(torch.equal(want[k], got[k]) for k in want), [k for k in want if not torch.equal(want[k], got[k])]
+
+
 def test_kohya_sdxl_names_for_resnets_samplers_and_embeddings(tiny_sdxl):
     """SDXL: Stability's block names as kohya writes them (and diffusers' loader maps back)."""
     from adaprelora.training.dreambooth.export.keys import kohya_tensors
