@@ -4,7 +4,7 @@ One module per job: `keys` (PEFT, diffusers and kohya tensor names), `writers` (
 written atomically, and reading a kohya file back), `header` (the training settings in both files'
 safetensors headers) and `model_card` (`README.md`).
 """
-from ..models import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES  # what the files' adapters cover
+from ..models import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES  # the default (attn) targets
 from .header import training_metadata
 from .keys import (
     diffusers_lora_layers,
