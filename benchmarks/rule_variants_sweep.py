@@ -3,7 +3,7 @@ an lr sweep on the MiniLM classification suite (`benchmarks.quality.classificati
 profile: 200 steps, batch 16, LoRA r 8 on query/value of the top 2 layers), one seed. It only says
 which options are worth a confirmation run with seeds; it is no ranking.
 
-    python -m benchmarks.rule_variants_sweep [--seed 0] [--configs a,b] [--out benchmarks/results/...]
+    python -m benchmarks.rule_variants_sweep [--seed 0] [--configs a,b] [--lrs 1e-3,3e-3] [--out FILE.json]
 
 Prints one row per (option, lr): validation accuracy (the split the suite picks lrs by), test
 accuracy on held-out templates and on seen templates, the train loss at the budget; writes JSON.
@@ -41,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--configs", default=",".join(VARIANTS), help="comma-separated labels of VARIANTS")
+    parser.add_argument("--lrs", default=None, help="comma-separated lrs for every config given (default: each one's grid)")
     parser.add_argument("--out", default=os.path.join(C.RESULTS_DIR, "rule_variants_sweep.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -49,6 +50,7 @@ def main() -> None:
     rows = []
     for label in args.configs.split(","):
         name, kwargs, grid = VARIANTS[label]
+        grid = tuple(float(x) for x in args.lrs.split(",")) if args.lrs else grid
         family = "adam" if name in ("adamw", "adaprelora") else "sgd"
         for lr in grid:
             run = S.run_one(C.OptConfig(label, name, kwargs, family), lr, args.seed, prof)
@@ -66,7 +68,8 @@ def _write(args, prof, rows, t0) -> None:
     result = {"suite": "classification (MiniLM) quick profile, one seed", "machine": C.machine_info(),
               "profile": {k: prof[k] for k in ("steps", "batch", "n_train", "n_val", "n_test", "n_test_seen")},
               "setup": S.SETUP, "runs": rows, "wall_s": time.time() - t0,
-              "command": f"python -m benchmarks.rule_variants_sweep --seed {args.seed} --configs {args.configs}"}
+              "command": f"python -m benchmarks.rule_variants_sweep --seed {args.seed} --configs {args.configs}"
+                         + (f" --lrs {args.lrs}" if args.lrs else "") + f" --out {args.out}"}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1, default=str)
