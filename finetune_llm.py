@@ -13,7 +13,7 @@ this runs without a network, in a few minutes on 2 CPU cores:
 
     python finetune_llm.py --model_name_or_path smollm2-135m-instruct --task glue:sst2 \
         --train_file assets/llm/sst2_train.jsonl --validation_file assets/llm/sst2_validation.jsonl \
-        --max_steps 30 --eval_steps 10 --output_dir out/sst2-smollm2
+        --learning_rate 1e-3 --max_steps 30 --eval_steps 10 --output_dir out/sst2-smollm2
 
 The logic lives in adaprelora/training/llm/.
 """

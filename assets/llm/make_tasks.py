@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository roo
 from benchmarks.quality.data import sentiment_splits, word_problem_splits  # noqa: E402
 
 SEED = 0
-SIZES = {"sst2": (400, 200), "gsm8k": (300, 60)}  # (train, validation) rows
+SIZES = {"sst2": (400, 100), "gsm8k": (300, 60)}  # (train, validation) rows
 
 
 def task_files() -> dict[str, list[dict]]:
