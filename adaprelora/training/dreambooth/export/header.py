@@ -68,6 +68,8 @@ def training_metadata(
         "ss_seed": str(config.seed),
         "ss_min_snr_gamma": str(config.snr_gamma),
         "ss_noise_offset": str(config.noise_offset),
+        # kohya's key for --masked_loss (a mask folder or, with --alpha_mask, the images' alpha)
+        "ss_masked_loss": str(bool(config.masked_loss or config.alpha_mask)),
         "ss_prior_loss_weight": str(config.prior_loss_weight if config.with_prior_preservation else 0.0),
         "ss_caption_dropout_rate": str(config.caption_dropout_rate),
         "ss_network_train_unet_only": str(not config.train_text_encoder),
