@@ -163,7 +163,7 @@ def train_config(model_dir: str, subject: Subject, cfg: C.OptConfig, lr: float, 
         train_batch_size=d["train_batch_size"], max_train_steps=prof["steps"], learning_rate=lr, rank=d["rank"],
         lr_scheduler=d["lr_scheduler"], lr_warmup_steps=0, train_text_encoder=d["train_text_encoder"],
         optimizer=cfg.name, optimizer_args=dict(cfg.kwargs), checkpointing_steps=prof["checkpoint_every"],
-        report_to="none", seed=seed, skip_export_check=True)
+        report_to="none", seed=seed, skip_export_check=True, **prof.get("train_overrides", {}))
 
 
 def run_one(ev: Evaluator, model_dir: str, subject: Subject, cfg: C.OptConfig, lr: float, seed: int, prof: dict,
