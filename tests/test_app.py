@@ -339,7 +339,7 @@ def test_non_finite_numbers_are_refused_by_name(app, images, value):
     before = _lora_folders(app["root"])
     for api_name, data, label in [
         ("train", f'[[{json.dumps(image)}], "a photo of sks dog", 2, {value}, 4, "adamw", 32, "", '
-                  '{"headers": ["image", "caption"], "data": []}, "", false, "", 2, 0, 0]', "Learning rate"),
+                  '{"headers": ["image", "caption"], "data": []}, "", false, "", 2, 0, 0, "attn", 0, 0, false, false, 0]', "Learning rate"),
         ("generate", f'["a photo of sks dog", "(none)", 2, 0, "", {value}, 1.0, 1]', "Guidance scale"),
         ("generate", f'["a photo of sks dog", "(none)", 2, 0, "", 7.5, {value}, 1]', "LoRA scale"),
     ]:
