@@ -26,7 +26,9 @@ and the final files. This module orchestrates them around the shared loop
 (SD 1.x, 2.x or SDXL), `models` (`DreamBoothModels`: loading the pipeline parts, adding LoRA),
 `sdxl` (SDXL's flags and conditioning), `buckets`
 (aspect-ratio buckets), `latent_cache` (`--cache_latents`), `loss`, `class_images` (prior
-preservation), `checkpoints` (LoRA-only checkpoints), `validation` and `export`.
+preservation), `checkpoints` (LoRA-only checkpoints), `validation` and `export`; and for kohya's
+features `dataset_config` and `captions` (`--dataset_config`, tag shuffling), `masks` (masked
+loss), `lycoris_network` (LoHa / LoKr) and `training.ema` (`--use_ema`).
 """
 from __future__ import annotations
 
