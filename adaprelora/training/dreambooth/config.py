@@ -163,13 +163,6 @@ class TrainConfig:
     masked_loss: bool = False
     conditioning_data_dir: Optional[str] = None
     alpha_mask: bool = False
-    # EMA of the LoRA weights (training/ema.py): samples, validation loss and the files come from it
-    use_ema: bool = False
-    ema_decay: float = 0.999
-    ema_warmup: str = "ratio"
-    ema_update_after_step: int = 0
-    ema_cpu: bool = False
-    ema_save_raw: bool = False
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "TrainConfig":

@@ -383,36 +383,11 @@ def verify_lycoris_file(cfg, path: str, models, *, text_encoder_trained: bool):
     a fresh copy of the base model, must reproduce the trained UNet's (and text encoders') output on
     the fixed input `verify` uses. `models` is the run's unwrapped `DreamBoothModels`. Returns an
     `ExportCheck` with one "kohya" entry; never raises for a bad file."""
-    from .verify import ExportCheck, FileCheck, _fixed_inputs, _load_fresh, _outputs, _tolerance
+    from .verify import verify_exports
 
-    unet, encoders = models.unet, list(models.text_encoders)
-    device = next(unet.parameters()).device
-    modes = [(m, m.training) for m in (unet, *encoders)]
-    try:
-        for model, _ in modes:
-            model.eval()
-        inputs = _fixed_inputs(unet, list(models.tokenizers), cfg.instance_prompt or "a photo", cfg.resolution,
-                               device, models.sdxl)
-        trained = _outputs(unet, encoders, inputs, models.sdxl)
-    finally:
-        for model, was_training in modes:
-            model.train(was_training)
-    compared = ["unet"] + (["text_encoder"] if text_encoder_trained else [])
-    scale = max(float(trained[k].abs().max()) for k in compared)
-    tolerance = _tolerance(models.weight_dtype, scale, bool(cfg.allow_tf32 and device.type == "cuda"))
-    pipe = _load_fresh(cfg, device, models.weight_dtype, models.family)
-    fresh = [pipe.text_encoder] + ([pipe.text_encoder_2] if models.sdxl else [])
-    base = _outputs(pipe.unet, fresh, inputs, models.sdxl)
-    report = ExportCheck(lora_effect=max(float((base[k] - trained[k]).abs().max()) for k in compared))
-    try:
-        reload_lycoris_file(path, pipe.unet, fresh if text_encoder_trained else [])
-        loaded = _outputs(pipe.unet, fresh, inputs, models.sdxl)
-        diff = max(float((loaded[k] - trained[k]).abs().max()) for k in compared)
-        report.files.append(FileCheck("kohya", ok=diff <= tolerance, max_diff=diff, tolerance=tolerance))
-    except Exception as err:  # a file users cannot load is the failure this check exists for
-        report.files.append(FileCheck("kohya", ok=False, error=f"{type(err).__name__}: {err}".splitlines()[0]))
-    return report
-
+    return verify_exports(cfg, {"kohya": path}, models.unet, models.text_encoders, models.tokenizers,
+                          dtype=models.weight_dtype, text_encoder_trained=text_encoder_trained,
+                          load=lambda pipe, kind, file, encoders: reload_lycoris_file(file, pipe.unet, encoders))
 
 __all__ = ["ALGOS", "DEFAULT_NETWORK_MODULE", "LYCORIS_ATTR", "NETWORK_ARGS", "NETWORK_MODULES", "PAIR_OPTIMIZERS",
            "check_network_config", "create_lycoris_network", "load_lycoris_state_dict", "lycoris_state_dict",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -181,8 +181,18 @@ def _load_kohya_with_dora(pipe, path: str, adapter_name: str) -> None:
                                              prefix=name, adapter_name=adapter_name, _pipeline=pipe)
 
 
+def _load_lora_file(pipe, kind: str, path: str, encoders: list) -> None:
+    """Load a diffusers or kohya file as users do (`load_lora_weights`); a kohya file with DoRA
+    through diffusers' own conversion, keeping the magnitudes its loader drops."""
+    if kind == "kohya" and _has_dora_scale(path):
+        _load_kohya_with_dora(pipe, path, adapter_name=f"check_{kind}")
+    else:
+        pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
+                               adapter_name=f"check_{kind}")
+
+
 def verify_exports(cfg, files: dict[str, str], unet, text_encoders, tokenizers, *, dtype: torch.dtype,
-                   text_encoder_trained: bool) -> ExportCheck:
+                   text_encoder_trained: bool, load: Optional[Callable] = None) -> ExportCheck:
     """Load each of `files` ({"diffusers": path, "kohya": path}) into a fresh copy of
     `cfg.pretrained_model_name_or_path` with `load_lora_weights`, and compare the UNet's (and, when
     trained, the text encoders') output with the trained `unet` / `text_encoders` on a fixed input.
@@ -191,6 +201,8 @@ def verify_exports(cfg, files: dict[str, str], unet, text_encoders, tokenizers, 
     two each; then both encoders and the UNet's added conditioning take part). `dtype` is the frozen
     weights' dtype of the run (the fresh copy is loaded in it, on the trained model's device).
     Never raises for a bad file: a file that fails to load or differs becomes a failed `FileCheck`.
+    `load(pipe, kind, path, encoders)` puts a file into the fresh pipeline (`encoders`: its trained
+    text encoders); default `load_lora_weights` (a LyCORIS file brings its own loader).
     """
     device = next(unet.parameters()).device
     family = detect_family(unet_config=unet.config)
@@ -215,11 +227,7 @@ def verify_exports(cfg, files: dict[str, str], unet, text_encoders, tokenizers, 
     report = ExportCheck(lora_effect=max(float((base[k] - trained[k]).abs().max()) for k in compared))
     for kind, path in files.items():
         try:
-            if kind == "kohya" and _has_dora_scale(path):
-                _load_kohya_with_dora(pipe, path, adapter_name=f"check_{kind}")
-            else:
-                pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
-                                       adapter_name=f"check_{kind}")
+            (load or _load_lora_file)(pipe, kind, path, fresh_encoders if text_encoder_trained else [])
             for model in (pipe.unet, *fresh_encoders):  # new LoRA layers (and their dropout) start in train mode
                 model.eval()
             loaded = _outputs(pipe.unet, fresh_encoders, inputs, family.sdxl)
