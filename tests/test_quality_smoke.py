@@ -117,6 +117,35 @@ def test_dreambooth_smoke(tmp_path):
     assert run["subject_fidelity"] is None and _finite(run["similarity"])  # the judge does not know "my heart"
 
 
+def test_dreambooth_heldout_smoke(tmp_path):
+    """The held-out-loss suite: a tuning sweep, confirmation runs paired with AdamW, results that
+    accumulate in one JSON (a run already there is skipped), and the reloaded LoRA scoring what
+    the trainer scored at its last step."""
+    def run(*extra):
+        threads = torch.get_num_threads()
+        try:
+            assert main(["dreambooth-heldout", "--smoke", "--out-dir", str(tmp_path), *extra]) == 0
+        finally:
+            torch.set_num_threads(threads)
+        with open(tmp_path / "quality_dreambooth_heldout_smoke.json") as fh:
+            return json.load(fh)
+
+    run("--stage", "tune", "--configs", "adamw", "--lrs", "1e-3,4e-3", "--no-extend")
+    out = run("--stage", "confirm", "--configs", "adamw,ema-root", "--lrs", "4e-3,4e-3", "--subjects", "crescent")
+    assert len(out["runs"]) == 4 and out["commit"] and out["setup"]["with_prior_preservation"]
+    tune = out["analysis"]["tuning"]["adamw"]
+    assert tune["grid"] == [1e-3, 4e-3] and tune["best_lr"] in (1e-3, 4e-3) and not tune["interior"]
+    for r in out["runs"]:
+        assert abs(r["subject_loss"] - r["trainer_subject_loss"]) < 1e-5 and _finite(r["prior_loss"])
+        assert [p["step"] for p in r["curve"]] == [0, 1, 2] and _finite(r["trainer_class_loss"])
+        assert r["subject_loss"] < out["base"][r["subject"]]["subject_loss"]  # the subject is being learnt
+    paired = out["analysis"]["paired_vs_adamw"]["ema-root"]["subject_loss"]
+    assert paired["relative"]["n"] == 1 and _finite(paired["absolute"]["mean"])
+    assert set(out["analysis"]["confirm"]) == {"adamw", "ema-root"}
+    again = run("--stage", "confirm", "--configs", "adamw", "--lrs", "4e-3", "--subjects", "crescent")
+    assert len(again["runs"]) == 4  # already there: skipped, not run twice
+
+
 def test_e2e_smoke(tmp_path):
     """Data-to-text suite: lr sweep, test scores per seed, paired intervals against AdamW."""
     import importlib.util

@@ -1,4 +1,4 @@
-"""python -m benchmarks.quality {conditioning,classification,gsm8k,e2e,studies,dreambooth,all} [--smoke|--quick|--full]"""
+"""python -m benchmarks.quality {conditioning,classification,gsm8k,e2e,studies,dreambooth,dreambooth-heldout,all} [--smoke|--quick|--full]"""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,8 @@ import warnings
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
-    parser.add_argument("suite", choices=["conditioning", "classification", "gsm8k", "e2e", "studies", "dreambooth", "all"])
+    parser.add_argument("suite", choices=["conditioning", "classification", "gsm8k", "e2e", "studies", "dreambooth", "dreambooth-heldout",
+                                          "all"])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--smoke", action="store_const", dest="profile", const="smoke", help="a few steps (CI)")
     group.add_argument("--quick", action="store_const", dest="profile", const="quick", help="CPU profile (default)")
@@ -23,7 +24,16 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default=None, help="suffix of the JSON name, e.g. lr3e-3 -> quality_gsm8k_lr3e-3.json")
     parser.add_argument("--subjects", default=None, metavar="DIR",
                         help="dreambooth only: teach the subjects in DIR (one sub-folder of images per subject; the "
-                             "first is used to tune the lr, the others to confirm) instead of the built-in ones")
+                             "first is used to tune the lr, the others to confirm) instead of the built-in ones; "
+                             "dreambooth-heldout: comma-separated built-in subjects (default: the stage's)")
+    parser.add_argument("--stage", choices=["tune", "confirm"], default="tune",
+                        help="dreambooth-heldout: sweep lrs on the tuning subject, or run the tuned lrs on the others")
+    parser.add_argument("--seeds", default=None, help="dreambooth-heldout: comma-separated training seeds")
+    parser.add_argument("--lrs", default=None,
+                        help="dreambooth-heldout: comma-separated lrs (tune: the starting grid; confirm: one per config)")
+    parser.add_argument("--no-extend", action="store_true",
+                        help="dreambooth-heldout: do not extend a grid whose best lr is at an end")
+    parser.add_argument("--report", action="store_true", help="dreambooth-heldout: print the tables of the JSON only")
     parser.add_argument("--model", default=None, help="dreambooth only: the base model folder (default: assets/tiny-sd)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine more threads slowed every step)")
@@ -37,6 +47,11 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.suite == "dreambooth-heldout":
+        from . import heldout
+
+        args.argv = sys.argv[1:] if argv is None else list(argv)
+        return heldout.main(args, log=lambda msg: print(msg, flush=True))
     from . import common as C
 
     configs = args.configs.split(",") if args.configs else None
