@@ -228,9 +228,41 @@ def lora_pro_gradients(A, B, gradA, gradB, s, reg: float = 1e-6):
     return gA_base + X @ A, gB_base - B @ X
 
 
+def fused_adamw_ok(tensor: torch.Tensor) -> bool:
+    """torch's fused AdamW kernel (`torch.optim.AdamW(fused=True)`'s) takes tensors like this one."""
+    return (hasattr(torch, "_fused_adamw_") and tensor.device.type in ("cpu", "cuda")
+            and tensor.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+
+
+def adamw_tensors_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW step (torch.optim.AdamW's formula) on lists of equal-dtype contiguous tensors, in
+    place, with torch's fused kernel: one pass per tensor instead of one per operation, and the
+    parameters can be the model's own tensors, so a stacked step needs no copy back. `steps` are
+    0-dim tensors, already incremented (pairs may have different counts)."""
+    if not params:
+        return
+    torch._fused_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [], list(steps),
+                        lr=float(lr), beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
+                        maximize=False)
+
+
 def adamw_(param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay):
     """One AdamW step (torch.optim.AdamW's formula) on stacked tensors, in place. `step` is (k,),
-    already incremented, so pairs may have different counts."""
+    already incremented, so pairs may have different counts. Rows of contiguous tensors go through
+    the fused kernel (`adamw_tensors_`); `adamw_formula_` is the fallback elsewhere (other
+    devices, non-contiguous rows), with the same result up to rounding."""
+    if fused_adamw_ok(param) and all(t.dtype == param.dtype for t in (grad, exp_avg, exp_avg_sq, step)) and all(
+            t[0].is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq)):
+        adamw_tensors_(param.unbind(0), grad.unbind(0), exp_avg.unbind(0), exp_avg_sq.unbind(0), step.unbind(0),
+                       lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    else:
+        adamw_formula_(param, grad, exp_avg, exp_avg_sq, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay)
+
+
+def adamw_formula_(param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay):
+    """`adamw_` written out in tensor operations: the fallback of the fused kernel, and the
+    reference the Triton kernels are checked against (the same operation order as theirs)."""
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     if lr == 0:
@@ -247,9 +279,9 @@ def adamw_(param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, wei
 
 
 def adamw_update(param, grad, exp_avg, exp_avg_sq, step, **hyper):
-    """Out-of-place `adamw_`: returns the new (param, exp_avg, exp_avg_sq)."""
+    """Out-of-place `adamw_formula_`: returns the new (param, exp_avg, exp_avg_sq)."""
     param, exp_avg, exp_avg_sq = param.clone(), exp_avg.clone(), exp_avg_sq.clone()
-    adamw_(param, grad, exp_avg, exp_avg_sq, step, **hyper)
+    adamw_formula_(param, grad, exp_avg, exp_avg_sq, step, **hyper)
     return param, exp_avg, exp_avg_sq
 
 
@@ -337,7 +369,7 @@ def gradient_ema_(ema_A, ema_B, gA, gB, step, beta: float) -> None:
 
 
 def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_decay, momentum=0.0,
-                 sgd_scale=None, rebalance_sgd=False, lr_B=None, lr_scale=None):
+                 sgd_scale=None, rebalance_sgd=False, lr_B=None, lr_scale=None, params=None) -> bool:
     """Move stacked factors A, B along directions dA, dB in place, with the bucket's `state`.
 
     "adamw": AdamW on each factor (moments "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B").
@@ -348,6 +380,10 @@ def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_d
     learning rate when it differs from A's (B in its own param group), else None. `lr_scale`
     (k, 1, 1), "sgd" only: per-pair factors on both learning rates, weight decay included (the
     relative step size, `relative_step_scale`).
+    `params`, "adamw" only: (rows, A tensors, B tensors), the tensors whose current values A and B's
+    rows `rows` hold (the parameters, in the compute dtype and contiguous): AdamW then moves those
+    tensors and their moments' rows directly, and A, B are left as they were. Returns True when it
+    moved `params`, False when it moved A and B.
     """
     lr_B = lr if lr_B is None else lr_B
     if lr_scale is not None:
@@ -356,11 +392,20 @@ def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_d
         lr, lr_B = lr * lr_scale, lr_B * lr_scale
     if variant == "adamw":
         b1, b2 = betas
-        adamw_(A, dA, state["exp_avg_A"], state["exp_avg_sq_A"], step, lr=lr, beta1=b1, beta2=b2, eps=eps,
-               weight_decay=weight_decay)
-        adamw_(B, dB, state["exp_avg_B"], state["exp_avg_sq_B"], step, lr=lr_B, beta1=b1, beta2=b2, eps=eps,
-               weight_decay=weight_decay)
-        return
+        hyper = dict(beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay)
+        if params is not None:
+            rows, PA, PB = params
+            steps = step.unbind(0)
+            for P, d, name, rate in ((PA, dA, "A", lr), (PB, dB, "B", lr_B)):
+                shape = (d.shape[0],) + P[0].shape  # conv factors keep their own shape
+                rows_of = [t.contiguous().view(shape).unbind(0)
+                           for t in (d, state["exp_avg_" + name], state["exp_avg_sq_" + name])]
+                adamw_tensors_([P[j] for j in rows], *([t[j] for j in rows] for t in rows_of),
+                               [steps[j] for j in rows], lr=rate, **hyper)
+            return True
+        adamw_(A, dA, state["exp_avg_A"], state["exp_avg_sq_A"], step, lr=lr, **hyper)
+        adamw_(B, dB, state["exp_avg_B"], state["exp_avg_sq_B"], step, lr=lr_B, **hyper)
+        return False
     if momentum:
         first = (step <= 1)[:, None, None]
         for d, name in ((dA, "momentum_buffer_A"), (dB, "momentum_buffer_B")):
@@ -381,6 +426,7 @@ def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_d
         if "grad_ema_A" in state:  # gradients transform the other way (gA -> c gA, gB -> gB / c)
             state["grad_ema_A"].mul_(c)
             state["grad_ema_B"].div_(c)
+    return False
 
 
 def rebalance(A, B):

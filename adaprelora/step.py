@@ -63,6 +63,9 @@ class _Bucket(NamedTuple):
     x: _Stacked  # factors and gradients (zeros for the pairs left out)
     energies: tuple  # stacked (k, ...) energies, zeros for the pairs left out
     step: torch.Tensor  # (k,) new step counts (unchanged for the pairs left out)
+    # (rows, A, B): the pairs to update and the parameters, when an AdamW step may move them
+    # directly (`functional.factor_step_`'s `params`); None when the factors must be copied back
+    params: Optional[tuple]
 
 
 def _finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
@@ -72,15 +75,16 @@ def _finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(total)
 
 
-def _bucket_step(A, B, gradA, gradB, state: dict, update: Callable, energies=None) -> torch.Tensor:
+def _bucket_step(A, B, gradA, gradB, state: dict, update: Callable[[_Bucket], bool], energies=None) -> torch.Tensor:
     """The one stack / mask / restore / write-back of every torch implementation.
 
     Stacks the bucket (`_stack_pairs`), computes `energies(x)` if given (a tuple of (k, ...)
     tensors), leaves out the pairs with a missing gradient or a NaN/inf gradient or energy (their
     gradients and energies are zeroed so they cannot spread a NaN into batched algebra), runs
-    `update(bucket)` (which moves the stacked factors and `state` in place), gives the pairs left
-    out their old state back, advances the step counts and copies the updated factors into the
-    parameters. Returns ok (k,): the pairs that were updated.
+    `update(bucket)` (which moves `state` and either the stacked factors, returning False, or the
+    parameters themselves, returning True), gives the pairs left out their old state back,
+    advances the step counts and, after a False, copies the updated factors into the parameters.
+    Returns ok (k,): the pairs that were updated.
     """
     x = _stack_pairs(A, B, gradA, gradB)
     k = len(A)
@@ -102,16 +106,24 @@ def _bucket_step(A, B, gradA, gradB, state: dict, update: Callable, energies=Non
         skipped = (~ok).nonzero().flatten()
         saved = {name: t[skipped].clone() for name, t in state.items()}
     step = state["step"] + ok.to(state["step"].dtype)
-    update(_Bucket(x, es, step))
+    targets = range(k) if all_ok else ok.nonzero().flatten().tolist()
+    direct = _writable(A, B, x.XA.dtype)
+    wrote = update(_Bucket(x, es, step, (targets, A, B) if direct else None))
     state["step"].copy_(step)
     if saved is not None:
         for name, value in saved.items():
             state[name][skipped] = value
-    targets = range(k) if all_ok else ok.nonzero().flatten().tolist()
-    A_new, B_new = x.A.view((k,) + A[0].shape).unbind(0), x.B.view((k,) + B[0].shape).unbind(0)
-    torch._foreach_copy_([A[j] for j in targets] + [B[j] for j in targets],  # casts to the params' dtype
-                         [A_new[j] for j in targets] + [B_new[j] for j in targets])
+    if not wrote:
+        A_new, B_new = x.A.view((k,) + A[0].shape).unbind(0), x.B.view((k,) + B[0].shape).unbind(0)
+        torch._foreach_copy_([A[j] for j in targets] + [B[j] for j in targets],  # casts to the params' dtype
+                             [A_new[j] for j in targets] + [B_new[j] for j in targets])
     return ok
+
+
+def _writable(A, B, dtype: torch.dtype) -> bool:
+    """An AdamW step can move these factors in place with the fused kernel: contiguous, in the
+    compute dtype (a bf16 factor steps on its float32 copy, then is copied back)."""
+    return F.fused_adamw_ok(A[0]) and all(t.dtype == dtype and t.is_contiguous() for ts in (A, B) for t in ts)
 
 
 def _fusable(*lists) -> bool:
@@ -218,8 +230,8 @@ def _torch_adaprelora_step(A, B, gradA, gradB, row, col, state, scale, lr, *, lr
     def energies(x):
         return _complete_energies(row, col, len(A), lambda: x, scale, stats, damping)
 
-    def update(b: _Bucket) -> None:
-        x, (rows, cols), step = b
+    def update(b: _Bucket) -> bool:
+        x, (rows, cols), step, _ = b
         if momentum_before_solve:
             F.gradient_ema_(state["grad_ema_A"], state["grad_ema_B"], x.gradA, x.gradB, step, betas[0])
         R, C, p, q = F.adafactor_accumulators(state["adafactor_row"], state["adafactor_col"], rows.to(cdt),
@@ -230,9 +242,9 @@ def _torch_adaprelora_step(A, B, gradA, gradB, row, col, state, scale, lr, *, lr
         # the weight before this step (Adafactor's RMS(X_{t-1})), read before the factors move
         rel = F.relative_step_scale(x.A, x.B, inv_s, relative_step_eps)[:, None, None] if relative_step else None
         dA, dB = F.balanced_step_(x.XA, x.XB, p, q, inv_s, damping, clip_threshold)
-        F.factor_step_(x.A, x.B, dA, dB, state, step, variant=variant, lr=lr, lr_B=lr_B, betas=betas, eps=eps,
-                       weight_decay=weight_decay, momentum=momentum, sgd_scale=inv_s, rebalance_sgd=rebalance,
-                       lr_scale=rel)
+        return F.factor_step_(x.A, x.B, dA, dB, state, step, variant=variant, lr=lr, lr_B=lr_B, betas=betas,
+                              eps=eps, weight_decay=weight_decay, momentum=momentum, sgd_scale=inv_s,
+                              rebalance_sgd=rebalance, lr_scale=rel, params=b.params)
 
     return _bucket_step(A, B, gradA, gradB, state, update, energies)
 
@@ -245,11 +257,11 @@ def scaled_lora_step(A, B, gradA, gradB, state: dict, lr, *, lr_B=None, variant:
     preconditioned by (B^T B + reg I)^-1 and (A A^T + reg I)^-1 (`functional.scaled_gradients`),
     then SGD ("sgd", with heavy-ball `momentum`) or AdamW ("adamw"). Arguments as `adaprelora_step`."""
 
-    def update(b: _Bucket) -> None:
+    def update(b: _Bucket) -> bool:
         x = b.x
         dA, dB = F.scaled_gradients(x.A, x.B, x.gradA, x.gradB, reg)
-        F.factor_step_(x.A, x.B, dA, dB, state, b.step, variant=variant, lr=lr, lr_B=lr_B, betas=betas, eps=eps,
-                       weight_decay=weight_decay, momentum=momentum)
+        return F.factor_step_(x.A, x.B, dA, dB, state, b.step, variant=variant, lr=lr, lr_B=lr_B, betas=betas,
+                              eps=eps, weight_decay=weight_decay, momentum=momentum, params=b.params)
 
     return _bucket_step(A, B, gradA, gradB, state, update)
 
@@ -260,12 +272,12 @@ def lora_pro_step(A, B, gradA, gradB, state: dict, scale: torch.Tensor, lr, *, l
     whose equivalent gradient is the Frobenius projection of the full one
     (`functional.lora_pro_gradients`), then AdamW. Arguments as `adaprelora_step`."""
 
-    def update(b: _Bucket) -> None:
+    def update(b: _Bucket) -> bool:
         x = b.x
         s = scale.to(device=x.XA.device, dtype=x.XA.dtype).reshape(-1, 1, 1)
         dA, dB = F.lora_pro_gradients(x.A, x.B, x.gradA, x.gradB, s, reg)
-        F.factor_step_(x.A, x.B, dA, dB, state, b.step, variant="adamw", lr=lr, lr_B=lr_B, betas=betas, eps=eps,
-                       weight_decay=weight_decay)
+        return F.factor_step_(x.A, x.B, dA, dB, state, b.step, variant="adamw", lr=lr, lr_B=lr_B, betas=betas,
+                              eps=eps, weight_decay=weight_decay, params=b.params)
 
     return _bucket_step(A, B, gradA, gradB, state, update)
 
