@@ -19,9 +19,10 @@ def _eye_like(M: torch.Tensor) -> torch.Tensor:
 
 def add_ridge(M: torch.Tensor, damping: float) -> torch.Tensor:
     """M + (damping * trace(M) / r + tiny) I for a batch of r x r PSD matrices (project choice)."""
-    r = M.shape[-1]
-    ridge = damping * torch.diagonal(M, dim1=-2, dim2=-1).sum(-1) / r + TINY
-    return M + ridge[..., None, None] * _eye_like(M)
+    out = M.clone()
+    diag = out.diagonal(dim1=-2, dim2=-1)
+    diag.add_(diag.sum(-1, keepdim=True).mul_(damping / M.shape[-1]).add_(TINY))
+    return out
 
 
 def _jittered_cholesky(M: torch.Tensor) -> torch.Tensor:
@@ -303,25 +304,19 @@ def solve_rxr(BPB, AQA, K, HA, GB, m, n, damping, clip_threshold, *, sync=True):
     dB = [B, gBp] [-c Y; c M_A^-1] (gAq = gA Q^-1, gBp = P^-1 gB).
 
     From B^T P B, A Q A^T, K = gA A^T and the 2r x 2r Grams HA of [A; gAq] (rows) and GB of
-    [B, gBp] (columns): ||B dA + dB A||^2 = <B^T B, dA dA^T> + 2 <B^T dB, dA A^T> + <dB^T dB, A A^T>
-    with dA dA^T = W HA W^T, dA A^T = W HA[:, :r], dB^T dB = V^T GB V, B^T dB = GB[:r] V for
-    W = [-Y, M_B^-1], V = [-Y; M_A^-1]. `sync=False` never asks the host whether a Cholesky
-    factor failed (see `cholesky`)."""
-    k, r = K.shape[0], K.shape[-1]
+    [B, gBp] (columns): B dA + dB A = [B, gBp] Z [A; gAq] with Z = [[-2Y, M_B^-1], [M_A^-1, 0]],
+    so ||B dA + dB A||^2 = tr(Z^T GB Z HA), two 2r x 2r products per pair. `sync=False` never
+    asks the host whether a Cholesky factor failed (see `cholesky`)."""
+    k = K.shape[0]
     L = cholesky(add_ridge(torch.cat([BPB, AQA]), damping), sync=sync)  # M_B, M_A + ridge, one batch
     Minv = torch.cholesky_solve(_eye_like(L).expand_as(L), L)
     MBi, MAi = Minv[:k], Minv[k:]
     Y = torch.bmm(torch.bmm(MBi, K), MAi).mul_(0.5)
     if clip_threshold is None:
         return MBi, Y, MAi
-    W = torch.cat([-Y, MBi], -1)  # (k, r, 2r)
-    V = torch.cat([-Y, MAi], -2)  # (k, 2r, r)
-    dAdAt = torch.bmm(torch.bmm(W, HA), W.mT)
-    dAAt = torch.bmm(W, HA[:, :, :r])
-    dBtdB = torch.bmm(torch.bmm(V.mT, GB), V)
-    BtdB = torch.bmm(GB[:, :r], V)
-    BtB, AAt = GB[:, :r, :r], HA[:, :r, :r]
-    sq = (BtB * dAdAt).sum((-2, -1)) + 2 * (BtdB * dAAt).sum((-2, -1)) + (dBtdB * AAt).sum((-2, -1))
+    # tr(Z^T GB Z HA) = sum((GB Z) * (Z HA)), GB and HA being symmetric
+    Z = torch.cat([torch.cat([Y * -2, MBi], -1), torch.cat([MAi, torch.zeros_like(MAi)], -1)], -2)
+    sq = (torch.bmm(GB, Z) * torch.bmm(Z, HA)).sum((-2, -1))
     rms = torch.sqrt(sq.clamp_min_(0) / (m * n))
     c = (clip_threshold / torch.clamp(rms, min=clip_threshold))[:, None, None]
     return MBi * c, Y * c, MAi * c
@@ -333,8 +328,8 @@ def balanced_step_(XA, XB, p, q, inv_s, damping: float = 0.1, clip_threshold=1.0
 
     XA (k, 2r, n) holds [A; grad A] and XB (k, 2, m, r) holds [B, grad B] per pair (the layout
     `step._stack_pairs` makes); the gradient halves are overwritten with gA Q^-1 / s and
-    P^-1 gB / s. The r x r products come from five batched products (the Gram of [A; gAq],
-    [A; gAq] against A Q, the Grams of B and of gBp in one batch, B^T gBp, B^T P B), the clip
+    P^-1 gB / s. The r x r products come from batched products (the Gram of [A; gAq] from its
+    three distinct blocks, [A; gAq] against A Q, the Grams of B and of gBp in one batch, B^T gBp, B^T P B), the clip
     factor from r x r algebra (`solve_rxr`), and then dA = [-c Y, c M_B^-1] [A; gAq] and
     dB = gBp c M_A^-1 - B c Y. p (k, m), q (k, n), inv_s (k, 1, 1). Returns the clipped (dA, dB).
     """
@@ -344,8 +339,10 @@ def balanced_step_(XA, XB, p, q, inv_s, damping: float = 0.1, clip_threshold=1.0
     B, gB = XB[:, 0], XB[:, 1]
     gA.mul_(inv_s / q[:, None, :])
     gB.mul_(inv_s / p[:, :, None])
-    HA = torch.bmm(XA, XA.mT)  # [[A A^T, A gAq^T], [gAq A^T, gAq gAq^T]]
+    AAt = torch.bmm(XA, A.mT)  # [A A^T; gAq A^T]
     H1K = torch.bmm(XA, (A * q[:, None, :]).mT)  # [A Q A^T; gA A^T]
+    HA = torch.cat([torch.cat([AAt[:, :r], AAt[:, r:].mT], -1), torch.cat([AAt[:, r:], torch.bmm(gA, gA.mT)], -1)],
+                   -2)  # the Gram of [A; gAq] from its three distinct blocks
     XB2 = XB.flatten(0, 1)
     G24 = torch.bmm(XB2.mT, XB2).view(k, 2, r, r)  # B^T B, gBp^T gBp
     G3 = torch.bmm(B.mT, gB)  # B^T gBp

@@ -443,6 +443,39 @@ def test_pair_split_over_param_groups_steps_B_with_its_groups_lr(variant):
     assert len(opt._buckets) == 2
 
 
+def test_cache_sized_buckets_step_exactly_like_one_bucket():
+    """On a CPU a bucket is stepped in runs of CPU_BUCKET_BYTES; the split must not change a
+    step, a skipped pair or the state."""
+    g = torch.Generator().manual_seed(3)
+    m, n, r, k = 7, 9, 3, 6
+
+    def make(limit):
+        As = [nn.Parameter(torch.randn(r, n, generator=torch.Generator().manual_seed(i))) for i in range(k)]
+        Bs = [nn.Parameter(torch.randn(m, r, generator=torch.Generator().manual_seed(50 + i)) * 0.1) for i in range(k)]
+        opt = AdaPreLoRA(As + Bs, lr=1e-2, weight_decay=0.01, pairs=[(a, b, 0.5) for a, b in zip(As, Bs)])
+        if limit:
+            opt.CPU_BUCKET_BYTES = limit
+        return As, Bs, opt
+
+    whole, split = make(None), make(2 * 2 * r * (m + n) * 4)  # two pairs per run
+    for step in range(3):
+        grads = [torch.randn(r, n, generator=g) for _ in range(k)] + [torch.randn(m, r, generator=g) for _ in range(k)]
+        if step == 1:
+            grads[4][0, 0] = float("nan")  # pair 4 skipped, in the third run
+        for As, Bs, opt in (whole, split):
+            for p, grad in zip(As + Bs, grads):
+                p.grad = grad.clone()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.step()
+    assert len(whole[2]._buckets) == 1 and len(split[2]._buckets) == 3
+    for p, q in zip(whole[0] + whole[1], split[0] + split[1]):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        for key, value in whole[2].state[p].items():
+            torch.testing.assert_close(split[2].state[q][key], value, rtol=1e-6, atol=1e-7)
+    assert whole[2].state[whole[0][4]]["step"] == 2 and whole[2].state[whole[0][3]]["step"] == 3
+
+
 def test_non_lora_trainable_tensors_get_plain_adamw():
     model = make_lora_model(seed=11, modules_to_save=["norm"])
     opt = AdaPreLoRA(model, lr=1e-2, betas=(0.8, 0.95), weight_decay=0.01)
