@@ -162,7 +162,8 @@ class LoRAPairOptimizer(Optimizer):
         if first.A.device.type != "cpu":
             return [(0, ids)]
         per_pair = 2 * first.r * (first.m + first.n) * _compute_dtype(first.A.dtype).itemsize
-        size = max(1, self.CPU_BUCKET_BYTES // per_pair)
+        runs = -(-len(ids) // max(1, self.CPU_BUCKET_BYTES // per_pair))
+        size = -(-len(ids) // runs)  # runs of equal length: no short run paying a whole run's overhead
         return [(start, ids[start:start + size]) for start in range(0, len(ids), size)]
 
     def _build_buckets(self) -> list:

@@ -64,19 +64,16 @@ def adafactor_accumulators(R, C, row, col, step, decay_rate: float = -0.8, eps_f
     sqrt(row / n + eps) and sqrt(col / m + eps), p = R / sqrt(mean(R^2)), q = C; at t = 1 both agree.
     """
     m, n = R.shape[-1], C.shape[-1]
-    beta2 = (1.0 - step.to(R.dtype) ** decay_rate)[:, None]
-    row, col = row / n + eps_factored, col / m + eps_factored
+    beta2 = torch.pow(step.to(R.dtype), decay_rate).neg_().add_(1.0)[:, None]
+    row, col = (row * (1.0 / n)).add_(eps_factored), (col * (1.0 / m)).add_(eps_factored)
     if energy_ema == "root":
-        R = beta2 * R + (1 - beta2) * torch.sqrt(row)
-        C = beta2 * C + (1 - beta2) * torch.sqrt(col)
+        R, C = torch.lerp(row.sqrt_(), R, beta2), torch.lerp(col.sqrt_(), C, beta2)  # beta2 R + (1 - beta2) sqrt(.)
         return R, C, R / torch.sqrt((R * R).mean(-1, keepdim=True)), C
     if energy_ema != "squared":
         raise ValueError(f"energy_ema must be one of {ENERGY_EMAS}, got {energy_ema!r}")
-    R = beta2 * R + (1 - beta2) * row
-    C = beta2 * C + (1 - beta2) * col
-    p = torch.sqrt(R / R.mean(-1, keepdim=True))
-    q = torch.sqrt(C)
-    return R, C, p, q
+    R, C = torch.lerp(row, R, beta2), torch.lerp(col, C, beta2)  # beta2 R + (1 - beta2) row, in one pass
+    p = torch.div(R, R.mean(-1, keepdim=True)).sqrt_()
+    return R, C, p, torch.sqrt(C)
 
 
 def relative_step_scale(A, B, inv_s, eps: float = 1e-3):
