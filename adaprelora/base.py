@@ -152,8 +152,8 @@ class LoRAPairOptimizer(Optimizer):
 
     # On a CPU, a bucket is split so that its stacked factors and gradients take at most this many
     # bytes: the step's half-dozen passes over them then run from the cache rather than memory
-    # (SD 1.5's attention set at r = 16, one thread: step() 2.6x -> 2.2x torch's foreach AdamW;
-    # 2 and 8 MiB were slower, benchmarks/optimizer_step.py). GPUs take whole buckets.
+    # (SD 1.5's attention set at r = 16, one thread: step() 2.8x -> 2.2x torch's foreach AdamW;
+    # 2 MiB was slower, 8 MiB level; docs/benchmarks.md). GPUs take whole buckets.
     CPU_BUCKET_BYTES = 4 * 2 ** 20
 
     def _split(self, ids: list) -> list:

@@ -15,6 +15,8 @@ so load from other processes falls on each alike and the "x AdamW" ratios hold w
 
     python benchmarks/optimizer_step.py                 # full table, JSON to benchmarks/results/
     python benchmarks/optimizer_step.py --quick         # fewer repeats, sd15 r=16 only
+    python benchmarks/optimizer_step.py --quick --optimizers adaprelora@0 adaprelora@2 adaprelora@4 adaprelora@8
+                                                        # CPU bucket runs of 2/4/8 MiB against whole buckets
 """
 from __future__ import annotations
 
@@ -101,6 +103,13 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict:
 
 
 def make_optimizer(name, model, lr=1e-4):
+    """An optimizer by factory name, or "torch-adamw-foreach", or "NAME@MiB": NAME with its CPU
+    bucket runs capped at MiB of stacked factors and gradients ("@0": whole buckets)."""
+    if "@" in name:
+        base, mib = name.split("@")
+        opt = make_optimizer(base, model, lr)
+        opt.CPU_BUCKET_BYTES = int(float(mib) * 2 ** 20) if float(mib) > 0 else 2 ** 62
+        return opt
     if name == "torch-adamw-foreach":
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, foreach=True)
     kwargs = {"stats": "tangent"} if name == "adaprelora-tangent" else {}
