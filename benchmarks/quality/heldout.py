@@ -422,7 +422,7 @@ def main(args, log=print) -> int:
     stage = args.stage
     configs = args.configs.split(",") if args.configs else list(DEFAULT_CONFIGS)
     cfgs = [config_for(c) for c in configs]
-    subjects = (args.subjects.split(",") if args.subjects
+    subjects = ([s.replace("_", " ") for s in args.subjects.split(",")] if args.subjects  # striped_ring too
                 else list(TUNE_SUBJECTS if stage == "tune" else CONFIRM_SUBJECTS))
     bad = [s for s in subjects if s not in scenes.SUBJECTS]
     if bad:
