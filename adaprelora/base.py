@@ -152,9 +152,10 @@ class LoRAPairOptimizer(Optimizer):
 
     # On a CPU, a bucket is split so that its stacked factors and gradients take at most this many
     # bytes: the step's half-dozen passes over them then run from the cache rather than memory
-    # (SD 1.5's attention set at r = 16, one thread: step() 2.8x -> 2.2x torch's foreach AdamW;
-    # 2 MiB was slower, 8 MiB level; docs/benchmarks.md). GPUs take whole buckets.
-    CPU_BUCKET_BYTES = 4 * 2 ** 20
+    # (SD 1.5's attention set at r = 16, one thread: step() 2.8x -> 2.1x torch's foreach AdamW;
+    # 2 MiB and 12 MiB were slower, 4 MiB a little, 8 MiB level; docs/benchmarks.md). GPUs take
+    # whole buckets.
+    CPU_BUCKET_BYTES = 6 * 2 ** 20
 
     def _split(self, ids: list) -> list:
         """[(start, pair ids)]: the bucket's pairs in cache-sized runs on a CPU, whole elsewhere."""

@@ -41,7 +41,7 @@ def cholesky(M: torch.Tensor, *, sync: bool = True) -> torch.Tensor:
     """
     L, info = torch.linalg.cholesky_ex(M)
     if sync:
-        return _jittered_cholesky(M) if bool((info != 0).any()) else L
+        return _jittered_cholesky(M) if bool(info.any()) else L
     return torch.where((info != 0)[..., None, None], _jittered_cholesky(M), L)
 
 
@@ -391,8 +391,8 @@ def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_d
             rows, PA, PB = params
             steps = step.unbind(0)
             for P, d, name, rate in ((PA, dA, "A", lr), (PB, dB, "B", lr_B)):
-                shape = (d.shape[0],) + P[0].shape  # conv factors keep their own shape
-                rows_of = [t.contiguous().view(shape).unbind(0)
+                same = d.shape[1:] == P[0].shape  # else a conv factor: its rows take its own shape
+                rows_of = [(t if same else t.reshape((d.shape[0],) + P[0].shape)).contiguous().unbind(0)
                            for t in (d, state["exp_avg_" + name], state["exp_avg_sq_" + name])]
                 adamw_tensors_([P[j] for j in rows], *([t[j] for j in rows] for t in rows_of),
                                [steps[j] for j in rows], lr=rate, **hyper)

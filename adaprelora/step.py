@@ -62,7 +62,7 @@ class _Bucket(NamedTuple):
 
     x: _Stacked  # factors and gradients (zeros for the pairs left out)
     energies: tuple  # stacked (k, ...) energies, zeros for the pairs left out
-    step: torch.Tensor  # (k,) new step counts (unchanged for the pairs left out)
+    step: torch.Tensor  # (k,) new step counts, state["step"] itself (unchanged for the pairs left out)
     # (rows, A, B): the pairs to update and the parameters, when an AdamW step may move them
     # directly (`functional.factor_step_`'s `params`); None when the factors must be copied back
     params: Optional[tuple]
@@ -71,7 +71,9 @@ class _Bucket(NamedTuple):
 def _finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
     """(k,) True where the stacked tensors' rows are all finite: a sum is non-finite iff some
     element is (or the values overflow, which is no usable gradient either)."""
-    total = sum(t.sum(tuple(range(1, t.dim()))) for t in tensors)
+    total = tensors[0].sum(tuple(range(1, tensors[0].dim())))
+    for t in tensors[1:]:
+        total.add_(t.sum(tuple(range(1, t.dim()))))
     return torch.isfinite(total)
 
 
@@ -105,11 +107,10 @@ def _bucket_step(A, B, gradA, gradB, state: dict, update: Callable[[_Bucket], bo
         es = tuple(torch.where(ok.view((k,) + (1,) * (e.dim() - 1)), e, zero) for e in es)
         skipped = (~ok).nonzero().flatten()
         saved = {name: t[skipped].clone() for name, t in state.items()}
-    step = state["step"] + ok.to(state["step"].dtype)
+    step = state["step"].add_(ok.to(state["step"].dtype))  # the pairs left out keep their count
     targets = range(k) if all_ok else ok.nonzero().flatten().tolist()
     direct = _writable(A, B, x.XA.dtype)
     wrote = update(_Bucket(x, es, step, (targets, A, B) if direct else None))
-    state["step"].copy_(step)
     if saved is not None:
         for name, value in saved.items():
             state[name][skipped] = value
