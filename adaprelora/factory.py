@@ -74,7 +74,8 @@ def _build_lora_pro(model, *, lr, **kw):
 # an ImportError naming the pip command, raised when that optimizer is asked for.
 
 _PACKAGES = {"prodigy": ("prodigyopt", "prodigyopt==1.1.2"), "schedule-free": ("schedulefree", "schedulefree==1.4.1"),
-             "adamw8bit": ("bitsandbytes", "bitsandbytes==0.50.2"), "adafactor": ("transformers", "transformers==5.23.0")}
+             "adamw8bit": ("bitsandbytes", "bitsandbytes==0.50.2"), "adafactor": ("transformers", "transformers==5.23.0"),
+             "lora-rite": ("pytorch_optimizer", "pytorch-optimizer==4.1.0")}
 
 
 def _import(name: str):
@@ -150,6 +151,31 @@ def _build_adamw8bit(model, *, lr, **kw):
     return AdamW8bit(_trainable(model), lr=lr, **kw)
 
 
+def _build_lora_rite(model, *, lr, **kw):
+    """LoRA-RITE (Yen et al. 2025, https://huggingface.co/papers/2410.20625), the `pytorch-optimizer`
+    package's `LoRARite`: per-pair matrix preconditioning that is invariant to the pair's
+    reparametrisation (B, A) -> (B S, S^-1 A), the transformation-invariant LoRA optimizer the
+    AdaPreLoRA paper compares with. The package pairs consecutive parameters, so it is given each
+    pair's A then B (`find_lora_pairs`), with the rank axis of B declared as dim 1 (PEFT's B is
+    (out, r) or (out, r, 1, 1)); settings: the package's defaults (betas (0.9, 0.999), eps 1e-6,
+    unmagnified-gradient clip 1.0, update skipping 1.0, weight decay 0). It steps LoRA pairs only:
+    a model with other trainable tensors (DoRA magnitudes, modules_to_save) is a ValueError."""
+    _import("lora-rite")
+    from pytorch_optimizer.optimizer.lora_rite import LoRARite
+
+    from .pairs import find_lora_pairs
+
+    pairs = find_lora_pairs(model)
+    in_pairs = {id(t) for pair in pairs for t in (pair.A, pair.B)}
+    others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_pairs]
+    if not pairs or others:
+        raise ValueError("lora-rite steps LoRA (lora_A/lora_B) pairs only, but "
+                         + (f"{len(others)} trainable tensors are outside pairs (e.g. {others[0]}): freeze them "
+                            "or pick another optimizer" if others else "the model has none"))
+    kw.setdefault("lora_r_dim", 1)
+    return LoRARite([t for pair in pairs for t in (pair.A, pair.B)], lr=lr, **kw)
+
+
 _REGISTRY: dict[str, Callable] = {
     "adaprelora": _build_adaprelora,
     "adaprelora-sgd": _build_adaprelora_sgd,
@@ -162,6 +188,7 @@ _REGISTRY: dict[str, Callable] = {
     "adafactor": _build_adafactor,
     "schedule-free": _build_schedule_free,
     "adamw8bit": _build_adamw8bit,
+    "lora-rite": _build_lora_rite,
 }
 
 

@@ -1,4 +1,5 @@
-"""The optimizers users pick instead of AdaPreLoRA (prodigy, adafactor, schedule-free, adamw8bit):
+"""The optimizers users pick instead of AdaPreLoRA (prodigy, adafactor, schedule-free, adamw8bit,
+lora-rite):
 the factory builds each from its own package with the documented settings (the same parameters as
 the package's optimizer stepped by hand), each lowers a loss, a missing package is one clear line,
 and the trainers' train/eval switching of Schedule-Free AdamW."""
@@ -15,7 +16,7 @@ from adaprelora.testing.lora_models import batch, forward_backward, make_lora_mo
 from adaprelora.training.errors import UserError
 from adaprelora.training.options import build_optimizer, optimizer_mode
 
-NEW = ["prodigy", "adafactor", "schedule-free", "adamw8bit"]
+NEW = ["prodigy", "adafactor", "schedule-free", "adamw8bit", "lora-rite"]
 
 
 def _package_optimizer(name, params, lr, weight_decay):
@@ -39,6 +40,10 @@ def _package_optimizer(name, params, lr, weight_decay):
         from bitsandbytes.optim import AdamW8bit
 
         return AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    if name == "lora-rite":  # params come as lora_A, lora_B of each layer, the order it pairs them in
+        from pytorch_optimizer.optimizer.lora_rite import LoRARite
+
+        return LoRARite(params, lr=lr, weight_decay=weight_decay, lora_r_dim=1)
     raise AssertionError(name)
 
 
@@ -74,12 +79,12 @@ def _wide_loss(model, seed=0, backward=True):
 
 
 def test_the_new_names_are_listed_after_the_project_methods():
-    assert available_optimizers()[-4:] == NEW
+    assert available_optimizers()[-len(NEW):] == NEW
 
 
 @pytest.mark.parametrize("name", NEW)
 def test_factory_wiring_equals_the_package_optimizer_stepped_by_hand(name):
-    lr = {"prodigy": 1.0, "adafactor": 1e-2, "schedule-free": 1e-2, "adamw8bit": 1e-2}[name]
+    lr = {"prodigy": 1.0, "adafactor": 1e-2, "schedule-free": 1e-2, "adamw8bit": 1e-2, "lora-rite": 1e-2}[name]
     ours, theirs = _wide_lora(seed=1), _wide_lora(seed=1)
     opt = create_optimizer(name, ours, lr=lr, weight_decay=0.01)
     ref = _package_optimizer(name, [p for p in theirs.parameters() if p.requires_grad], lr, 0.01)
@@ -106,7 +111,8 @@ def test_factory_wiring_equals_the_package_optimizer_stepped_by_hand(name):
 
 
 @pytest.mark.parametrize("name, lr, steps", [("prodigy", 1.0, 100), ("adafactor", 1e-2, 40),
-                                             ("schedule-free", 1e-2, 40), ("adamw8bit", 1e-2, 40)])
+                                             ("schedule-free", 1e-2, 40), ("adamw8bit", 1e-2, 40),
+                                             ("lora-rite", 1e-2, 40)])
 def test_each_lowers_the_loss_of_a_lora_regression(name, lr, steps):
     """Prodigy starts from a step size d0 = 1e-6 and grows it (about 2x per 5 steps here), hence
     more steps."""
@@ -152,7 +158,8 @@ def test_adamw8bit_on_cuda_matches_the_package():
 
 @pytest.mark.parametrize("name, module, pin", [("prodigy", "prodigyopt", "prodigyopt==1.1.2"),
                                                ("schedule-free", "schedulefree", "schedulefree==1.4.1"),
-                                               ("adamw8bit", "bitsandbytes", "bitsandbytes==0.50.2")])
+                                               ("adamw8bit", "bitsandbytes", "bitsandbytes==0.50.2"),
+                                               ("lora-rite", "pytorch_optimizer", "pytorch-optimizer==4.1.0")])
 def test_a_missing_package_is_one_line_naming_the_pip_command(name, module, pin, monkeypatch):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
     with pytest.raises(ImportError, match=f"needs the {module} package: pip install {pin}"):
@@ -160,6 +167,15 @@ def test_a_missing_package_is_one_line_naming_the_pip_command(name, module, pin,
     with pytest.raises(UserError) as err:
         build_optimizer(name, make_lora_model(), 1e-3, {})
     assert str(err.value).count("\n") == 0 and f"pip install {pin}" in str(err.value)
+
+
+def test_lora_rite_refuses_trainable_tensors_outside_pairs_in_one_line():
+    """The package pairs consecutive parameters: a trainable norm would be paired with a LoRA factor."""
+    with pytest.raises(ValueError, match=r"outside pairs \(e\.g\. .*norm"):
+        create_optimizer("lora-rite", make_lora_model(modules_to_save=["norm"]), lr=1e-3)
+    with pytest.raises(UserError) as err:
+        build_optimizer("lora-rite", make_lora_model(modules_to_save=["norm"]), 1e-3, {})
+    assert str(err.value).count("\n") == 0 and "freeze them or pick another optimizer" in str(err.value)
 
 
 def test_prodigy_warns_when_its_lr_is_far_below_the_documented_one():

@@ -106,6 +106,7 @@ _OPTIMIZER_CLASSES = {
     "scaled-adamw": "adaprelora.baselines:ScaledLoRA", "lora-pro": "adaprelora.baselines:LoRAPro",
     "prodigy": "prodigyopt:Prodigy", "adafactor": "transformers.optimization:Adafactor",
     "schedule-free": "schedulefree:AdamWScheduleFree", "adamw8bit": "bitsandbytes.optim:AdamW8bit",
+    "lora-rite": "pytorch_optimizer.optimizer.lora_rite:LoRARite",
 }
 
 

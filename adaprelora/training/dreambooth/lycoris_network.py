@@ -42,7 +42,8 @@ NETWORK_MODULES = (DEFAULT_NETWORK_MODULE, *LYCORIS_MODULES)
 FILE_NETWORK_MODULE = "lycoris.kohya"
 ALGOS = ("loha", "lokr")
 # Optimizers whose update needs LoRA pairs (B, A): with LoHa / LoKr they would run their fallback.
-PAIR_OPTIMIZERS = frozenset({"adaprelora", "adaprelora-sgd", "scaled-gd", "scaled-adamw", "lora-pro", "loraplus"})
+PAIR_OPTIMIZERS = frozenset({"adaprelora", "adaprelora-sgd", "scaled-gd", "scaled-adamw", "lora-pro", "loraplus",
+                             "lora-rite"})
 # Where each wrapped model holds its LyCORIS modules.
 LYCORIS_ATTR = "lycoris_network"
 # `--network_args` keys passed to `lycoris.kohya.create_network`, by type (kohya users' spelling).
