@@ -1,0 +1,121 @@
+"""What the held-out loss's lr means for what users see: DreamBooth runs at the app's defaults for the
+built-in model (`dreambooth-heldout`'s training, same data and seeds), each scored both ways.
+
+The held-out denoising loss (`benchmarks/quality/heldout.py`) ranks optimizers finely, but the app's
+defaults were chosen by the judge's subject fidelity on generated images. Before a default moves to
+the held-out loss's best lr, this checks that the subject still shows in the images at that lr:
+per run, the held-out subject and prior losses and the judge's subject fidelity, background and
+prior (all three right on ordinary prompts).
+
+    python -m benchmarks.quality.judge_check --runs adamw@2.5e-4 adamw@2e-3 adaprelora@2e-3 \\
+        --subject heart --seed 0
+
+Results are appended to `benchmarks/results/quality_dreambooth_judge_check.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+
+from . import common as C
+from . import heldout as H
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "results", "quality_dreambooth_judge_check.json")
+
+
+def run(label: str, lr: float, subject: str, seed: int, scorer: "H.Scorer", judge, work_dir: str) -> dict:
+    from adaprelora.tiny_t2i import TINY_SD_DIR
+    from adaprelora.tiny_t2i.personalise import (
+        DREAMBOOTH_DEFAULTS,
+        evaluate_lora,
+        write_class_images,
+        write_subject_images,
+    )
+    from adaprelora.training.dreambooth import train
+
+    prof = H.PROFILES["quick"]
+    slug = subject.replace(" ", "_")
+    dirs = {"instance": os.path.join(work_dir, "subjects", slug), "class": os.path.join(work_dir, "class"),
+            "heldout": scorer.subject_dir(subject), "out": tempfile.mkdtemp(prefix="judge-check-", dir=work_dir)}
+    if not os.path.isdir(dirs["instance"]):
+        write_subject_images(subject, dirs["instance"], count=5, seed=H.SUBJECT_IMAGES_SEED)
+    if not os.path.isdir(dirs["class"]):
+        write_class_images(dirs["class"], prof["num_class_images"] or DREAMBOOTH_DEFAULTS["num_class_images"])
+    scorer.subject_set(subject)
+    try:
+        t0 = time.perf_counter()
+        for _ in train(H.train_config(TINY_SD_DIR, subject, H.config_for(label), lr, seed, prof, dirs)):
+            pass
+        losses = scorer.score(subject, dirs["out"])
+        judged = evaluate_lora(scorer.pipe, judge, subject, lora_dir=dirs["out"], per_background=3, seed=seed,
+                               num_inference_steps=25, guidance_scale=5.0)
+        return {"config": label, "lr": lr, "subject": subject, "seed": seed, **losses,
+                "subject_fidelity": judged["subject_fidelity"], "background": judged["background"],
+                "prior": judged["prior"], "similarity": judged["similarity"], "n_images": judged["n"],
+                "seconds": time.perf_counter() - t0}
+    finally:
+        shutil.rmtree(dirs["out"], ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="+", required=True, help="LABEL@LR, e.g. adamw@2.5e-4")
+    ap.add_argument("--subject", default="heart")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=OUT)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from adaprelora.tiny_t2i import TINY_SD_DIR
+    from adaprelora.tiny_t2i.judge import load_judge
+
+    torch.set_num_threads(args.threads)
+    work_dir = tempfile.mkdtemp(prefix="judge-check-")
+    try:
+        scorer = H.Scorer(TINY_SD_DIR, H.PROFILES["quick"], work_dir)
+        judge = load_judge(os.path.join(TINY_SD_DIR, "judge"))
+        base = evaluate_lora_base(scorer, judge, args.subject, args.seed)
+        rows = []
+        for item in args.runs:
+            label, lr = item.split("@")
+            row = run(label, float(lr), args.subject, args.seed, scorer, judge, work_dir)
+            rows.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+            _save(args.out, base, row)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    print(C.format_table(["optimizer", "lr", "held-out subject loss", "held-out prior loss", "subject fidelity",
+                          "background", "prior (all three)"],
+                         [[r["config"], r["lr"], r["subject_loss"], r["prior_loss"], r["subject_fidelity"],
+                           r["background"], r["prior"]] for r in rows]))
+    return 0
+
+
+def evaluate_lora_base(scorer, judge, subject: str, seed: int) -> dict:
+    """The base model's scores (no LoRA), the reference for the prior columns."""
+    from adaprelora.tiny_t2i.personalise import evaluate_lora
+
+    judged = evaluate_lora(scorer.pipe, judge, subject, per_background=3, seed=seed, num_inference_steps=25,
+                           guidance_scale=5.0)
+    return {"subject": subject, **scorer.score(subject, None), "subject_fidelity": judged["subject_fidelity"],
+            "prior": judged["prior"]}
+
+
+def _save(path: str, base: dict, row: dict) -> None:
+    data = json.load(open(path)) if os.path.isfile(path) else {"machine": C.machine_info(), "base": {}, "runs": []}
+    data["base"][base["subject"]] = base
+    data["runs"].append(row)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(data, fh, indent=1)
+        fh.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
