@@ -209,7 +209,7 @@ class TrainForm:
     max_train_steps: Optional[float] = None
     learning_rate: Optional[float] = None
     rank: Optional[float] = None
-    optimizer: Optional[str] = "adaprelora"
+    optimizer: Optional[str] = "adamw"
     resolution: Optional[float] = None
     lora_name: Optional[str] = None
     captions: Any = None

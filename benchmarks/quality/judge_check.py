@@ -10,7 +10,9 @@ prior (all three right on ordinary prompts).
     python -m benchmarks.quality.judge_check --runs adamw@2.5e-4 adamw@2e-3 adaprelora@2e-3 \\
         --subject heart --seed 0
 
-Results are appended to `benchmarks/results/quality_dreambooth_judge_check.json`.
+Results are appended to `benchmarks/results/quality_dreambooth_judge_check.json`;
+`--report` prints every optimizer against AdamW at the same lr, paired by (subject, seed), with
+bootstrap 95% intervals.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import time
 
 from . import common as C
 from . import heldout as H
+from . import stats
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "results", "quality_dreambooth_judge_check.json")
 
@@ -61,14 +64,38 @@ def run(label: str, lr: float, subject: str, seed: int, scorer: "H.Scorer", judg
         shutil.rmtree(dirs["out"], ignore_errors=True)
 
 
+def report(path: str = OUT) -> list:
+    """Rows of (optimizer, lr, runs, means, paired differences vs AdamW at the same lr)."""
+    runs = json.load(open(path))["runs"]
+    metrics = (("subject_fidelity", False), ("subject_loss", True), ("prior_loss", True), ("prior", False))
+    rows = []
+    for (label, lr) in dict.fromkeys((r["config"], r["lr"]) for r in runs):
+        mine = [r for r in runs if (r["config"], r["lr"]) == (label, lr)]
+        cells = [label, lr, len(mine)] + [sum(r[m] for r in mine) / len(mine) for m, _ in metrics]
+        for m, relative in metrics:
+            base = {(r["subject"], r["seed"]): r[m] for r in runs if (r["config"], r["lr"]) == ("adamw", lr)}
+            iv = None if label == "adamw" else stats.paired_interval({(r["subject"], r["seed"]): r[m] for r in mine},
+                                                                      base, relative=relative)
+            cells.append("-" if iv is None else stats.interval_text(iv, None if relative else 3))
+        rows.append(cells)
+    print(C.format_table(["optimizer", "lr", "runs", "subject fidelity", "held-out subject loss", "held-out prior loss",
+                          "prior (all three)", "fidelity vs AdamW", "subject loss vs AdamW", "prior loss vs AdamW",
+                          "prior vs AdamW"], rows))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", required=True, help="LABEL@LR, e.g. adamw@2.5e-4")
+    ap.add_argument("--report", action="store_true", help="print the paired table of the results file and stop")
+    ap.add_argument("--runs", nargs="+", help="LABEL@LR, e.g. adamw@2.5e-4")
     ap.add_argument("--subject", default="heart")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args(argv)
+    if args.report or not args.runs:
+        report(args.out)
+        return 0
 
     import torch
 
