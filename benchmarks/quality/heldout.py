@@ -395,6 +395,19 @@ def report(result: dict, log=print) -> None:
                 f"{stats.interval_text(sub.get('absolute'), 4)} | {stats.interval_text(pri.get('relative'))} |")
 
 
+def plot_lr(result: dict, img_dir: Optional[str] = None) -> Optional[str]:
+    """Held-out subject loss against lr on the tuning subject, one line per optimizer (log2 axis):
+    where each optimizer's best lr lies and how flat the loss is around it."""
+    series = {c: ([float(lr) for lr in t["sweep"]], [v["subject_loss"] for v in t["sweep"].values()])
+              for c, t in (result.get("analysis") or analyse(result))["tuning"].items()}
+    if not series:
+        return None
+    return C.plot_curves(os.path.join(img_dir or C.IMG_DIR, "quality_dreambooth_heldout_lr.png"), series,
+                         title="DreamBooth at the app's defaults: held-out subject loss against lr (heart, seed 0)",
+                         xlabel="learning rate (log2 axis)", ylabel="held-out subject loss (lower is better)",
+                         logx=True)
+
+
 # -- the command ---------------------------------------------------------------------------------
 def _git_commit() -> Optional[str]:
     try:
@@ -417,6 +430,7 @@ def main(args, log=print) -> int:
     path = results_path(profile, args.tag, args.out_dir)
     if args.report:
         report(load(path), log)
+        log(f"plot: {plot_lr(load(path), getattr(args, 'img_dir', None))}")
         return 0
     model_dir = args.model or TINY_SD_DIR
     stage = args.stage
