@@ -67,6 +67,20 @@ CONFIGS_BY_LABEL = {c.label: c for c in ALL_CONFIGS + USER_CONFIGS + ABLATION_CO
 FIXED_LRS = {"prodigy": (1.0,)}
 
 
+def run_dreambooth(config) -> tuple[list, Optional[float], float]:
+    """Train one DreamBooth run in process (`adaprelora.training.dreambooth.train`): its per-step
+    losses, its last reported steps per second and the wall seconds it took."""
+    from adaprelora.training.dreambooth import train
+
+    t0 = time.perf_counter()
+    losses, steps_per_sec = [], None
+    for event in train(config):
+        if event.loss is not None:
+            losses.append(float(event.loss))
+            steps_per_sec = event.steps_per_sec or steps_per_sec
+    return losses, steps_per_sec, time.perf_counter() - t0
+
+
 def uses_train_eval(opt) -> bool:
     """Schedule-free optimizers keep two weight sequences: train() before stepping, eval() before
     anything reads the weights."""

@@ -168,17 +168,10 @@ def train_config(model_dir: str, subject: Subject, cfg: C.OptConfig, lr: float, 
 
 def run_one(ev: Evaluator, model_dir: str, subject: Subject, cfg: C.OptConfig, lr: float, seed: int, prof: dict,
             work_dir: str, keep_images: bool = False) -> dict:
-    from adaprelora.training.dreambooth import train
 
     out = tempfile.mkdtemp(prefix="db-", dir=work_dir)
     try:
-        t0 = time.perf_counter()
-        losses, steps_per_sec = [], None
-        for event in train(train_config(model_dir, subject, cfg, lr, seed, prof, out)):
-            if event.loss is not None:
-                losses.append(float(event.loss))
-                steps_per_sec = event.steps_per_sec or steps_per_sec
-        train_s = time.perf_counter() - t0
+        losses, steps_per_sec, train_s = C.run_dreambooth(train_config(model_dir, subject, cfg, lr, seed, prof, out))
         curve_steps, curve_fid, curve_sim = [0], [], []
         base = ev.base_curve(subject)
         curve_fid.append(base["subject_fidelity"])

@@ -188,7 +188,6 @@ def train_config(model_dir: str, subject: str, cfg: C.OptConfig, lr: float, seed
 def run_one(scorer: Scorer, model_dir: str, subject: str, cfg: C.OptConfig, lr: float, seed: int, stage: str,
             prof: dict, work_dir: str) -> dict:
     from adaprelora.tiny_t2i.personalise import write_class_images, write_subject_images
-    from adaprelora.training.dreambooth import train
     from adaprelora.training.dreambooth.validation_loss_log import read_validation_losses
 
     slug = subject.replace(" ", "_")
@@ -204,12 +203,7 @@ def run_one(scorer: Scorer, model_dir: str, subject: str, cfg: C.OptConfig, lr: 
     dirs["out"] = tempfile.mkdtemp(prefix="db-heldout-", dir=work_dir)
     try:
         t0 = time.perf_counter()
-        losses, steps_per_sec = [], None
-        for event in train(train_config(model_dir, subject, cfg, lr, seed, prof, dirs)):
-            if event.loss is not None:
-                losses.append(float(event.loss))
-                steps_per_sec = event.steps_per_sec or steps_per_sec
-        train_s = time.perf_counter() - t0
+        losses, steps_per_sec, train_s = C.run_dreambooth(train_config(model_dir, subject, cfg, lr, seed, prof, dirs))
         curve = read_validation_losses(os.path.join(dirs["out"], "validation_loss.jsonl"))
         final = scorer.score(subject, dirs["out"])
         return {"stage": stage, "config": cfg.label, "lr": lr, "subject": subject, "seed": seed, **final,

@@ -38,7 +38,6 @@ def run(label: str, lr: float, subject: str, seed: int, scorer: "H.Scorer", judg
         write_class_images,
         write_subject_images,
     )
-    from adaprelora.training.dreambooth import train
 
     prof = H.PROFILES["quick"]
     slug = subject.replace(" ", "_")
@@ -51,8 +50,7 @@ def run(label: str, lr: float, subject: str, seed: int, scorer: "H.Scorer", judg
     scorer.subject_set(subject)
     try:
         t0 = time.perf_counter()
-        for _ in train(H.train_config(TINY_SD_DIR, subject, H.config_for(label), lr, seed, prof, dirs)):
-            pass
+        C.run_dreambooth(H.train_config(TINY_SD_DIR, subject, H.config_for(label), lr, seed, prof, dirs))
         losses = scorer.score(subject, dirs["out"])
         judged = evaluate_lora(scorer.pipe, judge, subject, lora_dir=dirs["out"], per_background=3, seed=seed,
                                num_inference_steps=25, guidance_scale=5.0)
