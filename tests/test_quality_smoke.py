@@ -18,7 +18,7 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def _run(suite, tmp_path, configs=None):
+def _run(suite, tmp_path, configs=None, name=None):
     argv = [suite, "--smoke", "--out-dir", str(tmp_path), "--img-dir", str(tmp_path)]
     if configs:
         argv += ["--configs", configs]
@@ -27,7 +27,7 @@ def _run(suite, tmp_path, configs=None):
         assert main(argv) == 0
     finally:
         torch.set_num_threads(threads)
-    path = os.path.join(tmp_path, f"quality_{suite}_smoke.json")
+    path = os.path.join(tmp_path, f"quality_{name or suite}_smoke.json")
     with open(path) as fh:
         return json.load(fh)
 
@@ -87,11 +87,12 @@ def test_gsm8k_smoke(tmp_path):
 
 
 def test_dreambooth_smoke(tmp_path):
-    """Suite 4 end to end on the built-in model: lr sweep on the tuning subject, confirmation
-    runs, checkpoint curve, judge metrics; and --subjects with a folder of images."""
+    """Suite 4 (`dreambooth-nopp`, no prior preservation) end to end on the built-in model: lr sweep
+    on the tuning subject, confirmation runs, checkpoint curve, judge metrics; and --subjects with a
+    folder of images. It keeps writing quality_dreambooth*.json."""
     from adaprelora.tiny_t2i.personalise import write_subject_images
 
-    out = _run("dreambooth", tmp_path)
+    out = _run("dreambooth-nopp", tmp_path, name="dreambooth")
     assert out["suite"] == "dreambooth" and out["tune_subjects"] == ["heart"]
     for label in ("adamw", "adaprelora"):
         o = out["optimizers"][label]
@@ -103,7 +104,7 @@ def test_dreambooth_smoke(tmp_path):
     subjects = tmp_path / "mine"
     write_subject_images("arrow", str(subjects / "arrow"), count=3, captions=False)
     write_subject_images("heart", str(subjects / "my_heart"), count=3, captions=False)
-    argv = ["dreambooth", "--smoke", "--configs", "adamw", "--subjects", str(subjects), "--out-dir", str(tmp_path / "s"),
+    argv = ["dreambooth-nopp", "--smoke", "--configs", "adamw", "--subjects", str(subjects), "--out-dir", str(tmp_path / "s"),
             "--img-dir", str(tmp_path / "s")]
     threads = torch.get_num_threads()
     try:
@@ -115,6 +116,67 @@ def test_dreambooth_smoke(tmp_path):
     assert custom["tune_subjects"] == ["arrow"] and custom["confirm_subjects"] == ["my heart"]
     run = custom["optimizers"]["adamw"]["runs"][0]
     assert run["subject_fidelity"] is None and _finite(run["similarity"])  # the judge does not know "my heart"
+
+
+def test_dreambooth_quick_smoke(tmp_path):
+    """`dreambooth`, the headline small: two worker processes; (a) both optimizers at the app's lr,
+    judged and scored by the held-out losses; (b) each at its tuned lr read from the committed
+    tuning stage; one paired comparison per claim of the headline, with its verdict."""
+    from adaprelora.tiny_t2i.personalise import DREAMBOOTH_DEFAULTS
+    from benchmarks.quality import dreambooth_quick as Q
+
+    out = _run("dreambooth", tmp_path, name="dreambooth_quick")
+    assert out["commit"] and out["workers"] == 2 and out["missing_runs"] == 0 and not out["failed_workers"]
+    assert _finite(out["wall_s"]) and _finite(out["run_s_sum"]) and set(out["worker_s"]) == {"w0", "w1"}
+    app_lr = DREAMBOOTH_DEFAULTS["learning_rate"]
+    assert out["lrs"]["a"] == {"adamw": app_lr, "adaprelora": app_lr}
+    assert out["lrs"]["b"] == {c: t["lr"] for c, t in Q.tuned_lrs(Q.CONFIGS).items()}
+    assert out["tuned_lr_source"]["adamw"] == os.path.join("benchmarks", "results", "quality_dreambooth_heldout.json")
+    assert sorted((r["part"], r["config"], r["worker"]) for r in out["runs"]) == [
+        ("a", "adamw", "w0"), ("a", "adaprelora", "w1"), ("b", "adamw", "w1"), ("b", "adaprelora", "w0")]
+    for r in out["runs"]:
+        assert r["lr"] == out["lrs"][r["part"]][r["config"]]
+        assert _finite(r["prior_loss"]) and abs(r["subject_loss"] - r["trainer_subject_loss"]) < 1e-5
+        if r["part"] == "a":
+            assert 0.0 <= r["subject_fidelity"] <= 1.0 and 0.0 <= r["prior"] <= 1.0 and r["n_images"] == 7
+            assert r["subject_loss"] < out["base"][r["subject"]]["subject_loss"]  # the subject is being learnt
+    assert [(c["part"], c["metric"]) for c in out["comparisons"]] == [(h.part, h.metric) for h in Q.HEADLINE]
+    for c in out["comparisons"]:
+        iv = c["interval"]
+        assert c["pairs"] == iv["n"] == 1 and iv["lo"] == iv["mean"] == iv["hi"] and isinstance(c["reproduced"], bool)
+    assert out["reproduced"] == all(c["reproduced"] for c in out["comparisons"])
+
+
+def test_dreambooth_quick_verdicts_and_plan():
+    """The direction checks on explicit pairs, and the split of the quick profile's runs: each of
+    the two workers gets the same mix of optimizers and parts."""
+    from benchmarks.quality import dreambooth_quick as Q
+
+    def runs(part, metric, adamw, adaprelora):
+        return [{"part": part, "config": c, "subject": f"s{i}", "seed": 0, metric: v}
+                for c, vals in (("adamw", adamw), ("adaprelora", adaprelora)) for i, v in enumerate(vals)]
+
+    higher = Q.Claim("b", "subject_loss", True, "higher", "")
+    c = Q.compare(runs("b", "subject_loss", [1.0, 2.0, 1.0], [1.05, 2.1, 0.99]), higher)
+    assert c["pairs_higher"] == 2 and c["pairs_lower"] == 1 and abs(c["interval"]["mean"] - 0.03) < 1e-12
+    assert c["reproduced"]  # +5%, +5%, -1%: higher on average and in most pairs
+    assert not Q.compare(runs("b", "subject_loss", [1.0, 2.0, 1.0], [1.05, 1.9, 0.99]), higher)["reproduced"]
+    fidelity = Q.Claim("a", "subject_fidelity", False, "not better", "", higher_is_better=True)
+    assert Q.compare(runs("a", "subject_fidelity", [0.5, 0.6, 0.7], [0.6, 0.5, 0.7]), fidelity)["reproduced"]
+    assert not Q.compare(runs("a", "subject_fidelity", [0.5, 0.5, 0.5], [0.9, 0.8, 0.7]), fidelity)["reproduced"]
+    loss = Q.Claim("a", "subject_loss", True, "not better", "")
+    assert Q.compare(runs("a", "subject_loss", [1.0, 1.0, 1.0], [1.1, 1.2, 1.1]), loss)["reproduced"]
+    assert not Q.compare(runs("a", "subject_loss", [1.0, 1.0, 1.0], [0.9, 0.8, 0.9]), loss)["reproduced"]
+    assert Q.compare(runs("b", "subject_loss", [1.0], [1.1]), Q.HEADLINE[0]) is None  # no pair for that part
+
+    jobs = Q.plan(Q.PROFILES["quick"], Q.CONFIGS, 2e-3, {"adamw": {"lr": 2.5e-4}, "adaprelora": {"lr": 5e-4}})
+    assert len(jobs) == 12 and len({(j["part"], j["config"], j["subject"], j["seed"]) for j in jobs}) == 12
+    assert {(j["config"], j["lr"]) for j in jobs if j["part"] == "b"} == {("adamw", 2.5e-4), ("adaprelora", 5e-4)}
+    lists = Q.deal(jobs, 2)
+    assert sorted(map(str, lists[0] + lists[1])) == sorted(map(str, jobs))
+    for mine in lists:
+        assert len(mine) == 6 and [j["config"] for j in mine].count("adamw") == 3
+        assert [j["part"] for j in mine].count("a") == 3
 
 
 def test_dreambooth_heldout_smoke(tmp_path):

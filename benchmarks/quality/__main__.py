@@ -1,4 +1,8 @@
-"""python -m benchmarks.quality {conditioning,classification,gsm8k,e2e,studies,dreambooth,dreambooth-heldout,all} [--smoke|--quick|--full]"""
+"""python -m benchmarks.quality {conditioning,classification,gsm8k,e2e,studies,dreambooth,dreambooth-nopp,dreambooth-heldout,all} [--smoke|--quick|--full]
+
+dreambooth: the DreamBooth headline of docs/results.md, small (benchmarks/quality/dreambooth_quick.py);
+dreambooth-nopp: the judge suite without prior preservation (suite 4, writes quality_dreambooth.json);
+dreambooth-heldout: the held-out-loss suite (suite 4b)."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +14,8 @@ import warnings
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
-    parser.add_argument("suite", choices=["conditioning", "classification", "gsm8k", "e2e", "studies", "dreambooth", "dreambooth-heldout",
-                                          "all"])
+    parser.add_argument("suite", choices=["conditioning", "classification", "gsm8k", "e2e", "studies", "dreambooth",
+                                          "dreambooth-nopp", "dreambooth-heldout", "all"])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--smoke", action="store_const", dest="profile", const="smoke", help="a few steps (CI)")
     group.add_argument("--quick", action="store_const", dest="profile", const="quick", help="CPU profile (default)")
@@ -23,7 +27,7 @@ def main(argv=None) -> int:
                         help="gsm8k only: the one lr of the AdamW-type optimizers (default: the suite's, 1e-3)")
     parser.add_argument("--tag", default=None, help="suffix of the JSON name, e.g. lr3e-3 -> quality_gsm8k_lr3e-3.json")
     parser.add_argument("--subjects", default=None, metavar="DIR",
-                        help="dreambooth only: teach the subjects in DIR (one sub-folder of images per subject; the "
+                        help="dreambooth-nopp only: teach the subjects in DIR (one sub-folder of images per subject; the "
                              "first is used to tune the lr, the others to confirm) instead of the built-in ones; "
                              "dreambooth-heldout: comma-separated built-in subjects (default: the stage's)")
     parser.add_argument("--stage", choices=["tune", "confirm"], default="tune",
@@ -34,7 +38,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-extend", action="store_true",
                         help="dreambooth-heldout: do not extend a grid whose best lr is at an end")
     parser.add_argument("--report", action="store_true", help="dreambooth-heldout: print the tables of the JSON only")
-    parser.add_argument("--model", default=None, help="dreambooth only: the base model folder (default: assets/tiny-sd)")
+    parser.add_argument("--model", default=None,
+                        help="dreambooth, dreambooth-nopp: the base model folder (default: assets/tiny-sd)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="dreambooth: worker processes running the runs in parallel (default 2)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine more threads slowed every step)")
     args = parser.parse_args(argv)
@@ -47,11 +54,12 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.suite == "dreambooth-heldout":
-        from . import heldout
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.suite in ("dreambooth", "dreambooth-heldout"):
+        from . import dreambooth_quick, heldout
 
-        args.argv = sys.argv[1:] if argv is None else list(argv)
-        return heldout.main(args, log=lambda msg: print(msg, flush=True))
+        run = dreambooth_quick.main if args.suite == "dreambooth" else heldout.main
+        return run(args, log=lambda msg: print(msg, flush=True))
     from . import common as C
 
     configs = args.configs.split(",") if args.configs else None
@@ -69,8 +77,12 @@ def main(argv=None) -> int:
         elif suite == "studies":
             from .studies import run_suite
         elif suite == "e2e":
+            import functools
+
             from .e2e import run_suite
-        elif suite == "dreambooth":
+
+            run_suite = functools.partial(run_suite, out_dir=args.out_dir, tag=args.tag)  # merges into its JSON
+        elif suite == "dreambooth-nopp":
             import functools
 
             from .dreambooth import run_suite
@@ -87,7 +99,8 @@ def main(argv=None) -> int:
         result = run_suite(profile, log=log, configs=configs, img_dir=args.img_dir)
         result["command"] = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
         result["threads"] = args.threads
-        path = C.write_json(result, suite + (f"_{args.tag}" if args.tag else ""), profile, args.out_dir)
+        name = "dreambooth" if suite == "dreambooth-nopp" else suite  # the committed results keep their file
+        path = C.write_json(result, name + (f"_{args.tag}" if args.tag else ""), profile, args.out_dir)
         log(f"[{suite}] wrote {path} ({time.perf_counter() - t0:.1f} s)")
     return 0
 

@@ -20,9 +20,9 @@ Metrics, from the judge on generated images (DDIM, 25 steps, guidance 5):
 Also: steps to reach 80% subject fidelity (first checkpoint at or above it), seconds per step,
 and the optimizer's saved state bytes.
 
-    python -m benchmarks.quality dreambooth --quick          # < 30 min on 2 CPU cores
-    python -m benchmarks.quality dreambooth --full           # every optimizer name, 2 + 2 subjects
-    python -m benchmarks.quality dreambooth --quick --subjects my_subjects/
+    python -m benchmarks.quality dreambooth-nopp --quick     # < 30 min on 2 CPU cores
+    python -m benchmarks.quality dreambooth-nopp --full      # every optimizer name, 2 + 2 subjects
+    python -m benchmarks.quality dreambooth-nopp --quick --subjects my_subjects/
 """
 from __future__ import annotations
 

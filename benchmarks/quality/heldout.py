@@ -47,7 +47,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -186,7 +186,9 @@ def train_config(model_dir: str, subject: str, cfg: C.OptConfig, lr: float, seed
 
 
 def run_one(scorer: Scorer, model_dir: str, subject: str, cfg: C.OptConfig, lr: float, seed: int, stage: str,
-            prof: dict, work_dir: str) -> dict:
+            prof: dict, work_dir: str, extra_scores: Optional[Callable[[str], dict]] = None) -> dict:
+    """Train one run and score the saved LoRA on both held-out sets; `extra_scores(lora_dir)` adds
+    more scores of the same LoRA (the judge's, in `judge_check`) before its folder is removed."""
     from adaprelora.tiny_t2i.personalise import write_class_images, write_subject_images
     from adaprelora.training.dreambooth.validation_loss_log import read_validation_losses
 
@@ -206,6 +208,8 @@ def run_one(scorer: Scorer, model_dir: str, subject: str, cfg: C.OptConfig, lr: 
         losses, steps_per_sec, train_s = C.run_dreambooth(train_config(model_dir, subject, cfg, lr, seed, prof, dirs))
         curve = read_validation_losses(os.path.join(dirs["out"], "validation_loss.jsonl"))
         final = scorer.score(subject, dirs["out"])
+        if extra_scores is not None:
+            final.update(extra_scores(dirs["out"]))
         return {"stage": stage, "config": cfg.label, "lr": lr, "subject": subject, "seed": seed, **final,
                 "trainer_subject_loss": curve[-1]["validation_loss"] if curve else None,
                 "trainer_class_loss": curve[-1].get("prior_validation_loss") if curve else None,

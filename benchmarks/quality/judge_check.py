@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Optional
 
 from . import common as C
 from . import heldout as H
@@ -30,36 +31,30 @@ from . import stats
 OUT = os.path.join(os.path.dirname(__file__), "..", "results", "quality_dreambooth_judge_check.json")
 
 
-def run(label: str, lr: float, subject: str, seed: int, scorer: "H.Scorer", judge, work_dir: str) -> dict:
-    from adaprelora.tiny_t2i import TINY_SD_DIR
-    from adaprelora.tiny_t2i.personalise import (
-        DREAMBOOTH_DEFAULTS,
-        evaluate_lora,
-        write_class_images,
-        write_subject_images,
-    )
+# The judge's settings of every judged run here: 7 recontextualisation backgrounds x 3 trigger-prompt
+# images, 28 ordinary prompts, DDIM 25 steps, guidance 5 (`judge` below; the smoke tests pass fewer).
+JUDGE = dict(per_background=3, prior_prompts=28, num_inference_steps=25, guidance_scale=5.0)
 
-    prof = H.PROFILES["quick"]
-    slug = subject.replace(" ", "_")
-    dirs = {"instance": os.path.join(work_dir, "subjects", slug), "class": os.path.join(work_dir, "class"),
-            "heldout": scorer.subject_dir(subject), "out": tempfile.mkdtemp(prefix="judge-check-", dir=work_dir)}
-    if not os.path.isdir(dirs["instance"]):
-        write_subject_images(subject, dirs["instance"], count=5, seed=H.SUBJECT_IMAGES_SEED)
-    if not os.path.isdir(dirs["class"]):
-        write_class_images(dirs["class"], prof["num_class_images"] or DREAMBOOTH_DEFAULTS["num_class_images"])
-    scorer.subject_set(subject)
-    try:
-        t0 = time.perf_counter()
-        C.run_dreambooth(H.train_config(TINY_SD_DIR, subject, H.config_for(label), lr, seed, prof, dirs))
-        losses = scorer.score(subject, dirs["out"])
-        judged = evaluate_lora(scorer.pipe, judge, subject, lora_dir=dirs["out"], per_background=3, seed=seed,
-                               num_inference_steps=25, guidance_scale=5.0)
-        return {"config": label, "lr": lr, "subject": subject, "seed": seed, **losses,
-                "subject_fidelity": judged["subject_fidelity"], "background": judged["background"],
-                "prior": judged["prior"], "similarity": judged["similarity"], "n_images": judged["n"],
-                "seconds": time.perf_counter() - t0}
-    finally:
-        shutil.rmtree(dirs["out"], ignore_errors=True)
+
+def run(label: str, lr: float, subject: str, seed: int, scorer: "H.Scorer", judge, work_dir: str, *,
+        model_dir: Optional[str] = None, prof: Optional[dict] = None, judge_settings: Optional[dict] = None) -> dict:
+    """One `dreambooth-heldout` run (`heldout.run_one`: the app's defaults, held-out subject and prior
+    losses) whose LoRA is also judged on generated images: subject fidelity, background, prior."""
+    from adaprelora.tiny_t2i import TINY_SD_DIR
+    from adaprelora.tiny_t2i.personalise import evaluate_lora
+
+    settings = {**JUDGE, **(judge_settings or {})}
+
+    def judged(lora_dir: str) -> dict:
+        j = evaluate_lora(scorer.pipe, judge, subject, lora_dir=lora_dir, seed=seed, **settings)
+        return {"subject_fidelity": j["subject_fidelity"], "background": j["background"], "prior": j["prior"],
+                "similarity": j["similarity"], "n_images": j["n"]}
+
+    t0 = time.perf_counter()
+    row = H.run_one(scorer, model_dir or TINY_SD_DIR, subject, H.config_for(label), lr, seed, "judge",
+                    prof or H.PROFILES["quick"], work_dir, extra_scores=judged)
+    row["seconds"] = time.perf_counter() - t0
+    return row
 
 
 def report(path: str = OUT) -> list:
@@ -126,8 +121,7 @@ def evaluate_lora_base(scorer, judge, subject: str, seed: int) -> dict:
     """The base model's scores (no LoRA), the reference for the prior columns."""
     from adaprelora.tiny_t2i.personalise import evaluate_lora
 
-    judged = evaluate_lora(scorer.pipe, judge, subject, per_background=3, seed=seed, num_inference_steps=25,
-                           guidance_scale=5.0)
+    judged = evaluate_lora(scorer.pipe, judge, subject, seed=seed, **JUDGE)
     return {"subject": subject, **scorer.score(subject, None), "subject_fidelity": judged["subject_fidelity"],
             "prior": judged["prior"]}
 
