@@ -172,6 +172,12 @@ def test_dreambooth_quick_verdicts_and_plan():
     jobs = Q.plan(Q.PROFILES["quick"], Q.CONFIGS, 2e-3, {"adamw": {"lr": 2.5e-4}, "adaprelora": {"lr": 5e-4}})
     assert len(jobs) == 12 and len({(j["part"], j["config"], j["subject"], j["seed"]) for j in jobs}) == 12
     assert {(j["config"], j["lr"]) for j in jobs if j["part"] == "b"} == {("adamw", 2.5e-4), ("adaprelora", 5e-4)}
+    threads = torch.get_num_threads()
+    try:  # bad input: one error line, exit 2, nothing run
+        assert main(["dreambooth", "--quick", "--configs", "adamw,prodigy"]) == 2
+        assert main(["dreambooth", "--quick", "--workers", "0"]) == 2
+    finally:
+        torch.set_num_threads(threads)
     lists = Q.deal(jobs, 2)
     assert sorted(map(str, lists[0] + lists[1])) == sorted(map(str, jobs))
     for mine in lists:

@@ -13,7 +13,8 @@ import warnings
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=["conditioning", "classification", "gsm8k", "e2e", "studies", "dreambooth",
                                           "dreambooth-nopp", "dreambooth-heldout", "all"])
     group = parser.add_mutually_exclusive_group()

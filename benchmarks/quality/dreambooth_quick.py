@@ -289,11 +289,13 @@ def main(args, log=print) -> int:
     prof = PROFILES[profile]
     configs = list(CONFIGS)
     if args.configs and args.configs.split(",") != configs:
-        raise SystemExit("error: --configs: dreambooth compares adamw and adaprelora only; for other optimizers use "
-                         "`dreambooth-heldout` or `dreambooth-nopp`")
+        return _usage_error("--configs: dreambooth compares adamw and adaprelora only; for other optimizers use "
+                            "`dreambooth-heldout` or `dreambooth-nopp`")
     if args.subjects:
-        raise SystemExit("error: --subjects: dreambooth runs the built-in subjects of the headline; "
-                         "use `dreambooth-nopp --subjects DIR` for your own")
+        return _usage_error("--subjects: dreambooth runs the built-in subjects of the headline; "
+                            "use `dreambooth-nopp --subjects DIR` for your own")
+    if args.workers < 1:
+        return _usage_error(f"--workers {args.workers}: give at least 1")
     app_lr = float(DREAMBOOTH_DEFAULTS["learning_rate"])
     tuned = tuned_lrs(configs)
     jobs = plan(prof, configs, app_lr, tuned)
@@ -337,6 +339,11 @@ def main(args, log=print) -> int:
             "the table covers the finished ones")
         return 1
     return 0
+
+
+def _usage_error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def _worker_main(argv=None) -> int:
