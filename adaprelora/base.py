@@ -39,6 +39,8 @@ class Bucket:
     n: int
     r: int
     state: dict = field(default_factory=dict)  # name -> stacked tensor (k, ...), compute dtype
+    scales: tuple = ((), None)  # the last (LoRA scales, their (k,) tensor): rebuilt only when a scale changes
+    views: dict = field(default_factory=dict)  # per-pair views of `state`, made once (`functional.factor_step_`)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -256,10 +258,14 @@ class LoRAPairOptimizer(Optimizer):
         return [p.A for p in pairs], [p.B for p in pairs], [p.A.grad for p in pairs], [p.B.grad for p in pairs]
 
     @staticmethod
-    def _scales(pairs: list) -> torch.Tensor:
-        """(k,) LoRA scales, read at every step (set_scale, rsLoRA); float64 factors keep a float64 1/s."""
-        dtype = _compute_dtype(pairs[0].A.dtype)
-        return torch.tensor([p.scaling() for p in pairs], dtype=dtype, device=pairs[0].A.device)
+    def _scales(bucket: Bucket, pairs: list) -> torch.Tensor:
+        """(k,) LoRA scales, read at every step (set_scale, rsLoRA); float64 factors keep a float64 1/s.
+        The tensor is kept on the bucket while the scales stay the same."""
+        values = tuple(p.scaling() for p in pairs)
+        if bucket.scales[0] != values:
+            dtype = _compute_dtype(pairs[0].A.dtype)
+            bucket.scales = (values, torch.tensor(values, dtype=dtype, device=pairs[0].A.device))
+        return bucket.scales[1]
 
     def _check_nonfinite(self, ok: torch.Tensor, present: list, ps) -> None:
         bad = [p and not o for p, o in zip(present, ok.tolist())]

@@ -51,7 +51,7 @@ class ScaledLoRA(LoRAPairOptimizer):
         g = bucket.group
         return scaled_lora_step(*self._factors(pairs), bucket.state, g["lr"], lr_B=bucket.group_B["lr"],
                                 variant=self.variant, reg=g["reg"], betas=g["betas"], eps=g["eps"],
-                                weight_decay=g["weight_decay"], momentum=g["momentum"])
+                                weight_decay=g["weight_decay"], momentum=g["momentum"], views=bucket.views)
 
 
 class LoRAPro(LoRAPairOptimizer):
@@ -91,6 +91,6 @@ class LoRAPro(LoRAPairOptimizer):
 
     def _step_bucket(self, bucket, pairs):
         g = bucket.group
-        return lora_pro_step(*self._factors(pairs), bucket.state, self._scales(pairs), g["lr"],
+        return lora_pro_step(*self._factors(pairs), bucket.state, self._scales(bucket, pairs), g["lr"],
                              lr_B=bucket.group_B["lr"], reg=g["reg"], betas=g["betas"], eps=g["eps"],
-                             weight_decay=g["weight_decay"])
+                             weight_decay=g["weight_decay"], views=bucket.views)

@@ -8,6 +8,9 @@ explicit float64 matrices.
 """
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 
 TINY = torch.finfo(torch.float32).tiny  # smallest normal float32: keeps B = 0 solvable
@@ -19,10 +22,14 @@ def _eye_like(M: torch.Tensor) -> torch.Tensor:
 
 def add_ridge(M: torch.Tensor, damping: float) -> torch.Tensor:
     """M + (damping * trace(M) / r + tiny) I for a batch of r x r PSD matrices (project choice)."""
-    out = M.clone()
-    diag = out.diagonal(dim1=-2, dim2=-1)
+    return add_ridge_(M.clone(), damping)
+
+
+def add_ridge_(M: torch.Tensor, damping: float) -> torch.Tensor:
+    """`add_ridge` in place (M's diagonal); returns M."""
+    diag = M.diagonal(dim1=-2, dim2=-1)
     diag.add_(diag.sum(-1, keepdim=True).mul_(damping / M.shape[-1]).add_(TINY))
-    return out
+    return M
 
 
 def _jittered_cholesky(M: torch.Tensor) -> torch.Tensor:
@@ -50,7 +57,13 @@ ENERGY_EMAS = ("squared", "root")
 
 def adafactor_accumulators(R, C, row, col, step, decay_rate: float = -0.8, eps_factored: float = 1e-30,
                            energy_ema: str = "squared"):
-    r"""Adafactor's factored second moment (spec 3.2).
+    """`adafactor_accumulators_` on copies of R and C: returns the new (R, C, p, q)."""
+    return adafactor_accumulators_(R.clone(), C.clone(), row, col, step, decay_rate, eps_factored, energy_ema)
+
+
+def adafactor_accumulators_(R, C, row, col, step, decay_rate: float = -0.8, eps_factored: float = 1e-30,
+                            energy_ema: str = "squared"):
+    r"""Adafactor's factored second moment (spec 3.2), R and C updated in place.
 
     .. math::
         \beta_{2,t} = 1 - t^{c},\quad R \leftarrow \beta_{2,t} R + (1-\beta_{2,t})(\mathrm{row}/n + \epsilon),
@@ -64,14 +77,17 @@ def adafactor_accumulators(R, C, row, col, step, decay_rate: float = -0.8, eps_f
     sqrt(row / n + eps) and sqrt(col / m + eps), p = R / sqrt(mean(R^2)), q = C; at t = 1 both agree.
     """
     m, n = R.shape[-1], C.shape[-1]
-    beta2 = torch.pow(step.to(R.dtype), decay_rate).neg_().add_(1.0)[:, None]
-    row, col = (row * (1.0 / n)).add_(eps_factored), (col * (1.0 / m)).add_(eps_factored)
+    weight = torch.pow(step.to(R.dtype), decay_rate)[:, None]  # 1 - beta2
+    row = torch.mul(row.to(R.dtype), 1.0 / n).add_(eps_factored)
+    col = torch.mul(col.to(C.dtype), 1.0 / m).add_(eps_factored)
     if energy_ema == "root":
-        R, C = torch.lerp(row.sqrt_(), R, beta2), torch.lerp(col.sqrt_(), C, beta2)  # beta2 R + (1 - beta2) sqrt(.)
+        R.lerp_(row.sqrt_(), weight)  # beta2 R + (1 - beta2) sqrt(.)
+        C.lerp_(col.sqrt_(), weight)
         return R, C, R / torch.sqrt((R * R).mean(-1, keepdim=True)), C
     if energy_ema != "squared":
         raise ValueError(f"energy_ema must be one of {ENERGY_EMAS}, got {energy_ema!r}")
-    R, C = torch.lerp(row, R, beta2), torch.lerp(col, C, beta2)  # beta2 R + (1 - beta2) row, in one pass
+    R.lerp_(row, weight)  # beta2 R + (1 - beta2) row, in one pass
+    C.lerp_(col, weight)
     p = torch.div(R, R.mean(-1, keepdim=True)).sqrt_()
     return R, C, p, torch.sqrt(C)
 
@@ -90,7 +106,7 @@ def relative_step_scale(A, B, inv_s, eps: float = 1e-3):
 def cholesky_inverse(M: torch.Tensor) -> torch.Tensor:
     """Inverses of a batch of SPD r x r matrices through one batched Cholesky factorisation; the
     wide products are then plain bmm, which runs far faster than triangular solves with n columns."""
-    return torch.cholesky_solve(_eye_like(M).expand_as(M), cholesky(M))
+    return torch.cholesky_inverse(cholesky(M))
 
 
 def balanced_solve(A, B, gA, gB, p, q, damping: float = 0.1, inv_s=None):
@@ -305,18 +321,70 @@ def solve_rxr(BPB, AQA, K, HA, GB, m, n, damping, clip_threshold, *, sync=True):
     so ||B dA + dB A||^2 = tr(Z^T GB Z HA), two 2r x 2r products per pair. `sync=False` never
     asks the host whether a Cholesky factor failed (see `cholesky`)."""
     k = K.shape[0]
-    L = cholesky(add_ridge(torch.cat([BPB, AQA]), damping), sync=sync)  # M_B, M_A + ridge, one batch
-    Minv = torch.cholesky_solve(_eye_like(L).expand_as(L), L)
-    MBi, MAi = Minv[:k], Minv[k:]
-    Y = torch.bmm(torch.bmm(MBi, K), MAi).mul_(0.5)
+    L = cholesky(add_ridge_(torch.cat([BPB, AQA]), damping), sync=sync)  # M_B, M_A + ridge, one batch
+    Minv = torch.cholesky_inverse(L)
+    MBi, MAi = Minv.narrow(0, 0, k), Minv.narrow(0, k, k)
+    Y2 = torch.bmm(torch.bmm(MBi, K), MAi)  # 2 Y
     if clip_threshold is None:
-        return MBi, Y, MAi
+        return MBi, Y2.mul_(0.5), MAi
     # tr(Z^T GB Z HA) = sum((GB Z) * (Z HA)), GB and HA being symmetric
-    Z = torch.cat([torch.cat([Y * -2, MBi], -1), torch.cat([MAi, torch.zeros_like(MAi)], -1)], -2)
+    Z = torch.cat([torch.cat([Y2.neg(), MBi], -1), torch.cat([MAi, torch.zeros_like(MAi)], -1)], -2)
     sq = (torch.bmm(GB, Z) * torch.bmm(Z, HA)).sum((-2, -1))
-    rms = torch.sqrt(sq.clamp_min_(0) / (m * n))
-    c = (clip_threshold / torch.clamp(rms, min=clip_threshold))[:, None, None]
-    return MBi * c, Y * c, MAi * c
+    # c = clip / max(RMS(Delta), clip), RMS = sqrt(sq / (m n)), in two passes over (k,)
+    c = torch.rsqrt(sq.clamp_(min=clip_threshold ** 2 * m * n)).mul_(clip_threshold * math.sqrt(m * n)).view(-1, 1, 1)
+    return MBi * c, Y2.mul_(c).mul_(0.5), MAi * c
+
+
+class BalancedGrams(NamedTuple):
+    """The r x r products of a stacked bucket that AdaPreLoRA's step needs (`balanced_grams_`)."""
+
+    BPB: torch.Tensor  # B^T P B
+    AQA: torch.Tensor  # A Q A^T
+    K: torch.Tensor  # gA A^T / s
+    HA: torch.Tensor  # the 2r x 2r Gram of [A; gAq] (rows)
+    GB: torch.Tensor  # the 2r x 2r Gram of [B, gBp] (columns)
+
+    def finite(self) -> torch.Tensor:
+        """(k,) True where the pair's gradients are finite: tr(gAq gAq^T) + tr(gBp^T gBp) is their
+        squared norm, non-finite iff an element is (or they overflow, no usable gradient either)."""
+        r = self.K.shape[-1]
+        sq = self.HA.diagonal(0, -2, -1).narrow(-1, r, r).sum(-1)
+        return torch.isfinite(sq.add_(self.GB.diagonal(0, -2, -1).narrow(-1, r, r).sum(-1)))
+
+
+def balanced_grams_(XA, XB, p, q, inv_s) -> BalancedGrams:
+    """The r x r products of `balanced_step_`, from batched products with few passes over the
+    factors: the Gram of [A; gAq] from its three distinct blocks, [A; gAq] against A Q, the Grams of
+    B and of gBp in one batch, B^T gBp, B^T P B. Overwrites the gradient halves of XA (k, 2r, n)
+    and XB (k, 2, m, r) with gAq = gA Q^-1 / s and gBp = P^-1 gB / s."""
+    k, r2, n = XA.shape
+    r = r2 // 2
+    # narrow / select / unsqueeze rather than x[:, :r]-style indexing: one dispatch each (small-op overhead)
+    A, gA = XA.narrow(1, 0, r), XA.narrow(1, r, r)
+    B, gB = XB.select(1, 0), XB.select(1, 1)
+    q_row, p_col = q.unsqueeze(1), p.unsqueeze(2)
+    gA.mul_(inv_s / q_row)
+    gB.mul_(inv_s / p_col)
+    AAt = torch.bmm(XA, A.mT)  # [A A^T; gAq A^T]
+    H1K = torch.bmm(XA, (A * q_row).mT)  # [A Q A^T; gA A^T]
+    H2, H3 = AAt.narrow(1, 0, r), AAt.narrow(1, r, r)
+    HA = torch.cat([torch.cat([H2, H3.mT], -1), torch.cat([H3, torch.bmm(gA, gA.mT)], -1)], -2)
+    XB2 = XB.flatten(0, 1)
+    G24 = torch.bmm(XB2.mT, XB2).view(k, 2, r, r)  # B^T B, gBp^T gBp
+    G3 = torch.bmm(B.mT, gB)  # B^T gBp
+    GB = torch.cat([torch.cat([G24.select(1, 0), G3], -1), torch.cat([G3.mT, G24.select(1, 1)], -1)], -2)
+    BPB = torch.bmm(B.mT, B * p_col)
+    return BalancedGrams(BPB, H1K.narrow(1, 0, r), H1K.narrow(1, r, r), HA, GB)
+
+
+def balanced_directions(XA, XB, grams: BalancedGrams, damping: float = 0.1, clip_threshold=1.0):
+    """The clipped (dA, dB) of `balanced_step_` from its Grams (`balanced_grams_`, whose scaled
+    gradients XA and XB hold): dA = [-c Y, c M_B^-1] [A; gAq] and dB = gBp c M_A^-1 - B c Y."""
+    m, n = XB.shape[-2], XA.shape[-1]
+    MBi, Y, MAi = solve_rxr(*grams, m, n, damping, clip_threshold)
+    dA = torch.bmm(torch.cat([Y.neg(), MBi], -1), XA)
+    dB = torch.bmm(XB.select(1, 1), MAi).baddbmm_(XB.select(1, 0), Y, alpha=-1)
+    return dA, dB
 
 
 def balanced_step_(XA, XB, p, q, inv_s, damping: float = 0.1, clip_threshold=1.0):
@@ -325,30 +393,12 @@ def balanced_step_(XA, XB, p, q, inv_s, damping: float = 0.1, clip_threshold=1.0
 
     XA (k, 2r, n) holds [A; grad A] and XB (k, 2, m, r) holds [B, grad B] per pair (the layout
     `step._stack_pairs` makes); the gradient halves are overwritten with gA Q^-1 / s and
-    P^-1 gB / s. The r x r products come from batched products (the Gram of [A; gAq] from its
-    three distinct blocks, [A; gAq] against A Q, the Grams of B and of gBp in one batch, B^T gBp, B^T P B), the clip
+    P^-1 gB / s. The r x r products come from batched products (`balanced_grams_`), the clip
     factor from r x r algebra (`solve_rxr`), and then dA = [-c Y, c M_B^-1] [A; gAq] and
-    dB = gBp c M_A^-1 - B c Y. p (k, m), q (k, n), inv_s (k, 1, 1). Returns the clipped (dA, dB).
+    dB = gBp c M_A^-1 - B c Y (`balanced_directions`). p (k, m), q (k, n), inv_s (k, 1, 1).
+    Returns the clipped (dA, dB).
     """
-    k, r2, n = XA.shape
-    r, m = r2 // 2, XB.shape[-2]
-    A, gA = XA[:, :r], XA[:, r:]
-    B, gB = XB[:, 0], XB[:, 1]
-    gA.mul_(inv_s / q[:, None, :])
-    gB.mul_(inv_s / p[:, :, None])
-    AAt = torch.bmm(XA, A.mT)  # [A A^T; gAq A^T]
-    H1K = torch.bmm(XA, (A * q[:, None, :]).mT)  # [A Q A^T; gA A^T]
-    HA = torch.cat([torch.cat([AAt[:, :r], AAt[:, r:].mT], -1), torch.cat([AAt[:, r:], torch.bmm(gA, gA.mT)], -1)],
-                   -2)  # the Gram of [A; gAq] from its three distinct blocks
-    XB2 = XB.flatten(0, 1)
-    G24 = torch.bmm(XB2.mT, XB2).view(k, 2, r, r)  # B^T B, gBp^T gBp
-    G3 = torch.bmm(B.mT, gB)  # B^T gBp
-    GB = torch.cat([torch.cat([G24[:, 0], G3], -1), torch.cat([G3.mT, G24[:, 1]], -1)], -2)
-    BPB = torch.bmm(B.mT, B * p[:, :, None])
-    MBi, Y, MAi = solve_rxr(BPB, H1K[:, :r], H1K[:, r:], HA, GB, m, n, damping, clip_threshold)
-    dA = torch.bmm(torch.cat([-Y, MBi], -1), XA)
-    dB = torch.baddbmm(torch.bmm(gB, MAi), B, Y, alpha=-1)
-    return dA, dB
+    return balanced_directions(XA, XB, balanced_grams_(XA, XB, p, q, inv_s), damping, clip_threshold)
 
 
 def gradient_ema_(ema_A, ema_B, gA, gB, step, beta: float) -> None:
@@ -374,9 +424,10 @@ def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_d
     learning rate when it differs from A's (B in its own param group), else None. `lr_scale`
     (k, 1, 1), "sgd" only: per-pair factors on both learning rates, weight decay included (the
     relative step size, `relative_step_scale`).
-    `params`, "adamw" only: (rows, A tensors, B tensors), the tensors whose current values A and B's
-    rows `rows` hold (the parameters, in the compute dtype and contiguous): AdamW then moves those
-    tensors and their moments' rows directly, and A, B are left as they were. Returns True when it
+    `params`, "adamw" only: (rows, A tensors, B tensors, views), the tensors whose current values A and
+    B's rows `rows` hold (the parameters, in the compute dtype and contiguous): AdamW then moves those
+    tensors and their moments' rows directly, and A, B are left as they were; `views` (a dict kept
+    with `state`, or None) caches the per-pair views of the state (`_per_pair`). Returns True when it
     moved `params`, False when it moved A and B.
     """
     lr_B = lr if lr_B is None else lr_B
@@ -388,14 +439,17 @@ def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_d
         b1, b2 = betas
         hyper = dict(beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay)
         if params is not None:
-            rows, PA, PB = params
-            steps = step.unbind(0)
+            rows, PA, PB, views = params
+            every = len(rows) == len(PA)  # all pairs: the lists as they are
+            steps = _per_pair(step, step.shape[1:], views)
+            steps = steps if every else [steps[j] for j in rows]
             for P, d, name, rate in ((PA, dA, "A", lr), (PB, dB, "B", lr_B)):
-                same = d.shape[1:] == P[0].shape  # else a conv factor: its rows take its own shape
-                rows_of = [(t if same else t.reshape((d.shape[0],) + P[0].shape)).contiguous().unbind(0)
-                           for t in (d, state["exp_avg_" + name], state["exp_avg_sq_" + name])]
-                adamw_tensors_([P[j] for j in rows], *([t[j] for j in rows] for t in rows_of),
-                               [steps[j] for j in rows], lr=rate, **hyper)
+                shape = P[0].shape  # a conv factor's rows take its own shape
+                rows_of = [_per_pair(t, shape, v) for t, v in ((d, None), (state["exp_avg_" + name], views),
+                                                               (state["exp_avg_sq_" + name], views))]
+                if not every:
+                    P, rows_of = [P[j] for j in rows], [[t[j] for j in rows] for t in rows_of]
+                adamw_tensors_(P, *rows_of, steps, lr=rate, **hyper)
             return True
         adamw_(A, dA, state["exp_avg_A"], state["exp_avg_sq_A"], step, lr=lr, **hyper)
         adamw_(B, dB, state["exp_avg_B"], state["exp_avg_sq_B"], step, lr=lr_B, **hyper)
@@ -421,6 +475,19 @@ def factor_step_(A, B, dA, dB, state, step, *, variant, lr, betas, eps, weight_d
             state["grad_ema_A"].mul_(c)
             state["grad_ema_B"].div_(c)
     return False
+
+
+def _per_pair(t: torch.Tensor, shape, views=None) -> tuple:
+    """The rows of a stacked (k, ...) tensor as k contiguous views of `shape`. With `views` (a
+    dict kept between steps) the views of a contiguous tensor are made once and reused: making k
+    views costs about a microsecond each, every step."""
+    hit = None if views is None else views.get(id(t))
+    if hit is not None and hit[0] is t and hit[1] == shape:
+        return hit[2]
+    rows = (t if t.shape[1:] == shape else t.reshape((t.shape[0],) + shape)).contiguous().unbind(0)
+    if views is not None and t.is_contiguous():
+        views[id(t)] = (t, shape, rows)
+    return rows
 
 
 def rebalance(A, B):

@@ -195,9 +195,10 @@ class AdaPreLoRA(LoRAPairOptimizer):
         rows, cols = self._energies(bucket)
         g = bucket.group
         return adaprelora_step(
-            *self._factors(pairs), rows, cols, bucket.state, self._scales(pairs), g["lr"], lr_B=bucket.group_B["lr"],
+            *self._factors(pairs), rows, cols, bucket.state, self._scales(bucket, pairs), g["lr"], lr_B=bucket.group_B["lr"],
             variant=self.variant, betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
             momentum=g["momentum"], momentum_before_solve=self.momentum_before_solve, decay_rate=g["decay_rate"],
             eps_factored=g["eps_factored"], clip_threshold=g["clip_threshold"], damping=g["damping"],
             stats="tangent" if self.stats == "exact" else self.stats, relative_step=self.relative_step,
-            relative_step_eps=self.relative_step_eps, energy_ema=self.energy_ema, backend=self.backend)
+            relative_step_eps=self.relative_step_eps, energy_ema=self.energy_ema, backend=self.backend,
+            views=bucket.views)

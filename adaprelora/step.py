@@ -29,19 +29,20 @@ class _Stacked(NamedTuple):
 
     @property
     def A(self):
-        return self.XA[:, : self.XA.shape[1] // 2]
+        return self.XA.narrow(1, 0, self.XA.shape[1] // 2)
 
     @property
     def gradA(self):
-        return self.XA[:, self.XA.shape[1] // 2:]
+        r = self.XA.shape[1] // 2
+        return self.XA.narrow(1, r, r)
 
     @property
     def B(self):
-        return self.XB[:, 0]
+        return self.XB.select(1, 0)
 
     @property
     def gradB(self):
-        return self.XB[:, 1]
+        return self.XB.select(1, 1)
 
 
 def _stack_pairs(A, B, gradA, gradB) -> _Stacked:
@@ -63,9 +64,13 @@ class _Bucket(NamedTuple):
     x: _Stacked  # factors and gradients (zeros for the pairs left out)
     energies: tuple  # stacked (k, ...) energies, zeros for the pairs left out
     step: torch.Tensor  # (k,) new step counts, state["step"] itself (unchanged for the pairs left out)
-    # (rows, A, B): the pairs to update and the parameters, when an AdamW step may move them
-    # directly (`functional.factor_step_`'s `params`); None when the factors must be copied back
+    # (rows, A, B, views): the pairs to update, the parameters and the caller's cache of per-pair state
+    # views, when an AdamW step may move them directly (`functional.factor_step_`'s `params`); None
+    # when the factors must be copied back
     params: Optional[tuple]
+    # False: nobody has checked the gradients yet; the update checks them before it moves any state
+    # and returns None if one is non-finite (`_bucket_step`'s `update_checks_gradients`)
+    gradients_checked: bool = True
 
 
 def _finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
@@ -77,7 +82,8 @@ def _finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(total)
 
 
-def _bucket_step(A, B, gradA, gradB, state: dict, update: Callable[[_Bucket], bool], energies=None) -> torch.Tensor:
+def _bucket_step(A, B, gradA, gradB, state: dict, update: Callable[[_Bucket], Optional[bool]], energies=None,
+                 views: Optional[dict] = None, update_checks_gradients: bool = False) -> torch.Tensor:
     """The one stack / mask / restore / write-back of every torch implementation.
 
     Stacks the bucket (`_stack_pairs`), computes `energies(x)` if given (a tuple of (k, ...)
@@ -87,14 +93,33 @@ def _bucket_step(A, B, gradA, gradB, state: dict, update: Callable[[_Bucket], bo
     parameters themselves, returning True), gives the pairs left out their old state back,
     advances the step counts and, after a False, copies the updated factors into the parameters.
     Returns ok (k,): the pairs that were updated.
+
+    `update_checks_gradients`: the update reads a norm of every pair's gradients anyway (AdaPreLoRA's
+    Grams), so when every gradient and energy is present and finite the separate pass over the
+    gradients is skipped and the update is run with `gradients_checked=False`; it then returns None,
+    having moved nothing, if a gradient is non-finite, and the bucket is stacked again and stepped
+    with the pairs left out as above (the rare case).
     """
     x = _stack_pairs(A, B, gradA, gradB)
     k = len(A)
-    ok = torch.tensor(x.present, device=x.XA.device)
     if not any(x.present):
-        return ok
+        return torch.zeros(k, dtype=torch.bool, device=x.XA.device)
     es = tuple(energies(x)) if energies is not None else ()
-    ok = ok & _finite_rows(x.gradA, x.gradB, *es)
+    direct = _writable(A, B, x.XA.dtype)
+    if update_checks_gradients and all(x.present):
+        ok = _finite_rows(*es) if es else torch.ones(k, dtype=torch.bool, device=x.XA.device)
+        if bool(ok.all()):
+            step = state["step"].add_(1)
+            wrote = update(_Bucket(x, es, step, (range(k), A, B, views) if direct else None, False))
+            if wrote is not None:
+                if not wrote:
+                    _write_back(A, B, x, range(k))
+                return ok
+            state["step"].sub_(1)  # nothing moved: a gradient is non-finite
+            x = _stack_pairs(A, B, gradA, gradB)  # the update scaled the stacked gradients in place
+    ok = _finite_rows(x.gradA, x.gradB, *es)
+    if not all(x.present):
+        ok &= torch.tensor(x.present, device=ok.device)
     all_ok = bool(ok.all())
     skipped = saved = None
     if not all_ok:
@@ -109,16 +134,21 @@ def _bucket_step(A, B, gradA, gradB, state: dict, update: Callable[[_Bucket], bo
         saved = {name: t[skipped].clone() for name, t in state.items()}
     step = state["step"].add_(ok.to(state["step"].dtype))  # the pairs left out keep their count
     targets = range(k) if all_ok else ok.nonzero().flatten().tolist()
-    direct = _writable(A, B, x.XA.dtype)
-    wrote = update(_Bucket(x, es, step, (targets, A, B) if direct else None))
+    wrote = update(_Bucket(x, es, step, (targets, A, B, views) if direct else None))
     if saved is not None:
         for name, value in saved.items():
             state[name][skipped] = value
     if not wrote:
-        A_new, B_new = x.A.view((k,) + A[0].shape).unbind(0), x.B.view((k,) + B[0].shape).unbind(0)
-        torch._foreach_copy_([A[j] for j in targets] + [B[j] for j in targets],  # casts to the params' dtype
-                             [A_new[j] for j in targets] + [B_new[j] for j in targets])
+        _write_back(A, B, x, targets)
     return ok
+
+
+def _write_back(A, B, x: _Stacked, targets) -> None:
+    """Copy the stacked factors' rows `targets` into the parameters (cast to their dtype)."""
+    k = len(A)
+    A_new, B_new = x.A.view((k,) + A[0].shape).unbind(0), x.B.view((k,) + B[0].shape).unbind(0)
+    torch._foreach_copy_([A[j] for j in targets] + [B[j] for j in targets],
+                         [A_new[j] for j in targets] + [B_new[j] for j in targets])
 
 
 def _writable(A, B, dtype: torch.dtype) -> bool:
@@ -183,7 +213,7 @@ def adaprelora_step(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], gradA:
                     decay_rate: float = -0.8, eps_factored: float = 1e-30, clip_threshold: Optional[float] = 1.0,
                     damping: float = 0.1, rebalance: bool = True, stats: str = "tangent",
                     relative_step: bool = False, relative_step_eps: float = 1e-3, energy_ema: str = "squared",
-                    backend: str = "torch") -> torch.Tensor:
+                    backend: str = "torch", views: Optional[dict] = None) -> torch.Tensor:
     """One AdaPreLoRA step (spec 3.1 to 3.5) for a bucket of k pairs of equal (m, n, r, dtype).
 
     Args:
@@ -203,6 +233,8 @@ def adaprelora_step(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], gradA:
             (EMA of their square roots; torch path). See `functional.adafactor_accumulators`.
         backend: "torch" or "triton" (CUDA tensors, or the CPU interpreter); `_choose_impl`
             falls back to torch for a bucket the kernels do not take.
+        views: a dict the caller keeps with `state` between steps, where the torch path caches
+            per-pair views of the stacked state (k views per tensor and step otherwise); None: none kept.
     Returns:
         ok (k,) bool: the pairs that were updated; the others (no gradient, or a NaN/inf gradient
         or energy) kept their factors and state.
@@ -218,42 +250,50 @@ def adaprelora_step(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], gradA:
         return impl(A, B, gradA, gradB, row, col, state, scale, lr, **hyper)
     return _torch_adaprelora_step(A, B, gradA, gradB, row, col, state, scale, lr, stats=stats,
                                   momentum_before_solve=momentum_before_solve, relative_step=relative_step,
-                                  relative_step_eps=relative_step_eps, energy_ema=energy_ema, **hyper)
+                                  relative_step_eps=relative_step_eps, energy_ema=energy_ema, views=views, **hyper)
 
 
 def _torch_adaprelora_step(A, B, gradA, gradB, row, col, state, scale, lr, *, lr_B, variant, betas, eps,
                            weight_decay, momentum, momentum_before_solve, decay_rate, eps_factored, clip_threshold,
                            damping, rebalance, stats, relative_step=False, relative_step_eps=1e-3,
-                           energy_ema="squared") -> torch.Tensor:
+                           energy_ema="squared", views=None) -> torch.Tensor:
     cdt = torch.promote_types(A[0].dtype, torch.float32)
-    inv_s = 1.0 / scale.to(device=A[0].device, dtype=cdt).reshape(-1, 1, 1)
+    inv_s = scale.to(device=A[0].device, dtype=cdt).reciprocal().view(-1, 1, 1)
 
     def energies(x):
         return _complete_energies(row, col, len(A), lambda: x, scale, stats, damping)
 
-    def update(b: _Bucket) -> bool:
-        x, (rows, cols), step, _ = b
+    def update(b: _Bucket) -> Optional[bool]:
+        x, (rows, cols), step = b.x, b.energies, b.step
         if momentum_before_solve:
             F.gradient_ema_(state["grad_ema_A"], state["grad_ema_B"], x.gradA, x.gradB, step, betas[0])
-        R, C, p, q = F.adafactor_accumulators(state["adafactor_row"], state["adafactor_col"], rows.to(cdt),
-                                              cols.to(cdt), torch.clamp(step, min=1), decay_rate, eps_factored,
-                                              energy_ema)
-        state["adafactor_row"].copy_(R)
-        state["adafactor_col"].copy_(C)
+        R, C = state["adafactor_row"], state["adafactor_col"]
+        # unchecked gradients: the accumulators move only once the Grams show them finite
+        accumulate = F.adafactor_accumulators_ if b.gradients_checked else F.adafactor_accumulators
+        R_new, C_new, p, q = accumulate(R, C, rows, cols, torch.clamp(step, min=1), decay_rate, eps_factored,
+                                        energy_ema)
+        grams = F.balanced_grams_(x.XA, x.XB, p, q, inv_s)
+        if not b.gradients_checked:
+            if not bool(grams.finite().all()):
+                return None
+            R.copy_(R_new)
+            C.copy_(C_new)
         # the weight before this step (Adafactor's RMS(X_{t-1})), read before the factors move
         rel = F.relative_step_scale(x.A, x.B, inv_s, relative_step_eps)[:, None, None] if relative_step else None
-        dA, dB = F.balanced_step_(x.XA, x.XB, p, q, inv_s, damping, clip_threshold)
+        dA, dB = F.balanced_directions(x.XA, x.XB, grams, damping, clip_threshold)
         return F.factor_step_(x.A, x.B, dA, dB, state, step, variant=variant, lr=lr, lr_B=lr_B, betas=betas,
                               eps=eps, weight_decay=weight_decay, momentum=momentum, sgd_scale=inv_s,
                               rebalance_sgd=rebalance, lr_scale=rel, params=b.params)
 
-    return _bucket_step(A, B, gradA, gradB, state, update, energies)
+    # momentum before the solve moves its gradient EMAs before the Grams: it needs checked gradients
+    return _bucket_step(A, B, gradA, gradB, state, update, energies, views,
+                        update_checks_gradients=not momentum_before_solve)
 
 
 # -- the preconditioned baselines (torch only) -----------------------------------------------------
 def scaled_lora_step(A, B, gradA, gradB, state: dict, lr, *, lr_B=None, variant: str = "adamw", reg: float = 1e-6,
                      betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                     momentum: float = 0.0) -> torch.Tensor:
+                     momentum: float = 0.0, views: Optional[dict] = None) -> torch.Tensor:
     """One Scaled GD / Scaled AdamW step (Zhang and Pilanci 2024) for a bucket: the gradients
     preconditioned by (B^T B + reg I)^-1 and (A A^T + reg I)^-1 (`functional.scaled_gradients`),
     then SGD ("sgd", with heavy-ball `momentum`) or AdamW ("adamw"). Arguments as `adaprelora_step`."""
@@ -264,11 +304,12 @@ def scaled_lora_step(A, B, gradA, gradB, state: dict, lr, *, lr_B=None, variant:
         return F.factor_step_(x.A, x.B, dA, dB, state, b.step, variant=variant, lr=lr, lr_B=lr_B, betas=betas,
                               eps=eps, weight_decay=weight_decay, momentum=momentum, params=b.params)
 
-    return _bucket_step(A, B, gradA, gradB, state, update)
+    return _bucket_step(A, B, gradA, gradB, state, update, views=views)
 
 
 def lora_pro_step(A, B, gradA, gradB, state: dict, scale: torch.Tensor, lr, *, lr_B=None, reg: float = 1e-6,
-                  betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> torch.Tensor:
+                  betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                  views: Optional[dict] = None) -> torch.Tensor:
     """One LoRA-Pro step (Wang et al. 2025, efficient mode) for a bucket: the factor gradients
     whose equivalent gradient is the Frobenius projection of the full one
     (`functional.lora_pro_gradients`), then AdamW. Arguments as `adaprelora_step`."""
@@ -280,7 +321,7 @@ def lora_pro_step(A, B, gradA, gradB, state: dict, scale: torch.Tensor, lr, *, l
         return F.factor_step_(x.A, x.B, dA, dB, state, b.step, variant="adamw", lr=lr, lr_B=lr_B, betas=betas,
                               eps=eps, weight_decay=weight_decay, params=b.params)
 
-    return _bucket_step(A, B, gradA, gradB, state, update)
+    return _bucket_step(A, B, gradA, gradB, state, update, views=views)
 
 
 __all__ = ["adaprelora_step", "lora_pro_step", "scaled_lora_step"]

@@ -376,6 +376,50 @@ def test_nonfinite_gradient_leaves_that_pair_and_its_state_untouched_and_warns_o
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_nan_gradient_with_finite_energies_skips_only_its_pair_exactly():
+    """With finite exact energies the step checks the gradients through its own Grams instead of a
+    separate pass; a NaN found there must leave the other pairs of the bucket with exactly the
+    step they take when that pair has no gradient at all, and the bad pair and its state untouched."""
+    from peft import LoraConfig, get_peft_model
+
+    def make():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+        model = get_peft_model(net, LoraConfig(r=2, lora_alpha=2, target_modules=["0", "1", "2"]))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(p, std=0.1)
+        return model, AdaPreLoRA(model, lr=1e-2, weight_decay=0.01)
+
+    runs = [make(), make()]
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    for step in range(3):
+        for i, (model, opt) in enumerate(runs):
+            model(x * (1 + step)).pow(2).mean().backward()
+            bad = opt.pairs[1]
+            if step == 1 and i == 0:
+                bad.A.grad[0, 0] = float("nan")
+                before = bad.A.detach().clone(), {k: v.clone() for k, v in opt.state[bad.A].items()}
+            elif step == 1:
+                bad.A.grad = bad.B.grad = None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.step()
+            opt.zero_grad()
+            if step == 1 and i == 0:
+                assert torch.equal(bad.A, before[0])
+                for key, value in before[1].items():
+                    assert torch.equal(opt.state[bad.A][key], value), key
+    (_, nan_opt), (_, none_opt) = runs
+    assert len(nan_opt._buckets) == 1 and nan_opt.stats == "exact"
+    for p, q in zip(nan_opt.pairs, none_opt.pairs):
+        for t, u in ((p.A, q.A), (p.B, q.B)):
+            assert torch.equal(t, u)
+            for key, value in nan_opt.state[t].items():
+                assert torch.equal(none_opt.state[u][key], value), key
+    assert nan_opt.state[nan_opt.pairs[1].A]["step"] == 2 and nan_opt.state[nan_opt.pairs[0].A]["step"] == 3
+
+
 def test_nonfinite_raise_mode_raises():
     model = make_lora_model(seed=10)
     opt = AdaPreLoRA(model, lr=1e-2, nonfinite="raise")
