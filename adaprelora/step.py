@@ -151,17 +151,21 @@ def _write_back(A, B, x: _Stacked, targets) -> None:
                          [A_new[j] for j in targets] + [B_new[j] for j in targets])
 
 
+def _uniform(lists, dtype: torch.dtype) -> bool:
+    """Every tensor of the lists present, of `dtype` and contiguous."""
+    return all(t is not None and t.dtype == dtype and t.is_contiguous() for ts in lists for t in ts)
+
+
 def _writable(A, B, dtype: torch.dtype) -> bool:
     """An AdamW step can move these factors in place with the fused kernel: contiguous, in the
     compute dtype (a bf16 factor steps on its float32 copy, then is copied back)."""
-    return F.fused_adamw_ok(A[0]) and all(t.dtype == dtype and t.is_contiguous() for ts in (A, B) for t in ts)
+    return F.fused_adamw_ok(A[0]) and _uniform((A, B), dtype)
 
 
 def _fusable(*lists) -> bool:
     """Every tensor present, contiguous, float32/bfloat16/float16, and of one dtype."""
     dtype = lists[0][0].dtype
-    return dtype in (torch.float32, torch.bfloat16, torch.float16) and all(
-        t is not None and t.dtype == dtype and t.is_contiguous() for ts in lists for t in ts)
+    return dtype in (torch.float32, torch.bfloat16, torch.float16) and _uniform(lists, dtype)
 
 
 def _choose_impl(backend: str, A, B, gradA, gradB, *, fusable: bool = True) -> Optional[Callable]:

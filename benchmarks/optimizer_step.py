@@ -145,12 +145,12 @@ def bench_set(set_name, shapes, r, names, tokens, text_tokens, repeats, train_st
                 collector.rows, collector.cols = list(saved[0]), list(saved[1])
             opt.step()
 
-        def train_step(opt=opt, fwd_bwd=fwd_bwd):
+        def train_fn(opt=opt, fwd_bwd=fwd_bwd):
             opt.zero_grad()
             fwd_bwd()
             opt.step()
 
-        step_fns[name], train_fns[name], opts[name] = step_only, train_step, (opt, model)
+        step_fns[name], train_fns[name], opts[name] = step_only, train_fn, (opt, model)
     step_t = interleaved_medians(step_fns, max(repeats, 5))
     for opt, _ in opts.values():  # the train step starts from fresh gradients
         opt.zero_grad()

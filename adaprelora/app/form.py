@@ -209,7 +209,7 @@ class TrainForm:
     max_train_steps: Optional[float] = None
     learning_rate: Optional[float] = None
     rank: Optional[float] = None
-    optimizer: Optional[str] = "adamw"
+    optimizer: Optional[str] = TrainProfile.optimizer  # the API's default is the profiles' (one home)
     resolution: Optional[float] = None
     lora_name: Optional[str] = None
     captions: Any = None
