@@ -190,6 +190,7 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
     prof = PROFILES[profile]
     configs = list(configs or prof["configs"])
     t_start = time.perf_counter()
+    commit = _git_commit()  # the code this part runs (others may commit while it runs)
     base, tok = gsm8k.load_base(log)  # every run trains a copy of it
     data = e2e_splits(prof["n_train"], prof["n_val"], prof["n_test"], n_refs=SETUP["n_refs"], seed=SETUP["data_seed"])
     train_ex = examples(tok, data["train"])
@@ -282,7 +283,7 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
             "summary": summarize(runs), "runs": runs, "wall_s": time.perf_counter() - t_config}
     add_paired(result)
     # each part: what it ran, at which code version, how long it took (the whole suite's wall time is their sum)
-    result["parts"].append({"configs": configs, "commit": _git_commit(), "wall_s": time.perf_counter() - t_start,
+    result["parts"].append({"configs": configs, "commit": commit, "wall_s": time.perf_counter() - t_start,
                             "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     result["commit"] = result["parts"][-1]["commit"]
     result["wall_s"] = sum(p["wall_s"] for p in result["parts"])

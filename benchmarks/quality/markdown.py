@@ -92,6 +92,11 @@ def main(folder: str = "benchmarks/results") -> None:
               f"records x {res['data']['refs_per_record']} references, {len(ps['seeds'])} seeds; differences to AdamW "
               f"paired by seed with bootstrap 95% intervals; wall {res['wall_s']:.0f} s)\n")
         print(markdown_table(e2e.TABLE_HEADERS, e2e.table_rows(res)))
+        if res.get("parts"):
+            print("\nRun in parts, merged by config (configs, code version, wall time):\n")
+        for part in res.get("parts", []):
+            print(f"- {', '.join(part['configs'])}: commit {(part['commit'] or '?')[:7]}, {part['wall_s']:.0f} s, "
+                  f"finished {part['finished']}")
         rows = e2e.sweep_rows(res)
         if rows:
             print("\nLearning-rate sweep (seed 0; validation BLEU / validation loss):\n")
