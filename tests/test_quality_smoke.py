@@ -18,8 +18,8 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def _run(suite, tmp_path, configs=None, name=None):
-    argv = [suite, "--smoke", "--out-dir", str(tmp_path), "--img-dir", str(tmp_path)]
+def _run(suite, tmp_path, configs=None, name=None, extra=()):
+    argv = [suite, "--smoke", "--out-dir", str(tmp_path), "--img-dir", str(tmp_path), *extra]
     if configs:
         argv += ["--configs", configs]
     threads = torch.get_num_threads()
@@ -144,10 +144,20 @@ def test_dreambooth_quick_smoke(tmp_path):
     for c in out["comparisons"]:
         iv = c["interval"]
         assert c["pairs"] == iv["n"] == 1 and iv["lo"] == iv["mean"] == iv["hi"] and isinstance(c["reproduced"], bool)
-    assert out["reproduced"] == all(c["reproduced"] for c in out["comparisons"])
+    assert out["reproduced"] == all(c["reproduced"] for c in out["comparisons"]) and out["complete"]
+    # in parts: a run missing from the file (a stopped command) is all that --resume runs
+    path = tmp_path / "quality_dreambooth_quick_smoke.json"
+    dropped = out["runs"].pop()
+    path.write_text(json.dumps(out))
+    again = _run("dreambooth", tmp_path, name="dreambooth_quick", extra=["--resume"])
+    assert again["workers"] == 1 and len(again["runs"]) == 4 and again["runs"][:3] == out["runs"]
+    assert {k: again["runs"][3][k] for k in ("part", "config", "lr", "subject", "seed")} == {
+        k: dropped[k] for k in ("part", "config", "lr", "subject", "seed")}
+    assert abs(again["runs"][3]["subject_loss"] - dropped["subject_loss"]) < 1e-6  # the same weights again
+    assert again["complete"] and [c["pairs"] for c in again["comparisons"]] == [1] * len(Q.HEADLINE)
 
 
-def test_dreambooth_quick_verdicts_and_plan():
+def test_dreambooth_quick_verdicts_and_plan(tmp_path, capsys):
     """The direction checks on explicit pairs, and the split of the quick profile's runs: each of
     the two workers gets the same mix of optimizers and parts."""
     from benchmarks.quality import dreambooth_quick as Q
@@ -172,12 +182,27 @@ def test_dreambooth_quick_verdicts_and_plan():
     jobs = Q.plan(Q.PROFILES["quick"], Q.CONFIGS, 2e-3, {"adamw": {"lr": 2.5e-4}, "adaprelora": {"lr": 5e-4}})
     assert len(jobs) == 12 and len({(j["part"], j["config"], j["subject"], j["seed"]) for j in jobs}) == 12
     assert {(j["config"], j["lr"]) for j in jobs if j["part"] == "b"} == {("adamw", 2.5e-4), ("adaprelora", 5e-4)}
+    # a results file of one (a) pair and no (b) run: incomplete, its table printed by --report
+    rows = [{**j, "subject_loss": 0.04 + 0.001 * (j["config"] == "adaprelora"), "prior_loss": 0.02,
+             "subject_fidelity": 0.8, "seconds": 1.0} for j in jobs[:2]]
+    header = {"lrs": {"a": {"adamw": 2e-3, "adaprelora": 2e-3}, "b": {"adamw": 2.5e-4, "adaprelora": 5e-4}}}
+    result = Q.build(header, jobs, {"runs": [], "base": {}}, rows + [{"base": "heart", "subject_loss": 0.09}])
+    assert result["missing_runs"] == 10 and not result["complete"] and not result["reproduced"]
+    assert result["base"] == {"heart": {"subject_loss": 0.09}} and result["run_s_sum"] == 2.0
+    assert [c["metric"] for c in result["comparisons"]] == ["subject_fidelity", "subject_loss", "prior_loss"]
+    (tmp_path / "quality_dreambooth_quick.json").write_text(json.dumps(result))
     threads = torch.get_num_threads()
     try:  # bad input: one error line, exit 2, nothing run
         assert main(["dreambooth", "--quick", "--configs", "adamw,prodigy"]) == 2
         assert main(["dreambooth", "--quick", "--workers", "0"]) == 2
+        assert main(["dreambooth", "--quick", "--report", "--out-dir", str(tmp_path / "none")]) == 2
+        capsys.readouterr()
+        assert main(["dreambooth", "--quick", "--report", "--out-dir", str(tmp_path)]) == 0
     finally:
         torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "(a) AdaPreLoRA's held-out subject loss not better than AdamW's (both at 0.002)" in printed
+    assert "+2.5% [+2.5, +2.5], higher in 1 of 1 pairs: reproduced" in printed
     lists = Q.deal(jobs, 2)
     assert sorted(map(str, lists[0] + lists[1])) == sorted(map(str, jobs))
     for mine in lists:

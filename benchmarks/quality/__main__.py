@@ -38,7 +38,10 @@ def main(argv=None) -> int:
                         help="dreambooth-heldout: comma-separated lrs (tune: the starting grid; confirm: one per config)")
     parser.add_argument("--no-extend", action="store_true",
                         help="dreambooth-heldout: do not extend a grid whose best lr is at an end")
-    parser.add_argument("--report", action="store_true", help="dreambooth-heldout: print the tables of the JSON only")
+    parser.add_argument("--report", action="store_true",
+                        help="dreambooth, dreambooth-heldout: print the tables of the JSON only")
+    parser.add_argument("--resume", action="store_true",
+                        help="dreambooth: keep the finished runs of its JSON and run only the missing ones")
     parser.add_argument("--model", default=None,
                         help="dreambooth, dreambooth-nopp: the base model folder (default: assets/tiny-sd)")
     parser.add_argument("--workers", type=int, default=2,

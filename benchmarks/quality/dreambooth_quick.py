@@ -16,6 +16,8 @@ numbers do not depend on which worker ran it. Every worker has a time limit.
     python -m benchmarks.quality dreambooth --quick     # 6 + 6 runs, writes quality_dreambooth_quick.json
     python -m benchmarks.quality dreambooth --full      # (b) on 3 seeds: 6 + 18 runs, in about 2 hours
     python -m benchmarks.quality dreambooth --smoke     # a few steps per run (CI)
+    python -m benchmarks.quality dreambooth --quick --resume   # after a stop: only the missing runs
+    python -m benchmarks.quality dreambooth --quick --report   # the table of the JSON only
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -163,10 +165,12 @@ def worker(jobs: list, out_path: str, profile: str, model_dir: Optional[str], ta
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def launch(lists: list, profile: str, model_dir: Optional[str], threads: int, work_dir: str, log) -> tuple:
+def launch(lists: list, profile: str, model_dir: Optional[str], threads: int, work_dir: str, log,
+           on_rows: Optional[Callable[[list], None]] = None) -> tuple:
     """Start one worker process per non-empty list, wait for all within their time limits (a worker
-    past its limit is killed; its finished runs count), and return (rows, seconds per worker,
-    load averages sampled while waiting)."""
+    past its limit is killed; its finished runs count), calling `on_rows(rows so far)` whenever a
+    run finishes, and return (rows, seconds per worker, load averages sampled while waiting,
+    failed workers)."""
     prof = PROFILES[profile]
     procs = []
     for w, jobs in enumerate(lists):
@@ -184,24 +188,36 @@ def launch(lists: list, profile: str, model_dir: Optional[str], threads: int, wo
         procs.append((w, subprocess.Popen(cmd, cwd=REPO, env=env), time.perf_counter(), limit, out_path))
     loads, seconds, failed = [], {}, []
     pending = list(procs)
+    paths = [item[-1] for item in procs]
     try:
-        _wait(pending, loads, seconds, failed, log)
+        _wait(pending, loads, seconds, failed, log, lambda: _read_rows(paths), on_rows)
     finally:
         for _, proc, *_ in pending:  # only after an error here (e.g. Ctrl-C): stop the workers we started
             proc.kill()
             proc.wait(timeout=60)
+    return _read_rows(paths), seconds, loads, failed
+
+
+def _read_rows(paths: list) -> list:
     rows = []
-    for *_, out_path in procs:
-        if os.path.isfile(out_path):
-            with open(out_path) as fh:
+    for path in paths:
+        if os.path.isfile(path):
+            with open(path) as fh:
                 rows += [json.loads(line) for line in fh if line.strip()]
-    return rows, seconds, loads, failed
+    return rows
 
 
-def _wait(pending: list, loads: list, seconds: dict, failed: list, log) -> None:
-    """Wait for the workers in `pending` (removing each as it ends), killing any past its limit."""
+def _wait(pending: list, loads: list, seconds: dict, failed: list, log, read, on_rows) -> None:
+    """Wait for the workers in `pending` (removing each as it ends), killing any past its limit;
+    `on_rows(read())` whenever the number of finished rows grows."""
+    seen = 0
     while pending:
         loads.append(os.getloadavg()[0])
+        if on_rows is not None:
+            rows = read()
+            if len(rows) > seen:
+                seen = len(rows)
+                on_rows(rows)
         for item in list(pending):
             w, proc, t0, limit, _ = item
             try:
@@ -296,23 +312,31 @@ def main(args, log=print) -> int:
                             "use `dreambooth-nopp --subjects DIR` for your own")
     if args.workers < 1:
         return _usage_error(f"--workers {args.workers}: give at least 1")
+    name = SUITE + (f"_{args.tag}" if args.tag else "")
+    path = os.path.join(args.out_dir or C.RESULTS_DIR, f"quality_{name}.json" if profile == "quick"
+                        else f"quality_{name}_{profile}.json")  # where C.write_json puts it
+    if args.report:
+        if not os.path.isfile(path):
+            return _usage_error(f"--report: no results in {path}: run `python -m benchmarks.quality dreambooth` first")
+        with open(path) as fh:
+            report(json.load(fh), log)
+        return 0
     app_lr = float(DREAMBOOTH_DEFAULTS["learning_rate"])
     tuned = tuned_lrs(configs)
     jobs = plan(prof, configs, app_lr, tuned)
-    workers = max(1, min(args.workers, len(jobs)))
+    earlier = {"runs": [], "base": {}}
+    if getattr(args, "resume", False) and os.path.isfile(path):
+        with open(path) as fh:
+            earlier = json.load(fh)
+        wanted = {job_key(j) for j in jobs}
+        earlier["runs"] = [r for r in earlier["runs"] if job_key(r) in wanted]
+    done = {job_key(r) for r in earlier["runs"]}
+    todo = [j for j in jobs if job_key(j) not in done]
+    workers = max(1, min(args.workers, len(todo) or 1))
     load_start = os.getloadavg()
-    log(f"dreambooth ({profile}): {len(jobs)} runs on {workers} workers; (a) at the app's lr {app_lr:g}, "
-        f"(b) at the tuned lrs " + ", ".join(f"{c} {t['lr']:g} ({t['source']})" for c, t in tuned.items()))
-    work_dir = tempfile.mkdtemp(prefix="quality-db-quick-")
-    try:
-        rows, worker_s, loads, failed = launch(deal(jobs, workers), profile, args.model, args.threads, work_dir, log)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    runs = [r for r in rows if "base" not in r]
-    base = {r.pop("base"): r for r in rows if "base" in r}
-    comparisons = [c for c in (compare(runs, claim) for claim in HEADLINE) if c is not None]
-    missing = len(jobs) - len(runs)
-    result = {
+    log(f"dreambooth ({profile}): {len(todo)} runs on {workers} workers ({len(done)} kept from {path}); (a) at the "
+        f"app's lr {app_lr:g}, (b) at the tuned lrs " + ", ".join(f"{c} {t['lr']:g} ({t['source']})" for c, t in tuned.items()))
+    header = {
         "suite": "dreambooth", "profile": profile, "commit": H._git_commit(),
         "machine": {**C.machine_info(), "machine": "2-core x86_64 CPU, shared"},
         "model": os.path.relpath(args.model) if args.model else "assets/tiny-sd",
@@ -321,24 +345,60 @@ def main(args, log=print) -> int:
                   "judge_seeds": list(prof["judge_seeds"]), "confirm_seeds": list(prof["confirm_seeds"])},
         "lrs": {"a": {c: app_lr for c in configs}, "b": {c: tuned[c]["lr"] for c in configs}},
         "tuned_lr_source": {c: tuned[c]["source"] for c in configs},
-        "base": base, "runs": runs, "comparisons": comparisons, "missing_runs": missing, "failed_workers": failed,
-        "reproduced": bool(comparisons) and missing == 0 and all(c["reproduced"] for c in comparisons),
-        "workers": workers, "threads": args.threads, "worker_s": worker_s,
-        "run_s_sum": float(sum(r["seconds"] for r in runs)),
-        "loadavg_1min": {"start": load_start[0], "mean": float(np.mean(loads)) if loads else None,
-                         "max": float(max(loads)) if loads else None},
+        "workers": workers, "threads": args.threads,
         "command": "python -m benchmarks.quality " + " ".join(getattr(args, "argv", []) or ["dreambooth"]),
     }
+
+    def write(rows: list, **extra) -> dict:
+        result = build(header, jobs, earlier, rows)
+        result.update(extra, wall_s=time.perf_counter() - t_start)
+        C.write_json(result, name, profile, args.out_dir)
+        return result
+
+    work_dir = tempfile.mkdtemp(prefix="quality-db-quick-")
+    cpu0 = _children_cpu_s()
+    try:
+        rows, worker_s, loads, failed = launch(deal(todo, workers), profile, args.model, args.threads, work_dir, log,
+                                               on_rows=write)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    result = write(rows, failed_workers=failed, worker_s=worker_s, worker_cpu_s=_children_cpu_s() - cpu0,
+                   loadavg_1min={"start": load_start[0], "mean": float(np.mean(loads)) if loads else None,
+                                 "max": float(max(loads)) if loads else None})
     report(result, log)
-    result["wall_s"] = time.perf_counter() - t_start
-    path = C.write_json(result, SUITE + (f"_{args.tag}" if args.tag else ""), profile, args.out_dir)
-    log(f"[dreambooth] wrote {path} ({result['wall_s']:.0f} s; runs {result['run_s_sum']:.0f} s in all, "
-        f"{len(runs)} of {len(jobs)} finished; load average {result['loadavg_1min']['mean'] or 0:.1f})")
-    if failed or missing:
-        log(f"error: {missing} run(s) did not finish (workers: {', '.join(failed) or 'stopped'}); "
-            "the table covers the finished ones")
+    log(f"[dreambooth] wrote {path} ({result['wall_s']:.0f} s; runs {result['run_s_sum']:.0f} s in all, worker CPU "
+        f"{result['worker_cpu_s']:.0f} s; {len(result['runs'])} of {len(jobs)} runs; load average "
+        f"{result['loadavg_1min']['mean'] or 0:.1f})")
+    if failed or result["missing_runs"]:
+        log(f"error: {result['missing_runs']} run(s) did not finish (workers: {', '.join(failed) or 'stopped'}); "
+            "the table covers the finished ones; `--resume` runs only the missing ones")
         return 1
     return 0
+
+
+def job_key(run: dict) -> tuple:
+    return run["part"], run["config"], float(run["lr"]), run["subject"], int(run["seed"])
+
+
+def build(header: dict, jobs: list, earlier: dict, rows: list) -> dict:
+    """The results file: the header, every finished run (kept ones first), the comparisons."""
+    runs = earlier["runs"] + [r for r in rows if "base" not in r]
+    base = {**earlier.get("base", {}), **{r["base"]: {k: v for k, v in r.items() if k != "base"}
+                                          for r in rows if "base" in r}}
+    comparisons = [c for c in (compare(runs, claim) for claim in HEADLINE) if c is not None]
+    missing = len(jobs) - len(runs)
+    return {**header, "base": base, "runs": runs, "comparisons": comparisons, "missing_runs": missing,
+            "complete": missing == 0,
+            "reproduced": bool(comparisons) and missing == 0 and all(c["reproduced"] for c in comparisons),
+            "run_s_sum": float(sum(r["seconds"] for r in runs))}
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of the finished child processes (the workers)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _usage_error(message: str) -> int:
