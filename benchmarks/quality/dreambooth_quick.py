@@ -291,8 +291,10 @@ def report(result: dict, log=print) -> None:
         text = (f"both at {part_lrs['adamw']:g}" if part_lrs["adamw"] == part_lrs["adaprelora"]
                 else f"{part_lrs['adaprelora']:g} vs {part_lrs['adamw']:g}")
         log(verdict_line(c, text))
-    log(f"headline direction (AdaPreLoRA does not beat AdamW): "
-        f"{'reproduced' if result['reproduced'] else 'NOT reproduced'}")
+    missing = result.get("missing_runs", 0)
+    verdict = ("reproduced" if result["reproduced"] else f"incomplete: {missing} of the runs missing, "
+               "`--resume` runs them" if missing else "NOT reproduced")
+    log(f"headline direction (AdaPreLoRA does not beat AdamW): {verdict}")
 
 
 # -- the command ---------------------------------------------------------------------------------
