@@ -59,4 +59,4 @@ def test_a_flag_the_config_does_not_know_is_an_error_at_start_up(script):
 def test_help_names_the_defaults_read_from_the_config():
     text = " ".join(finetune_llm.build_parser().format_help().split())  # whatever the terminal's width
     assert f"LoRA rank (default: {FinetuneConfig.lora_r})" in text
-    assert "(default: adaprelora)" in text
+    assert "(default: adamw)" in text

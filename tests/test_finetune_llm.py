@@ -100,16 +100,17 @@ def gsm8k_rows(n, offset=0):
 
 
 @pytest.mark.slow
-def test_mnli_with_the_default_optimizer_reports_matched_and_mismatched_accuracy(tmp_path, tiny_models):
+def test_mnli_with_adaprelora_reports_matched_and_mismatched_accuracy(tmp_path, tiny_models):
     train = write_jsonl(tmp_path / "train.jsonl", nli_rows(12, 0))
     matched = write_jsonl(tmp_path / "matched.jsonl", nli_rows(6, 1))
     mismatched = write_jsonl(tmp_path / "mismatched.jsonl", nli_rows(5, 2))
     out = tmp_path / "out"
     run_finetune(["--task", "glue:mnli", "--model_name_or_path", tiny_models["llama"],
                   "--train_file", train, "--validation_file", matched, "--validation_mismatched_file", mismatched,
-                  "--max_steps", 2, "--per_device_train_batch_size", 4, "--output_dir", out], tmp_path)
+                  "--max_steps", 2, "--per_device_train_batch_size", 4, "--optimizer", "adaprelora",
+                  "--output_dir", out], tmp_path)
     metrics, log, adapter_config, weights = read_outputs(out)
-    assert metrics["optimizer"] == "adaprelora", "the default optimizer must be AdaPreLoRA"
+    assert metrics["optimizer"] == "adaprelora", "the run must record the optimizer it was given"
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["accuracy_mm"] <= 1.0
     assert metrics["eval_samples"] == 6 and metrics["eval_samples_mm"] == 5
     for key in TRAIN_STATS:
@@ -272,7 +273,7 @@ def test_cli_flags_map_onto_the_config():
     from finetune_llm import parse_args  # the repository root is on pytest's pythonpath
     config = parse_args(["--task", "gsm8k", "--model_name_or_path", "m", "--output_dir", "o", "--bf16",
                          "--optimizer_args", "weight_decay=0.1", "betas=(0.9,0.99)", "--target_modules", "q_proj", "v_proj"])
-    assert config.mixed_precision == "bf16" and config.optimizer == "adaprelora"
+    assert config.mixed_precision == "bf16" and config.optimizer == "adamw", "the default the suites favour"
     assert config.optimizer_args == {"weight_decay": 0.1, "betas": (0.9, 0.99)}
     assert config.target_modules == ["q_proj", "v_proj"]
     assert parse_args(["--task", "gsm8k", "--model_name_or_path", "m", "--output_dir", "o"]).mixed_precision is None

@@ -57,10 +57,10 @@ def instance_dir(tmp_path_factory) -> str:
     return str(folder)
 
 
-# Run A: unet only, default optimizer (adaprelora), cosine schedule, checkpoints every 2 steps
-# keeping 2, validation images at step 3 and at the end.
+# Run A: unet only, AdaPreLoRA, cosine schedule, checkpoints every 2 steps keeping 2, validation
+# images at step 3 and at the end.
 RUN_A_ARGS = [
-    "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--lr_scheduler", "cosine",
+    "--optimizer", "adaprelora", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--lr_scheduler", "cosine",
     "--lr_warmup_steps", "1", "--learning_rate", "1e-3", "--validation_prompt", "sks toy in the snow",
     "--num_validation_images", "1", "--validation_steps", "3", "--validation_inference_steps", "2",
 ]
@@ -503,7 +503,7 @@ def test_parse_args_uses_diffusers_names_and_defaults():
                                         "--optimizer_args", "weight_decay=0.01", "betas=(0.9,0.99)"])
     assert (args.learning_rate, args.rank, args.train_batch_size, args.resolution) == (5e-4, 4, 4, 512)
     assert (args.lr_scheduler, args.lr_warmup_steps, args.checkpointing_steps) == ("constant", 500, 500)
-    assert (args.output_dir, args.num_validation_images, args.optimizer) == ("lora-dreambooth-model", 4, "adaprelora")
+    assert (args.output_dir, args.num_validation_images, args.optimizer) == ("lora-dreambooth-model", 4, "adamw")
     assert args.optimizer_args == {"weight_decay": 0.01, "betas": (0.9, 0.99)}
     assert args.skip_export_check is False
     assert (args.caption_dropout_rate, args.class_caption_dropout_rate) == (0.0, 0.0)

@@ -112,7 +112,8 @@ class TrainConfig:
     network_module: str = "networks.lora"
     network_args: Optional[Union[list, dict]] = None
     # Optimisation
-    optimizer: str = "adaprelora"
+    # AdamW: no AdaPreLoRA variant beat it on the quality suites (docs/results.md); --optimizer adaprelora
+    optimizer: str = "adamw"
     optimizer_args: dict = field(default_factory=dict)
     learning_rate: float = 5e-4
     scale_lr: bool = False

@@ -23,7 +23,8 @@ class FinetuneConfig:
     train_file: Optional[str] = None
     validation_file: Optional[str] = None
     validation_mismatched_file: Optional[str] = None  # MNLI only
-    optimizer: str = "adaprelora"
+    # AdamW: AdaPreLoRA lost to it on the LLM suites (E2E, MiniLM; docs/results.md); --optimizer adaprelora
+    optimizer: str = "adamw"
     optimizer_args: dict = field(default_factory=dict)
     lora_r: int = 8
     lora_alpha: float = 16.0
