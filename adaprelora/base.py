@@ -235,7 +235,7 @@ class LoRAPairOptimizer(Optimizer):
         if self._buckets is None:
             self._buckets = self._build_buckets()  # the state, as normal tensors: outside inference mode
         # Inference mode drops the autograd and version-counter work of every op: the bucket steps
-        # are hundreds of small ops on CPU (~6% of step() on one thread). Their temporaries and
+        # are hundreds of small ops on CPU (8% of step() on one thread, docs/benchmarks.md). Their temporaries and
         # caches (Bucket.scales, Bucket.views) are inference tensors used only here; the state and
         # the parameters are normal tensors updated in place, which inference mode allows.
         with torch.inference_mode():
