@@ -67,6 +67,19 @@ def test_classification_smoke(tmp_path):
         run = o["runs"][0]
         assert len(run["curve_test_acc"]) == len(run["curve_steps"])
         assert all(_finite(v) for v in run["train_loss"])
+        # log2 sweep: 2 points, then one extension at the end holding the best (max_extend 1)
+        grid = o["lr_grid"]
+        assert grid == sorted(grid) and len(grid) == 3 and o["best_lr"] in grid
+        assert all(math.isclose(hi / lo, 2.0) for lo, hi in zip(grid, grid[1:]))
+        assert set(o["sweep"]) == {str(lr) for lr in grid}
+        assert o["interior"] == (o["best_lr"] == grid[1])
+        assert o["band"]["best_lr"] == o["best_lr"] and o["band"]["band_width_log2"] in (0.0, 1.0, 2.0)
+    assert len(out["parts"]) == 1 and out["wall_s"] == out["parts"][0]["wall_s"]
+    # run in parts: a second part with one config replaces its entry and keeps the others
+    again = _run("classification", tmp_path, configs="adamw")
+    assert list(again["optimizers"]) == list(out["optimizers"]) and len(again["parts"]) == 2
+    assert again["optimizers"]["adaprelora"]["runs"] == out["optimizers"]["adaprelora"]["runs"]
+    assert again["optimizers"]["adamw"]["summary"]["test_acc"] == out["optimizers"]["adamw"]["summary"]["test_acc"]
 
 
 def test_gsm8k_smoke(tmp_path):
@@ -203,6 +216,18 @@ def test_dreambooth_quick_verdicts_and_plan(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "(a) AdaPreLoRA's held-out subject loss not better than AdamW's (both at 0.002)" in printed
     assert "+2.5% [+2.5, +2.5], higher in 1 of 1 pairs: reproduced" in printed
+    # --full: (a) on every built-in subject x 5 seeds; --full --resume keeps what --quick ran
+    full = Q.plan(Q.PROFILES["full"], Q.CONFIGS, 2e-3, {"adamw": {"lr": 2.5e-4}, "adaprelora": {"lr": 5e-4}})
+    pairs_a = {(j["subject"], j["seed"]) for j in full if j["part"] == "a"}
+    assert len(pairs_a) == 20 and {s for s, _ in pairs_a} == {"heart", "crescent", "striped ring", "arrow"}
+    assert {Q.job_key(j) for j in jobs} <= {Q.job_key(j) for j in full} and len(full) == 46
+    quick_file, full_file = tmp_path / "quick.json", tmp_path / "full.json"
+    quick_file.write_text(json.dumps({"runs": rows, "base": {"heart": {"subject_loss": 0.09}}}))
+    full_file.write_text(json.dumps({"runs": rows[1:] + [{**rows[0], "lr": 1.0}], "base": {}}))
+    kept, used = Q.kept_runs([str(full_file), str(quick_file), str(tmp_path / "missing.json")], full)
+    assert [Q.job_key(r) for r in kept["runs"]] == [Q.job_key(rows[1]), Q.job_key(rows[0])]  # each once
+    assert used == [str(full_file), str(quick_file)] and kept["base"] == {"heart": {"subject_loss": 0.09}}
+    assert Q.kept_runs([], full) == ({"runs": [], "base": {}}, [])
     lists = Q.deal(jobs, 2)
     assert sorted(map(str, lists[0] + lists[1])) == sorted(map(str, jobs))
     for mine in lists:

@@ -14,7 +14,8 @@ Two worker processes (one torch thread each) share the runs; each run is indepen
 numbers do not depend on which worker ran it. Every worker has a time limit.
 
     python -m benchmarks.quality dreambooth --quick     # 6 + 6 runs, writes quality_dreambooth_quick.json
-    python -m benchmarks.quality dreambooth --full      # (b) on 3 seeds: 6 + 18 runs, in about 2 hours
+    python -m benchmarks.quality dreambooth --full --resume   # (a) on 4 subjects x 5 seeds: 40 + 6 runs,
+                                                              # the quick profile's 12 kept (about 70 min)
     python -m benchmarks.quality dreambooth --smoke     # a few steps per run (CI)
     python -m benchmarks.quality dreambooth --quick --resume   # after a stop: only the missing runs
     python -m benchmarks.quality dreambooth --quick --report   # the table of the JSON only
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
+
+from adaprelora.tiny_t2i.scenes import SUBJECTS
 
 from . import common as C
 from . import heldout as H
@@ -55,9 +58,10 @@ PROFILES = {
     "quick": dict(heldout="quick", judge_subjects=("heart", "crescent", "arrow"),
                   confirm_subjects=H.CONFIRM_SUBJECTS, judge_seeds=(0,), confirm_seeds=(0,), judge={},
                   run_timeout_s=1800),
-    "full": dict(heldout="quick", judge_subjects=("heart", "crescent", "arrow"),
-                 confirm_subjects=H.CONFIRM_SUBJECTS, judge_seeds=(0,), confirm_seeds=(0, 1, 2), judge={},
-                 run_timeout_s=1800),
+    # The confirmation of (a): every built-in subject x 5 seeds (20 pairs), (b) as in quick. The quick
+    # profile's runs are the same runs (deterministic) and are kept by `--resume`: 34 new runs.
+    "full": dict(heldout="quick", judge_subjects=SUBJECTS, confirm_subjects=H.CONFIRM_SUBJECTS,
+                 judge_seeds=(0, 1, 2, 3, 4), confirm_seeds=(0,), judge={}, run_timeout_s=1800),
 }
 
 
@@ -326,17 +330,16 @@ def main(args, log=print) -> int:
     app_lr = float(DREAMBOOTH_DEFAULTS["learning_rate"])
     tuned = tuned_lrs(configs)
     jobs = plan(prof, configs, app_lr, tuned)
-    earlier = {"runs": [], "base": {}}
-    if getattr(args, "resume", False) and os.path.isfile(path):
-        with open(path) as fh:
-            earlier = json.load(fh)
-        wanted = {job_key(j) for j in jobs}
-        earlier["runs"] = [r for r in earlier["runs"] if job_key(r) in wanted]
+    # --full trains and scores as --quick does (the same held-out profile), so it keeps quick's runs too
+    sources = [path] + ([os.path.join(args.out_dir or C.RESULTS_DIR, f"quality_{name}.json")]
+                        if prof["heldout"] == PROFILES["quick"]["heldout"] else [])
+    earlier, kept_from = kept_runs(sources if getattr(args, "resume", False) else [], jobs)
     done = {job_key(r) for r in earlier["runs"]}
+    kept_from = ", ".join(os.path.relpath(p, REPO) for p in kept_from) or "none"
     todo = [j for j in jobs if job_key(j) not in done]
     workers = max(1, min(args.workers, len(todo) or 1))
     load_start = os.getloadavg()
-    log(f"dreambooth ({profile}): {len(todo)} runs on {workers} workers ({len(done)} kept from {path}); (a) at the "
+    log(f"dreambooth ({profile}): {len(todo)} runs on {workers} workers ({len(done)} kept, from {kept_from}); (a) at the "
         f"app's lr {app_lr:g}, (b) at the tuned lrs " + ", ".join(f"{c} {t['lr']:g} ({t['source']})" for c, t in tuned.items()))
     header = {
         "suite": "dreambooth", "profile": profile, "commit": H._git_commit(),
@@ -376,6 +379,25 @@ def main(args, log=print) -> int:
             "the table covers the finished ones; `--resume` runs only the missing ones")
         return 1
     return 0
+
+
+def kept_runs(paths: list, jobs: list) -> tuple:
+    """({"runs", "base"}, the files they came from): the finished runs of `jobs` found in the results
+    files `paths`, first file first. A larger profile's jobs include the quick profile's, which are the
+    same runs (each run is deterministic), so `--full --resume` keeps what `--quick` ran."""
+    wanted, seen, earlier, used = {job_key(j) for j in jobs}, set(), {"runs": [], "base": {}}, []
+    for path in dict.fromkeys(paths):
+        if not os.path.isfile(path):
+            continue
+        with open(path) as fh:
+            kept = json.load(fh)
+        new = [r for r in kept["runs"] if job_key(r) in wanted and job_key(r) not in seen]
+        seen.update(job_key(r) for r in new)
+        earlier["runs"] += new
+        earlier["base"] = {**kept.get("base", {}), **earlier["base"]}
+        if new:
+            used.append(path)
+    return earlier, used
 
 
 def job_key(run: dict) -> tuple:
