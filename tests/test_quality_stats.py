@@ -182,3 +182,36 @@ def test_paired_vs_baseline_pairs_by_seed():
     iv = out["other"]["acc"]
     assert iv["n"] == 2 and iv["units"] == [0, 2] and iv["mean"] == pytest.approx(0.05)
     assert stats.paired_vs_baseline({"other": runs["other"]}, "adamw", {"acc": False}) == {}
+
+
+def test_sweep_lr_extends_the_grid_until_the_best_is_interior():
+    """`common.sweep_lr` on a score peaked at 2^-7 (worked by hand): a grid around 2^-3 grows one
+    point at a time on the low side, each lr half the last, and stops once the peak is interior
+    or the extensions run out; ties go to the lower lr; a fixed lr is never extended."""
+    from benchmarks.quality import common as C
+
+    assert C.log2_grid(3e-3, 3) == [1.5e-3, 3e-3, 6e-3] and C.log2_grid(1.0, 4) == [0.5, 1.0, 2.0, 4.0]
+    calls = []
+
+    def run(lr):
+        calls.append(lr)
+        return {"score": -abs(math.log2(lr) + 7)}
+
+    def key(rec):
+        return (rec["score"],)
+
+    out = C.sweep_lr(run, C.log2_grid(2.0 ** -3, 3), key, max_extend=4)
+    assert calls == [2.0 ** -4, 2.0 ** -3, 2.0 ** -2, 2.0 ** -5, 2.0 ** -6, 2.0 ** -7, 2.0 ** -8]
+    assert out["lrs"] == sorted(calls) and out["best_lr"] == 2.0 ** -7 and out["interior"] is True
+    assert out["extended"] == 4 and set(out["sweep"]) == set(calls)
+    calls.clear()
+    out = C.sweep_lr(run, C.log2_grid(2.0 ** -3, 3), key, max_extend=3)
+    assert calls[-1] == 2.0 ** -7 and out["best_lr"] == 2.0 ** -7 and out["interior"] is False
+    calls.clear()
+    out = C.sweep_lr(run, [2.0 ** -10, 2.0 ** -9], key, max_extend=5)  # upwards
+    assert calls == [2.0 ** -10, 2.0 ** -9, 2.0 ** -8, 2.0 ** -7, 2.0 ** -6] and out["interior"] is True
+    out = C.sweep_lr(lambda lr: {"score": 1.0}, [1.0, 2.0, 4.0], key, max_extend=0)
+    assert out["best_lr"] == 1.0 and out["interior"] is False  # a tie goes to the lower lr
+    calls.clear()
+    out = C.sweep_lr(run, [1.0], key, max_extend=3, fixed=True)
+    assert calls == [1.0] and out["interior"] is None and out["extended"] == 0

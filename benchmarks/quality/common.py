@@ -9,7 +9,7 @@ import platform
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -275,6 +275,73 @@ def plot_curves(path: str, series: dict, *, title: str, xlabel: str, ylabel: str
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def log2_grid(centre: float, points: int) -> list:
+    """`points` lrs a factor 2 apart, `centre` at index (points - 1) // 2."""
+    return [centre * 2.0 ** (k - (points - 1) // 2) for k in range(points)]
+
+
+def sweep_lr(run_point: Callable[[float], dict], grid: Sequence[float], key: Callable[[dict], tuple],
+             max_extend: int, fixed: bool = False, log=None) -> dict:
+    """The lr tuning of the suites: `run_point(lr)` (a training run on the tuning seed, returning
+    its record) at every lr of `grid`, the best picked by `key(record)` (largest wins; equal keys:
+    the lower lr). While the best sits at an end of the grid, one more point is run beyond that
+    end (half the lowest lr or twice the highest: a log2 grid stays one), up to `max_extend`
+    times, so the best lr is interior where the budget allows. `fixed`: a documented lr only
+    (Prodigy's 1.0), never extended, and `interior` is None (neither interior nor not).
+    Returns {"sweep": {lr: record}, "lrs": sorted lrs, "best_lr", "interior", "extended"}."""
+    sweep = {}
+    for lr in grid:
+        sweep[lr] = run_point(lr)
+
+    def best_of(lrs):
+        return max(lrs, key=lambda lr: key(sweep[lr]))  # max keeps the first (lowest) of equal keys
+
+    extended = 0
+    while not fixed and extended < max_extend:
+        lrs = sorted(sweep)
+        best = best_of(lrs)
+        if best == lrs[0]:
+            lr = lrs[0] / 2
+        elif best == lrs[-1]:
+            lr = lrs[-1] * 2
+        else:
+            break
+        if log:
+            log(f"  best lr {best:g} at the grid's end: extending to {lr:g}")
+        sweep[lr] = run_point(lr)
+        extended += 1
+    lrs = sorted(sweep)
+    best_lr = best_of(lrs)
+    return {"sweep": sweep, "lrs": lrs, "best_lr": best_lr,
+            "interior": None if fixed else 0 < lrs.index(best_lr) < len(lrs) - 1, "extended": extended}
+
+
+def result_path(suite: str, profile: str, out_dir: Optional[str] = None, tag: Optional[str] = None) -> str:
+    """Where `write_json` puts a suite's results (the `__main__` naming, `tag` a suffix)."""
+    name = suite + (f"_{tag}" if tag else "")
+    return os.path.join(out_dir or RESULTS_DIR, f"quality_{name}.json" if profile == "quick" else
+                        f"quality_{name}_{profile}.json")
+
+
+def load_previous(path: str, result: dict, keys: Sequence[str], log=print) -> Optional[dict]:
+    """The results already at `path` when they were made with the same settings (the `keys` of
+    the result and its `profile_settings`, the config list aside), else None: a suite run in
+    parts merges its configs into them, one of other settings is replaced."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        old = json.load(fh)
+    new = json.loads(json.dumps(_json_safe(result)))
+
+    def settings(res):
+        return {k: v for k, v in res.get("profile_settings", {}).items() if k != "configs"}
+
+    if not (all(old.get(k) == new.get(k) for k in keys) and settings(old) == settings(new)):
+        log(f"  {path} holds results of other settings: they are replaced, not merged")
+        return None
+    return old
 
 
 def timed_step(opt, extra_opts=()) -> float:

@@ -58,7 +58,7 @@ def lr_grid(config: C.OptConfig, points: int) -> list:
     if config.name in C.FIXED_LRS:
         return list(C.FIXED_LRS[config.name])
     centre = LR_CENTRE_BY_LABEL.get(config.label, LR_CENTRE["sgd" if config.family == "sgd" else "adam"])
-    return [centre * 2.0 ** (k - (points - 1) // 2) for k in range(points)]
+    return C.log2_grid(centre, points)
 
 
 def examples(tok, rows) -> list:
@@ -150,34 +150,11 @@ def _band(sweep: dict) -> Optional[dict]:
 
 def result_path(profile: str, out_dir=None, tag=None) -> str:
     """Where `__main__` writes this profile's JSON (`common.write_json`'s naming)."""
-    import os
-
-    name = "e2e" + (f"_{tag}" if tag else "")
-    return os.path.join(out_dir or C.RESULTS_DIR, f"quality_{name}.json" if profile == "quick" else
-                        f"quality_{name}_{profile}.json")
+    return C.result_path("e2e", profile, out_dir, tag)
 
 
-def _comparable(old: dict, new: dict) -> bool:
-    """Same task, model and budget (the config list aside): their runs can share one table."""
-    keys = ("profile", "setup", "prompt", "data")
-    settings = {k: v for k, v in new["profile_settings"].items() if k != "configs"}
-    return (all(old.get(k) == new.get(k) for k in keys)
-            and {k: v for k, v in old.get("profile_settings", {}).items() if k != "configs"} == settings)
-
-
-def _load_previous(path: str, result: dict, log=print) -> Optional[dict]:
-    """The results already at `path` when they were made with the same settings, else None."""
-    import json
-    import os
-
-    if not os.path.exists(path):
-        return None
-    with open(path) as fh:
-        old = json.load(fh)
-    if not _comparable(old, json.loads(json.dumps(C._json_safe(result)))):
-        log(f"  {path} holds results of other settings: they are replaced, not merged")
-        return None
-    return old
+# Same task, model and budget (the config list aside): their runs can share one table.
+MERGE_KEYS = ("profile", "setup", "prompt", "data")
 
 
 def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None, img_dir=None, out_dir=None,
@@ -211,7 +188,7 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
               "metrics": {"bleu": "sacrebleu corpus BLEU, multi-reference", "rouge_l": "rouge-score ROUGE-L F1, "
                           "best reference per record, mean", "heldout_loss": "cross-entropy per reference token"},
               "optimizers": {}}
-    previous = _load_previous(result_path(profile, out_dir, tag), result, log)
+    previous = C.load_previous(result_path(profile, out_dir, tag), result, MERGE_KEYS, log)
     if previous is not None:
         log(f"  merging into {len(previous['optimizers'])} configs already run: "
             f"{', '.join(previous['optimizers'])}")
@@ -233,33 +210,21 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
     for label in configs:
         t_config = time.perf_counter()
         cfg = C.CONFIGS_BY_LABEL[label]
-        grid = lr_grid(cfg, prof["lr_points"])
-        sweep, states = {}, {}
+        states = {}
 
         def sweep_point(lr):
             model, rec = train(cfg, lr, seed0)
             rec["val"] = None if rec["nonfinite"] else evaluate(model, tok, val_rows, val_ex, prof["max_new_tokens"])
-            sweep[lr], states[lr] = rec, (None if rec["nonfinite"] else _lora_state(model))
+            states[lr] = None if rec["nonfinite"] else _lora_state(model)
             v = rec["val"] or {}
             log(f"  {label:16s} lr={lr:<9.3g} seed {seed0}: val BLEU {C._fmt(v.get('bleu'))} ROUGE-L "
                 f"{C._fmt(v.get('rouge_l'))} loss {C._fmt(v.get('heldout_loss'))} train loss "
                 f"{C._fmt(rec['final_train_loss'])}")
+            return rec
 
-        for lr in grid:
-            sweep_point(lr)
-        extended = 0
-        while cfg.name not in C.FIXED_LRS and extended < prof["max_extend"]:
-            lrs = sorted(sweep)
-            best = max(lrs, key=lambda lr: _selection_key(sweep[lr]))
-            if best == lrs[0]:
-                sweep_point(lrs[0] / 2)
-            elif best == lrs[-1]:
-                sweep_point(lrs[-1] * 2)
-            else:
-                break
-            extended += 1
-        lrs = sorted(sweep)
-        best_lr = max(lrs, key=lambda lr: _selection_key(sweep[lr]))
+        tuned = C.sweep_lr(sweep_point, lr_grid(cfg, prof["lr_points"]), _selection_key, prof["max_extend"],
+                           fixed=cfg.name in C.FIXED_LRS)
+        sweep, lrs, best_lr = tuned["sweep"], tuned["lrs"], tuned["best_lr"]
         runs = []
         for s in prof["seeds"]:
             if s == seed0 and states[best_lr] is not None:
@@ -276,7 +241,7 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
         result["optimizers"][label] = {
             "kwargs": cfg.kwargs, "lr_grid": lrs, "best_lr": best_lr,
             # a fixed lr (Prodigy's 1.0) has no sweep: neither interior nor not
-            "interior": None if cfg.name in C.FIXED_LRS else 0 < lrs.index(best_lr) < len(lrs) - 1,
+            "interior": tuned["interior"],
             "band": None if cfg.name in C.FIXED_LRS else _band(sweep),
             "sweep": {str(lr): {"val": sweep[lr]["val"], "final_train_loss": sweep[lr]["final_train_loss"]}
                       for lr in lrs},

@@ -38,19 +38,22 @@ def main(folder: str = "benchmarks/results") -> None:
         print(f"\n### Classification ({ps['steps']} steps x batch {ps['batch']}, {len(ps['seeds'])} seeds, "
               f"test {res['data']['test']} held-out-template sentences"
               + (f" and {res['data']['test_seen']} new sentences of the training templates" if "test_seen" in res["data"]
-                 else "") + f", wall {res['wall_s']:.0f} s)\n")
+                 else "") + f"; differences to AdamW paired by seed with bootstrap 95% intervals; wall "
+              f"{res['wall_s']:.0f} s)\n")
         print(markdown_table(classification.TABLE_HEADERS, classification.table_rows(res)))
+        if res.get("parts"):
+            print("\nRun in parts, merged by config (configs, code version, wall time):\n")
+        for part in res.get("parts", []):
+            print(f"- {', '.join(part['configs'])}: commit {(part['commit'] or '?')[:7]}, {part['wall_s']:.0f} s, "
+                  f"finished {part['finished']}")
         if res["damping"]:
             print("\nDamping sensitivity (at the damping-0.1 best lr):\n")
             print(markdown_table(classification.DAMPING_HEADERS, classification.damping_rows(res)))
-        print("\nLearning-rate sweep (seed 0; val accuracy / test accuracy / final train loss):\n")
-        rows = []
-        for label, o in res["optimizers"].items():
-            rows.append([label] + [f"{lr}: {v['val_acc']:.3f} / {v['test_acc']:.3f} / {v['final_train_loss']:.3f}" if v["val_acc"] is not None
-                                   else f"{lr}: diverged" for lr, v in o["sweep"].items()])
-        width = max(len(r) for r in rows)
-        rows = [r + [""] * (width - len(r)) for r in rows]
-        print(markdown_table(["optimizer"] + [f"lr {i + 1}" for i in range(width - 1)], rows))
+        rows = classification.sweep_rows(res)
+        if rows:
+            print("\nLearning-rate sweep (seed 0; val accuracy / unseen-template test accuracy / seen-template test "
+                  "accuracy / final train loss):\n")
+            print(markdown_table(["optimizer"] + [f"lr {i + 1}" for i in range(len(rows[0]) - 1)], rows))
     for name in ("quality_dreambooth.json", "quality_dreambooth_ablations.json", "quality_dreambooth_others1.json",
                  "quality_dreambooth_others2.json"):
         path = os.path.join(folder, name)
