@@ -297,6 +297,7 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
     else:
         result["parts"] = []
     seeds = prof["seeds"]
+    parts_before, done = result["parts"], []
     for label in configs:
         t_config = time.perf_counter()
         cfg = C.CONFIGS_BY_LABEL[label]
@@ -327,17 +328,29 @@ def run_suite(profile: str = "quick", log=print, configs: Optional[list] = None,
         if label in prof["damping"]:
             result["damping"][label] = damping_sweep(label, best_lr, runs, prof, log)
         result["optimizers"][label]["wall_s"] = time.perf_counter() - t_config
-    order = list(prof["configs"])  # the profile's order, whichever part ran first
+        done.append(label)
+        # each part: what it ran, at which code version, how long it took (the suite's wall time is their sum)
+        part = {"configs": list(done), "commit": commit, "wall_s": time.perf_counter() - t_start,
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        _collect(result, prof, parts_before + [part])
+        # written after every config, so a stop loses only the config that was running
+        C.write_json(result, "classification" + (f"_{tag}" if tag else ""), profile, out_dir)
+    if not done:
+        _collect(result, prof, parts_before)
+    report(result, log, img_dir)
+    return result
+
+
+def _collect(result: dict, prof: dict, parts: list) -> None:
+    """Orders the configs as the profile does (whichever part ran first), adds the paired
+    intervals and the parts' total wall time."""
+    order = list(prof["configs"])
     result["optimizers"] = dict(sorted(result["optimizers"].items(),
                                        key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     add_paired(result)
-    # each part: what it ran, at which code version, how long it took (the suite's wall time is their sum)
-    result["parts"].append({"configs": configs, "commit": commit, "wall_s": time.perf_counter() - t_start,
-                            "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
-    result["commit"] = commit
-    result["wall_s"] = sum(p["wall_s"] for p in result["parts"])
-    report(result, log, img_dir)
-    return result
+    result["parts"] = parts
+    result["commit"] = parts[-1]["commit"] if parts else None
+    result["wall_s"] = sum(p["wall_s"] for p in parts)
 
 
 def damping_sweep(label: str, lr: float, runs: list, prof: dict, log=print) -> dict:
