@@ -116,12 +116,13 @@ def make_problem(kind: str, seed: int, p: dict):
     return base, x_tr, y_tr, x_ev, y_ev
 
 
-def lora_model(base: nn.Module, kind: str, rank: int, seed: int):
+def lora_model(base: nn.Module, kind: str, rank: int, seed: int, alpha: Optional[int] = None):
+    """The PEFT LoRA model of a problem; `alpha` defaults to the rank (scale 1)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     targets = ["fc"] if kind == "linear" else ["fc1", "fc2"]
-    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0, bias="none")
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, lora_dropout=0.0, bias="none")
     return get_peft_model(base, cfg)
 
 
@@ -130,7 +131,7 @@ def run_one(kind: str, config: C.OptConfig, lr: float, seed: int, steps: int, ev
     """One training run; `accum` > 1 splits each batch into that many micro-batches whose
     backward passes accumulate (same gradient, AdaPreLoRA's exact energies summed per micro-batch)."""
     base, x_tr, y_tr, x_ev, y_ev = make_problem(kind, seed, p)
-    model = lora_model(base, kind, p["lora_rank"], seed)
+    model = lora_model(base, kind, p["lora_rank"], seed, p.get("lora_alpha"))
     opt = config.build(model, lr)
     sched = C.LrSchedule([opt], steps, p["schedule"], p["warmup"])
     gen = torch.Generator().manual_seed(20_000 + seed)

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from . import classification, conditioning, dreambooth, e2e, gsm8k, studies
+from . import classification, conditioning, dreambooth, e2e, gsm8k, rank_alpha, studies
 from .common import markdown_table
 
 
@@ -30,6 +30,14 @@ def main(folder: str = "benchmarks/results") -> None:
         print(markdown_table(studies.MOM_HEADERS, studies.mom_rows(res)))
         print()
         print(markdown_table(studies.ACC_HEADERS, studies.acc_rows(res)))
+    path = os.path.join(folder, "quality_rank_alpha.json")
+    if os.path.exists(path):
+        res = json.load(open(path))
+        ps = res["profile_settings"]
+        print(f"\n### Rank and alpha ({ps['steps']} steps, {len(ps['seeds'])} seeds, wall {res['wall_s']:.0f} s)\n")
+        print(markdown_table(rank_alpha.SPAN_HEADERS, rank_alpha.span_rows(res)))
+        print()
+        print(markdown_table(rank_alpha.HEADERS, rank_alpha.table_rows(res)))
     path = os.path.join(folder, "quality_classification.json")
     if os.path.exists(path):
         res = json.load(open(path))
