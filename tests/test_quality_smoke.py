@@ -203,6 +203,7 @@ def test_dreambooth_quick_verdicts_and_plan(tmp_path, capsys):
     assert result["missing_runs"] == 10 and not result["complete"] and not result["reproduced"]
     assert result["base"] == {"heart": {"subject_loss": 0.09}} and result["run_s_sum"] == 2.0
     assert [c["metric"] for c in result["comparisons"]] == ["subject_fidelity", "subject_loss", "prior_loss"]
+    assert Q.subject_rows(result) == [["a", jobs[0]["subject"], 1, "0.800 / 0.800", "0.0400 / 0.0410", "0.0200 / 0.0200"]]
     (tmp_path / "quality_dreambooth_quick.json").write_text(json.dumps(result))
     threads = torch.get_num_threads()
     try:  # bad input: one error line, exit 2, nothing run

@@ -295,10 +295,37 @@ def report(result: dict, log=print) -> None:
         text = (f"both at {part_lrs['adamw']:g}" if part_lrs["adamw"] == part_lrs["adaprelora"]
                 else f"{part_lrs['adaprelora']:g} vs {part_lrs['adamw']:g}")
         log(verdict_line(c, text))
+    log("\n== per subject, mean over seeds (AdamW / AdaPreLoRA) ==")
+    log(C.format_table(SUBJECT_HEADERS, subject_rows(result)))
     missing = result.get("missing_runs", 0)
     verdict = ("reproduced" if result["reproduced"] else f"incomplete: {missing} of the runs missing, "
                "`--resume` runs them" if missing else "NOT reproduced")
     log(f"headline direction (AdaPreLoRA does not beat AdamW): {verdict}")
+
+
+SUBJECT_HEADERS = ["part", "subject", "seeds", "fidelity", "subject loss", "prior loss"]
+
+
+def subject_rows(result: dict) -> list:
+    """Each part's (subject) means over the seeds both optimizers finished, "AdamW / AdaPreLoRA"."""
+    rows = []
+    for part in ("a", "b"):
+        for subject in dict.fromkeys(r["subject"] for r in result["runs"] if r["part"] == part):
+            by = {c: {r["seed"]: r for r in result["runs"] if (r["part"], r["subject"], r["config"]) == (part, subject, c)}
+                  for c in CONFIGS}
+            seeds = sorted(set(by["adamw"]) & set(by["adaprelora"]))
+            if not seeds:
+                continue
+
+            def pair(metric, fmt):
+                vals = [[by[c][d].get(metric) for d in seeds] for c in CONFIGS]
+                if any(v is None for vs in vals for v in vs):
+                    return "-"
+                return " / ".join(fmt.format(float(np.mean(vs))) for vs in vals)
+
+            rows.append([part, subject, len(seeds), pair("subject_fidelity", "{:.3f}"),
+                         pair("subject_loss", "{:.4f}"), pair("prior_loss", "{:.4f}")])
+    return rows
 
 
 # -- the command ---------------------------------------------------------------------------------
