@@ -60,8 +60,8 @@ ABLATION_CONFIGS = [
     OptConfig("adaprelora-raw", "adaprelora", {"stats": "raw"}),
     OptConfig("adaprelora-ema", "adaprelora-sgd", {"stats": "exact", "momentum_before_solve": True}, family="sgd"),
 ]
-# LoRA-RITE (pytorch-optimizer's): LoRA pairs only, so not for suites that train a head as well
-# (MiniLM); ask for it by name (--configs lora-rite) where only the adapter trains (DreamBooth).
+# LoRA-RITE (pytorch-optimizer's): LoRA pairs only, so for suites where only the adapter trains or
+# other tensors have their own optimizer (MiniLM's head); elsewhere ask for it by name (--configs lora-rite).
 PAIR_ONLY_CONFIGS = [OptConfig("lora-rite", "lora-rite")]
 CONFIGS_BY_LABEL = {c.label: c for c in ALL_CONFIGS + USER_CONFIGS + ABLATION_CONFIGS + PAIR_ONLY_CONFIGS}
 FIXED_LRS = {"prodigy": (1.0,)}
