@@ -190,6 +190,10 @@ def test_dreambooth_quick_verdicts_and_plan(tmp_path, capsys):
     loss = Q.Claim("a", "subject_loss", True, "not better", "")
     assert Q.compare(runs("a", "subject_loss", [1.0, 1.0, 1.0], [1.1, 1.2, 1.1]), loss)["reproduced"]
     assert not Q.compare(runs("a", "subject_loss", [1.0, 1.0, 1.0], [0.9, 0.8, 0.9]), loss)["reproduced"]
+    not_worse = Q.Claim("a", "subject_loss", True, "not worse", "")
+    assert Q.compare(runs("a", "subject_loss", [1.0, 1.0, 1.0], [0.9, 0.8, 0.9]), not_worse)["reproduced"]
+    assert Q.compare(runs("a", "subject_loss", [1.0, 2.0, 1.0], [1.05, 1.9, 0.99]), not_worse)["reproduced"]
+    assert not Q.compare(runs("a", "subject_loss", [1.0, 1.0, 1.0], [1.1, 1.2, 1.1]), not_worse)["reproduced"]
     assert Q.compare(runs("b", "subject_loss", [1.0], [1.1]), Q.HEADLINE[0]) is None  # no pair for that part
 
     jobs = Q.plan(Q.PROFILES["quick"], Q.CONFIGS, 2e-3, {"adamw": {"lr": 2.5e-4}, "adaprelora": {"lr": 5e-4}})
