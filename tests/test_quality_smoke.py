@@ -219,7 +219,7 @@ def test_dreambooth_quick_verdicts_and_plan(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
-    assert "(a) AdaPreLoRA's held-out subject loss not better than AdamW's (both at 0.002)" in printed
+    assert "(a) AdaPreLoRA's held-out subject loss not worse than AdamW's (both at 0.002)" in printed
     assert "+2.5% [+2.5, +2.5], higher in 1 of 1 pairs: reproduced" in printed
     # --full: (a) on every built-in subject x 5 seeds; --full --resume keeps what --quick ran
     full = Q.plan(Q.PROFILES["full"], Q.CONFIGS, 2e-3, {"adamw": {"lr": 2.5e-4}, "adaprelora": {"lr": 5e-4}})
