@@ -21,8 +21,6 @@ import os
 import time
 from typing import Optional
 
-import numpy as np
-
 from . import common as C
 from . import conditioning as S
 
@@ -58,11 +56,8 @@ def _start_lr(kind: str, label: str, config: C.OptConfig) -> float:
 
 
 def _score(record: dict) -> tuple:
-    """Larger is better for `sweep_lr`: minus the mean log10 final loss over seeds (diverged: -inf)."""
-    vals = record["final_rel_loss"]
-    if any(v is None or not math.isfinite(v) for v in vals):
-        return (-math.inf,)
-    return (-float(np.mean(np.log10(np.maximum(vals, 1e-300)))),)
+    """Larger is better for `sweep_lr`: minus suite 1's score (mean log10 final loss; diverged: +inf)."""
+    return (-S._score([{"final_rel_loss": v} for v in record["final_rel_loss"]]),)
 
 
 def run_setting(kind: str, config: C.OptConfig, rank: int, alpha, start_lr: float, prof: dict, log) -> dict:
