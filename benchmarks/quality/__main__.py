@@ -1,6 +1,8 @@
-"""python -m benchmarks.quality {conditioning,classification,gsm8k,e2e,studies,dreambooth,dreambooth-nopp,dreambooth-heldout,all} [--smoke|--quick|--full]
+"""python -m benchmarks.quality {conditioning,classification,gsm8k,e2e,studies,dreambooth,dreambooth-others,dreambooth-nopp,dreambooth-heldout,all} [--smoke|--quick|--full]
 
 dreambooth: the DreamBooth headline of docs/results.md, small (benchmarks/quality/dreambooth_quick.py);
+dreambooth-others: Prodigy, Scaled AdamW and Adafactor judge-tuned and paired with that confirmation
+(benchmarks/quality/dreambooth_others.py);
 dreambooth-nopp: the judge suite without prior preservation (suite 4, writes quality_dreambooth.json);
 dreambooth-heldout: the held-out-loss suite (suite 4b)."""
 from __future__ import annotations
@@ -16,7 +18,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=["conditioning", "classification", "gsm8k", "e2e", "studies", "dreambooth",
-                                          "dreambooth-nopp", "dreambooth-heldout", "rank-alpha", "all"])
+                                          "dreambooth-others", "dreambooth-nopp", "dreambooth-heldout", "rank-alpha", "all"])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--smoke", action="store_const", dest="profile", const="smoke", help="a few steps (CI)")
     group.add_argument("--quick", action="store_const", dest="profile", const="quick", help="CPU profile (default)")
@@ -39,9 +41,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-extend", action="store_true",
                         help="dreambooth-heldout: do not extend a grid whose best lr is at an end")
     parser.add_argument("--report", action="store_true",
-                        help="dreambooth, dreambooth-heldout: print the tables of the JSON only")
+                        help="dreambooth, dreambooth-others, dreambooth-heldout: print the tables of the JSON only")
     parser.add_argument("--resume", action="store_true",
-                        help="dreambooth: keep the finished runs of its JSON and run only the missing ones")
+                        help="dreambooth, dreambooth-others: keep the finished runs of its JSON and run only the missing ones")
     parser.add_argument("--model", default=None,
                         help="dreambooth, dreambooth-nopp: the base model folder (default: assets/tiny-sd)")
     parser.add_argument("--workers", type=int, default=2,
@@ -59,10 +61,11 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    if args.suite in ("dreambooth", "dreambooth-heldout"):
-        from . import dreambooth_quick, heldout
+    if args.suite in ("dreambooth", "dreambooth-others", "dreambooth-heldout"):
+        from . import dreambooth_others, dreambooth_quick, heldout
 
-        run = dreambooth_quick.main if args.suite == "dreambooth" else heldout.main
+        run = {"dreambooth": dreambooth_quick.main, "dreambooth-others": dreambooth_others.main,
+               "dreambooth-heldout": heldout.main}[args.suite]
         return run(args, log=lambda msg: print(msg, flush=True))
     from . import common as C
 

@@ -295,27 +295,38 @@ def sweep_lr(run_point: Callable[[float], dict], grid: Sequence[float], key: Cal
     for lr in grid:
         sweep[lr] = run_point(lr)
 
-    def best_of(lrs):
-        return max(lrs, key=lambda lr: key(sweep[lr]))  # max keeps the first (lowest) of equal keys
-
     extended = 0
     while not fixed and extended < max_extend:
-        lrs = sorted(sweep)
-        best = best_of(lrs)
-        if best == lrs[0]:
-            lr = lrs[0] / 2
-        elif best == lrs[-1]:
-            lr = lrs[-1] * 2
-        else:
+        lr = next_grid_point({x: key(r) for x, r in sweep.items()})
+        if lr is None:
             break
         if log:
-            log(f"  best lr {best:g} at the grid's end: extending to {lr:g}")
+            log(f"  best lr {best_grid_point({x: key(r) for x, r in sweep.items()}):g} at the grid's end: "
+                f"extending to {lr:g}")
         sweep[lr] = run_point(lr)
         extended += 1
     lrs = sorted(sweep)
-    best_lr = best_of(lrs)
+    best_lr = best_grid_point({x: key(r) for x, r in sweep.items()})
     return {"sweep": sweep, "lrs": lrs, "best_lr": best_lr,
             "interior": None if fixed else 0 < lrs.index(best_lr) < len(lrs) - 1, "extended": extended}
+
+
+def best_grid_point(keys: dict) -> float:
+    """The lr of {lr: key} with the largest key (equal keys: the lower lr)."""
+    lrs = sorted(keys)
+    return max(lrs, key=lambda lr: keys[lr])  # max keeps the first (lowest) of equal keys
+
+
+def next_grid_point(keys: dict) -> Optional[float]:
+    """The lr a 2x log grid {lr: key} is extended by while its best lr sits at an end (half the
+    lowest or twice the highest), or None when the best is interior."""
+    lrs = sorted(keys)
+    best = best_grid_point(keys)
+    if best == lrs[0]:
+        return lrs[0] / 2
+    if best == lrs[-1]:
+        return lrs[-1] * 2
+    return None
 
 
 def result_path(suite: str, profile: str, out_dir: Optional[str] = None, tag: Optional[str] = None) -> str:
