@@ -63,8 +63,8 @@ class TrainProfile:
     max_train_steps: int = 500
     learning_rate: float = 1e-4
     rank: int = 8
-    # AdamW: on DreamBooth at the built-in model's defaults AdaPreLoRA did not beat it (subject
-    # fidelity and held-out loss level, the prior drifting a little more; docs/results.md), so the
+    # AdamW: on DreamBooth at the built-in model's defaults AdaPreLoRA did not beat it (4 subjects x 5
+    # seeds: AdamW drew the subject more often and its prior drifted less; docs/results.md), so the
     # form starts with the optimizer the data favours and AdaPreLoRA is one choice away.
     optimizer: str = "adamw"
     resolution: int = 512
