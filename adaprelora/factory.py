@@ -86,6 +86,11 @@ def _import(name: str):
         raise ImportError(f"optimizer {name!r} needs the {module} package: pip install {pin}") from None
 
 
+# Optimizers whose lr is a multiplier of their own step-size estimate, with the value their authors
+# document (the app sets it when one is picked; a much smaller lr hardly trains).
+DOCUMENTED_LRS = {"prodigy": 1.0}
+
+
 def _build_prodigy(model, *, lr, weight_decay: float = 0.0, use_bias_correction: bool = True,
                    safeguard_warmup: bool = True, **kw):
     """Prodigy (Mishchenko and Defazio 2024, https://huggingface.co/papers/2306.06101), the
@@ -100,7 +105,8 @@ def _build_prodigy(model, *, lr, weight_decay: float = 0.0, use_bias_correction:
     from prodigyopt import Prodigy
 
     if lr < 0.1:
-        warnings.warn(f"prodigy: lr={lr:g} scales Prodigy's own step-size estimate; the documented value is 1.0")
+        warnings.warn(f"prodigy: lr={lr:g} scales Prodigy's own step-size estimate; the documented value is "
+                      f"{DOCUMENTED_LRS['prodigy']:g}")
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
         return Prodigy(_trainable(model), lr=lr, weight_decay=weight_decay, use_bias_correction=use_bias_correction,
                        safeguard_warmup=safeguard_warmup, **kw)

@@ -398,6 +398,19 @@ def test_presets_fill_the_form_but_keep_a_typed_prompt(app):
     assert kept[0] == "my own prompt of zwx" and kept[3] == 32
 
 
+def test_picking_prodigy_sets_its_documented_lr_and_leaving_it_restores_the_profiles(app, tiny_sd):
+    """Prodigy's lr multiplies its own step-size estimate (1.0 documented): the form's 2e-3 would
+    hardly train, so picking it sets 1.0; another optimizer then gets the profile's lr back, and a
+    lr the user typed for a plain optimizer is kept."""
+    from adaprelora.app.defaults import profile_for
+    from adaprelora.factory import DOCUMENTED_LRS
+
+    client, profile_lr = app["client"], profile_for(tiny_sd).train.learning_rate
+    assert client.predict("prodigy", 2e-3, api_name="/optimizer_lr") == DOCUMENTED_LRS["prodigy"] == 1.0
+    assert client.predict("adaprelora", 1.0, api_name="/optimizer_lr") == profile_lr != 1.0
+    assert client.predict("adamw", 3e-4, api_name="/optimizer_lr") == 3e-4
+
+
 def test_delete_refuses_paths_outside_the_store(app):
     with pytest.raises(AppError, match="invalid LoRA name"):
         app["client"].predict("../output-root", api_name="/delete_lora")

@@ -62,6 +62,20 @@ class AppHandlers:
         return {name: instance_prompt if name == "instance_prompt" and keep_prompt else values[name]
                 for name in PRESET_FIELDS}
 
+    def optimizer_lr(self, optimizer: str, learning_rate):
+        """The learning rate to show when `optimizer` is picked: Prodigy's documented 1.0 (its lr scales
+        its own step-size estimate), the profile's when leaving such an optimizer's value, else the
+        value as it was (a lr the user typed is kept)."""
+        from adaprelora.factory import DOCUMENTED_LRS
+
+        if optimizer in DOCUMENTED_LRS:
+            return DOCUMENTED_LRS[optimizer]
+        try:
+            leaving = float(learning_rate) in DOCUMENTED_LRS.values()
+        except (TypeError, ValueError):  # an empty or unfinished field: Train says what is wrong
+            leaving = False
+        return self.profile.train.learning_rate if leaving else learning_rate
+
     def train(self, form: TrainForm, progress=gr.Progress()):
         """Train a DreamBooth LoRA on the uploaded images; streams progress, returns when done.
 

@@ -290,6 +290,9 @@ def wire(demo: gr.Blocks, h: AppHandlers, train: TrainTab, generate: GenerateTab
                                   api_visibility="undocumented",
                                   **keyed(h.preview_uploads, {"preview": train.preview,
                                                               "captions": train.fields["captions"]}))
+    train.fields["optimizer"].input(h.optimizer_lr, inputs=[train.fields["optimizer"], train.fields["learning_rate"]],
+                                    outputs=[train.fields["learning_rate"]], api_name="optimizer_lr",
+                                    api_visibility="undocumented")
     preset_outputs = {name: train.fields[name] for name in PRESET_FIELDS}
     train.preset.change(inputs=[train.preset, train.fields["instance_prompt"]], api_name="apply_preset",
                         api_visibility="undocumented", **keyed(h.apply_preset, preset_outputs))
