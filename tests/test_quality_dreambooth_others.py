@@ -69,6 +69,11 @@ def test_plan_rounds():
         tune, (0.4, 0.5, 0.3, 0.6, 0.5, 0.2, 0.7, 0.4))]
     jobs, states = O.plan(done, prof, APP_LR, workers=2)
     assert states["scaled-adamw"]["lr"] == 2e-3 and states["adamw"]["lr"] == 2e-3
+    rows = {r["config"]: r for r in O.tuning_rows(states, prof, APP_LR)}
+    assert rows["scaled-adamw"]["sweep"] == [[1e-3, 0.2], [2e-3, 0.7], [4e-3, 0.4]]
+    assert rows["scaled-adamw"]["band"]["band_width_log2"] == 0.0  # 0.2 and 0.4 < 90% of 0.7
+    assert (rows["prodigy"]["best_lr"], rows["prodigy"]["confirmed_at"]) == (1.0, 1.0)
+    assert rows["adamw"]["confirmed_at"] == APP_LR and rows["adamw"]["band"]["band_lo"] == 2e-3
     assert [(j["seed"], j["subject"], j["config"], j["lr"]) for j in jobs] == [
         (0, "crescent", "prodigy", 1.0), (0, "crescent", "scaled-adamw", 2e-3),
         (0, "arrow", "adamw", APP_LR), (0, "arrow", "prodigy", 1.0), (0, "arrow", "scaled-adamw", 2e-3),
@@ -127,6 +132,10 @@ def test_dreambooth_others_smoke(tmp_path, capsys):
             out = json.load(fh)
         capsys.readouterr()
         assert main(argv + ["--report"]) == 0
+        printed = capsys.readouterr().out
+        assert main(argv + ["--resume"]) == 0  # nothing missing: no run, the file rewritten with its parts
+        with open(tmp_path / "quality_dreambooth_others_smoke.json") as fh:
+            again = json.load(fh)
     finally:
         torch.set_num_threads(threads)
     assert out["missing_runs"] == 0 and not out["failed_workers"] and out["commit"]
@@ -135,7 +144,10 @@ def test_dreambooth_others_smoke(tmp_path, capsys):
     for r in out["runs"]:
         assert 0.0 <= r["subject_fidelity"] <= 1.0 and math.isfinite(r["subject_loss"]) and r["n_images"] == 7
     assert [t["config"] for t in out["tuning"]] == ["adamw", "scaled-adamw"]
-    assert all(t["confirmed_at"] == APP_LR for t in out["tuning"])
+    assert all(t["confirmed_at"] == APP_LR for t in out["tuning"])  # the baseline at the app's lr by definition
     row = out["confirmation"][1]
     assert row["config"] == "scaled-adamw" and row["pairs"] == 1 and row["subject_loss_vs_adamw"]["n"] == 1
-    assert "confirmation on crescent" in capsys.readouterr().out
+    assert "confirmation on crescent" in printed
+    assert out["own_runs"] == 4 and out["own_run_s_sum"] > 0 and [p["rounds"] for p in out["parts"]] == [2]
+    assert again["runs"] == out["runs"] and [p["rounds"] for p in again["parts"]] == [2, 0]
+    assert again["confirmation"] == out["confirmation"]

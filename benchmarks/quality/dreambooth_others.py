@@ -144,14 +144,16 @@ def pairs_table(runs: list, prof: dict, states: dict, app_lr: float) -> list:
     return rows
 
 
-def tuning_rows(states: dict) -> list:
-    """Per optimizer: the sweep (fidelity per lr), best lr, interior, the band within 90% of the best."""
+def tuning_rows(states: dict, prof: dict, app_lr: float) -> list:
+    """Per optimizer: the sweep (fidelity per lr), best lr, interior, the band within 90% of the best,
+    and the lr it is confirmed at (the baselines: the app's)."""
     rows = []
     for c, st in states.items():
         scores = st["scores"]
         band = stats.lr_band(list(scores), [max(s[0], 1e-9) for s in scores.values()]) if scores else None
         rows.append({"config": c, "sweep": [[lr, scores[lr][0]] for lr in sorted(scores)], "best_lr": st["best_lr"],
-                     "interior": st["interior"], "confirmed_at": st["lr"], "band": band})
+                     "interior": st["interior"], "band": band,
+                     "confirmed_at": app_lr if c in prof["baselines"] else st["lr"]})
     return rows
 
 
@@ -214,6 +216,8 @@ def main(args, log=print) -> int:
     confirmation = C.result_path(Q.SUITE, prof["runs"], args.out_dir)
     sources = ([path] if getattr(args, "resume", False) else []) + [confirmation]
     earlier = _load_runs(sources, prof)
+    kept = {Q.job_key(r) for r in _load_runs([confirmation], prof)}  # not this suite's own runs
+    parts = _parts(path) if getattr(args, "resume", False) else []
     header = {"suite": "dreambooth-others", "profile": profile, "commit": H._git_commit(),
               "machine": {**C.machine_info(), "machine": "2-core x86_64 CPU, shared"},
               "model": os.path.relpath(args.model) if args.model else "assets/tiny-sd", "app_lr": app_lr,
@@ -227,18 +231,21 @@ def main(args, log=print) -> int:
               "kept_from": [os.path.relpath(p, Q.REPO) for p in sources if os.path.isfile(p)],
               "workers": args.workers, "threads": args.threads,
               "command": "python -m benchmarks.quality " + " ".join(getattr(args, "argv", []) or ["dreambooth-others"])}
-    runs, failed = list(earlier), []
+    runs, failed, rounds = list(earlier), [], 0
 
     def write(extra_rows=()) -> dict:
         all_runs = runs + [r for r in extra_rows if "base" not in r]
         jobs, states = plan(all_runs, prof, app_lr, args.workers)
-        result = {**header, "runs": all_runs, "missing_runs": len(jobs), "tuning": tuning_rows(states),
+        own = [r for r in all_runs if Q.job_key(r) not in kept]
+        wall = time.perf_counter() - t_start
+        result = {**header, "runs": all_runs, "missing_runs": len(jobs), "tuning": tuning_rows(states, prof, app_lr),
                   "confirmation": pairs_table(all_runs, prof, states, app_lr), "failed_workers": failed,
-                  "wall_s": time.perf_counter() - t_start}
+                  "wall_s": wall, "own_runs": len(own), "own_run_s_sum": float(sum(r["seconds"] for r in own)),
+                  "parts": parts + [{"command": header["command"], "commit": header["commit"], "wall_s": wall,
+                                     "rounds": rounds}]}
         C.write_json(result, name, profile, args.out_dir)
         return result
 
-    rounds = 0
     while True:
         jobs, _ = plan(runs, prof, app_lr, args.workers)
         if not jobs or failed:
@@ -266,6 +273,15 @@ def main(args, log=print) -> int:
             "the tables cover the finished ones; `--resume` runs only the missing ones")
         return 1
     return 0
+
+
+def _parts(path: str) -> list:
+    """The commands that made the results file at `path` so far, with their wall times."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        earlier = json.load(fh)
+    return earlier.get("parts") or [{k: earlier.get(k) for k in ("command", "commit", "wall_s")}]
 
 
 def _load_runs(paths: list, prof: dict) -> list:
