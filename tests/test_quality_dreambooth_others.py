@@ -100,6 +100,9 @@ def test_pairs_table_on_explicit_numbers():
     assert math.isclose(iv["mean"], ((0.7 - 0.8) + 0.0 + (0.8 - 0.6)) / 3) and iv["n"] == 3
     assert (row["subject_fidelity_higher"], row["subject_fidelity_lower"]) == (1, 1)
     assert math.isclose(row["subject_loss_vs_adamw"]["mean"], 0.1) and row["subject_loss_higher"] == 3  # +10%
+    shown = O.confirmation_table({"confirmation": list(table.values())})
+    assert shown[0][:5] == ["adamw", "0.002", 4, "0.750", "-"] and len(shown[1]) == len(O.CONFIRM_HEADERS)
+    assert shown[1][4].startswith("+0.033 [") and shown[1][4].endswith("(1 / 1)") and shown[1][6].startswith("+10.0% [")
 
 
 def test_load_runs_and_bad_input(tmp_path, capsys):

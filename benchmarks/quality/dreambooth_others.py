@@ -157,25 +157,46 @@ def tuning_rows(states: dict, prof: dict, app_lr: float) -> list:
     return rows
 
 
-def report(result: dict, log=print) -> None:
-    log("\n== tuning on heart, seed 0: subject fidelity per lr (the judge's, 21 trigger-prompt images) ==")
-    log(C.format_table(["optimizer", "fidelity per lr", "best lr", "interior", "band within 90%", "confirmed at"],
-                       [[t["config"], ", ".join(f"{float(lr):g}: {f:.3f}" for lr, f in _pairs(t["sweep"])),
-                         t["best_lr"], t["interior"],
-                         f"{t['band']['band_lo']:g}-{t['band']['band_hi']:g} ({t['band']['band_width_log2']:.0f} oct)"
-                         if t["band"] else "-", t["confirmed_at"]] for t in result["tuning"]]))
-    log(f"\n== confirmation on {', '.join(result['setup']['confirm_subjects'])} x seeds "
-        f"{result['setup']['confirm_seeds']}: paired with AdamW at {result['app_lr']:g}, bootstrap 95% ==")
+TUNING_HEADERS = ["optimizer", "subject fidelity per lr (heart, seed 0)", "best lr", "interior", "band within 90%",
+                  "confirmed at"]
+CONFIRM_HEADERS = ["optimizer", "lr", "pairs", "fidelity", "vs AdamW [95%] (pairs higher / lower)", "subject loss",
+                   "vs AdamW", "prior loss", "vs AdamW", "prior (all three)", "vs AdamW"]
+
+
+def tuning_table(result: dict) -> list:
+    """The rows of the tuning table (`TUNING_HEADERS`)."""
+    rows = []
+    for t in result["tuning"]:
+        band = t["band"]
+        rows.append([t["config"], ", ".join(f"{lr:g}: {f:.3f}" for lr, f in _pairs(t["sweep"])),
+                     "-" if t["best_lr"] is None else f"{t['best_lr']:g}", {True: "yes", False: "no"}.get(t["interior"], "-"),
+                     f"{band['band_lo']:g}-{band['band_hi']:g} ({band['band_width_log2']:.0f} oct)" if band else "-",
+                     "-" if t["confirmed_at"] is None else f"{t['confirmed_at']:g}"])
+    return rows
+
+
+def confirmation_table(result: dict) -> list:
+    """The rows of the confirmation table (`CONFIRM_HEADERS`): means over the pairs, paired differences."""
     rows = []
     for r in result["confirmation"]:
-        cells = [r["config"], r["lr"], r["pairs"]]
+        cells = [r["config"], f"{r['lr']:g}", r["pairs"]]
         for metric, relative in METRICS:
-            cells.append(r[metric])
-            cells.append(stats.interval_text(r.get(f"{metric}_vs_adamw"), None if relative else 3)
-                         if r["config"] != "adamw" else "-")
+            value = r[metric]
+            cells.append("-" if value is None else f"{value:.3f}" if not relative else f"{value:.4f}")
+            iv = r.get(f"{metric}_vs_adamw")
+            cells.append("-" if r["config"] == "adamw" or iv is None else
+                         f"{stats.interval_text(iv, None if relative else 3)} ({r[f'{metric}_higher']} / "
+                         f"{r[f'{metric}_lower']})")
         rows.append(cells)
-    log(C.format_table(["optimizer", "lr", "pairs", "fidelity", "vs AdamW", "subject loss", "vs AdamW",
-                        "prior loss", "vs AdamW", "prior (all three)", "vs AdamW"], rows))
+    return rows
+
+
+def report(result: dict, log=print) -> None:
+    log("\n== tuning on heart, seed 0: subject fidelity per lr (the judge's, 21 trigger-prompt images) ==")
+    log(C.format_table(TUNING_HEADERS, tuning_table(result)))
+    log(f"\n== confirmation on {', '.join(result['setup']['confirm_subjects'])} x seeds "
+        f"{result['setup']['confirm_seeds']}: paired with AdamW at {result['app_lr']:g}, bootstrap 95% ==")
+    log(C.format_table(CONFIRM_HEADERS, confirmation_table(result)))
     if result.get("missing_runs"):
         log(f"incomplete: {result['missing_runs']} run(s) missing; `--resume` runs them")
 

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from . import classification, conditioning, dreambooth, e2e, gsm8k, rank_alpha, studies
+from . import classification, conditioning, dreambooth, dreambooth_others, e2e, gsm8k, rank_alpha, studies
 from .common import markdown_table
 
 
@@ -88,6 +88,15 @@ def main(folder: str = "benchmarks/results") -> None:
             width = max(len(r) for r in rows)
             rows = [r + [""] * (width - len(r)) for r in rows]
             print(markdown_table(["optimizer"] + [f"lr {i + 1}" for i in range(width - 1)], rows))
+    path = os.path.join(folder, "quality_dreambooth_others.json")
+    if os.path.exists(path):
+        res = json.load(open(path))
+        size = (f" ({res['own_runs']} runs of this suite, {res['own_run_s_sum'] / 3600:.1f} CPU-hours)"
+                if "own_runs" in res else "")
+        print(f"\n### Other optimizers at the app's defaults{size}\n")
+        print(markdown_table(dreambooth_others.TUNING_HEADERS, dreambooth_others.tuning_table(res)))
+        print()
+        print(markdown_table(dreambooth_others.CONFIRM_HEADERS, dreambooth_others.confirmation_table(res)))
     path = os.path.join(folder, "quality_gsm8k.json")
     if os.path.exists(path):
         res = json.load(open(path))
