@@ -106,7 +106,7 @@ def _build_prodigy(model, *, lr, weight_decay: float = 0.0, use_bias_correction:
 
     if lr < 0.1:
         warnings.warn(f"prodigy: lr={lr:g} scales Prodigy's own step-size estimate; the documented value is "
-                      f"{DOCUMENTED_LRS['prodigy']:g}")
+                      f"{DOCUMENTED_LRS['prodigy']}")
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
         return Prodigy(_trainable(model), lr=lr, weight_decay=weight_decay, use_bias_correction=use_bias_correction,
                        safeguard_warmup=safeguard_warmup, **kw)

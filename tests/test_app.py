@@ -409,6 +409,12 @@ def test_picking_prodigy_sets_its_documented_lr_and_leaving_it_restores_the_prof
     assert client.predict("prodigy", 2e-3, api_name="/optimizer_lr") == DOCUMENTED_LRS["prodigy"] == 1.0
     assert client.predict("adaprelora", 1.0, api_name="/optimizer_lr") == profile_lr != 1.0
     assert client.predict("adamw", 3e-4, api_name="/optimizer_lr") == 3e-4
+    # the page calls it when the user picks an optimizer, and it fills the lr field
+    config = app["demo"].config
+    dep = next(d for d in config["dependencies"] if d.get("api_name") == "optimizer_lr")
+    ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    assert [(ids[target], event) for target, event in dep["targets"]] == [("train-optimizer", "input")]
+    assert [ids[i] for i in dep["inputs"]] == ["train-optimizer", "train-lr"] and [ids[i] for i in dep["outputs"]] == ["train-lr"]
 
 
 def test_delete_refuses_paths_outside_the_store(app):

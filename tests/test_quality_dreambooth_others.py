@@ -125,10 +125,15 @@ def test_load_runs_and_bad_input(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_dreambooth_others_smoke(tmp_path, capsys):
-    """Two rounds through real worker processes: the tuning runs, then the confirmation at the settled
-    lrs; every run judged and scored; `--report` prints the JSON's tables."""
+    """One round through two real worker processes: AdamW's runs are kept from the confirmation's file
+    (here a stand-in), Prodigy's lr is fixed, so its tuning run and its confirmation run go out
+    together; every run judged and scored; `--report` prints the JSON's tables; `--resume` with
+    nothing missing runs nothing and keeps the file's parts."""
+    kept = [{**_run("adamw", APP_LR, subject, fidelity=0.0, subject_loss=loss), "seconds": 1.0, "n_images": 7}
+            for subject, loss in (("heart", 0.079), ("crescent", 0.104))]
+    (tmp_path / "quality_dreambooth_quick_smoke.json").write_text(json.dumps({"runs": kept}))
     threads = torch.get_num_threads()
-    argv = ["dreambooth-others", "--smoke", "--workers", "1", "--out-dir", str(tmp_path)]
+    argv = ["dreambooth-others", "--smoke", "--out-dir", str(tmp_path)]
     try:
         assert main(argv) == 0
         with open(tmp_path / "quality_dreambooth_others_smoke.json") as fh:
@@ -136,21 +141,21 @@ def test_dreambooth_others_smoke(tmp_path, capsys):
         capsys.readouterr()
         assert main(argv + ["--report"]) == 0
         printed = capsys.readouterr().out
-        assert main(argv + ["--resume"]) == 0  # nothing missing: no run, the file rewritten with its parts
+        assert main(argv + ["--resume"]) == 0
         with open(tmp_path / "quality_dreambooth_others_smoke.json") as fh:
             again = json.load(fh)
     finally:
         torch.set_num_threads(threads)
     assert out["missing_runs"] == 0 and not out["failed_workers"] and out["commit"]
-    assert sorted((r["config"], r["subject"]) for r in out["runs"]) == [
-        ("adamw", "crescent"), ("adamw", "heart"), ("scaled-adamw", "crescent"), ("scaled-adamw", "heart")]
-    for r in out["runs"]:
-        assert 0.0 <= r["subject_fidelity"] <= 1.0 and math.isfinite(r["subject_loss"]) and r["n_images"] == 7
-    assert [t["config"] for t in out["tuning"]] == ["adamw", "scaled-adamw"]
-    assert all(t["confirmed_at"] == APP_LR for t in out["tuning"])  # the baseline at the app's lr by definition
+    assert out["runs"][:2] == kept and sorted((r["config"], r["subject"], r["worker"]) for r in out["runs"][2:]) == [
+        ("prodigy", "crescent", "w1"), ("prodigy", "heart", "w0")]
+    for r in out["runs"][2:]:
+        assert r["lr"] == 1.0 and 0.0 <= r["subject_fidelity"] <= 1.0 and r["n_images"] == 7
+        assert math.isfinite(r["subject_loss"]) and math.isfinite(r["prior_loss"]) and 0.0 <= r["prior"] <= 1.0
+    assert [(t["config"], t["confirmed_at"]) for t in out["tuning"]] == [("adamw", APP_LR), ("prodigy", 1.0)]
     row = out["confirmation"][1]
-    assert row["config"] == "scaled-adamw" and row["pairs"] == 1 and row["subject_loss_vs_adamw"]["n"] == 1
-    assert "confirmation on crescent" in printed
-    assert out["own_runs"] == 4 and out["own_run_s_sum"] > 0 and [p["rounds"] for p in out["parts"]] == [2]
-    assert again["runs"] == out["runs"] and [p["rounds"] for p in again["parts"]] == [2, 0]
+    assert row["config"] == "prodigy" and row["pairs"] == 1 and row["subject_loss_vs_adamw"]["n"] == 1
+    assert "confirmation on crescent" in printed and "prodigy" in printed
+    assert out["own_runs"] == 2 and out["own_run_s_sum"] > 0 and [p["rounds"] for p in out["parts"]] == [1]
+    assert again["runs"] == out["runs"] and [p["rounds"] for p in again["parts"]] == [1, 0]
     assert again["confirmation"] == out["confirmation"]

@@ -21,7 +21,7 @@ leaves balanced pairs; `--resume` runs only what is missing). The JSON is rewrit
 
     python -m benchmarks.quality dreambooth-others --resume        # about 58 runs, ~1.8 h on 2 cores
     python -m benchmarks.quality dreambooth-others --report        # the tables of the JSON only
-    python -m benchmarks.quality dreambooth-others --smoke         # a few steps per run (CI)
+    python -m benchmarks.quality dreambooth-others --smoke         # Prodigy against AdamW, a few steps per run (CI)
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ METRICS = (("subject_fidelity", False), ("subject_loss", True), ("prior_loss", T
 
 PROFILES = {
     # dreambooth_quick's smoke runs (2 steps, few judged images); one new optimizer, no extension.
-    "smoke": dict(runs="smoke", configs=("scaled-adamw",), baselines=("adamw",), grid=(1.0,), extend=False,
+    "smoke": dict(runs="smoke", configs=("prodigy",), baselines=("adamw",), grid=(1.0,), extend=False,
                   confirm_subjects=("crescent",), confirm_seeds=(0,)),
     # the confirmation's runs (`dreambooth --full`: the quick held-out profile, the full judge).
     "quick": dict(runs="full", configs=DEFAULT_CONFIGS, baselines=BASELINES, grid=GRID_FACTORS, extend=True,
