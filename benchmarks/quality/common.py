@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from adaprelora import create_optimizer
+from adaprelora.factory import DOCUMENTED_LRS
 
 RESULTS_DIR = os.path.join("benchmarks", "results")
 IMG_DIR = os.path.join("docs", "img")
@@ -64,7 +65,8 @@ ABLATION_CONFIGS = [
 # other tensors have their own optimizer (MiniLM's head); elsewhere ask for it by name (--configs lora-rite).
 PAIR_ONLY_CONFIGS = [OptConfig("lora-rite", "lora-rite")]
 CONFIGS_BY_LABEL = {c.label: c for c in ALL_CONFIGS + USER_CONFIGS + ABLATION_CONFIGS + PAIR_ONLY_CONFIGS}
-FIXED_LRS = {"prodigy": (1.0,)}
+# Optimizers run only at their documented lr (the factory's, which the app also sets).
+FIXED_LRS = {name: (lr,) for name, lr in DOCUMENTED_LRS.items()}
 
 
 def run_dreambooth(config) -> tuple[list, Optional[float], float]:
